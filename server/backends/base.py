@@ -1,0 +1,50 @@
+"""What the app needs from a backend: vector metadata and an async stream of per-row events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from steer.types import GenerationInput, SteeringSpec
+
+
+@dataclass(frozen=True)
+class RowEvent:
+    """New text for one output row. ``baseline`` rows are the unsteered twins of compare requests."""
+
+    index: int  # choice index (0..n-1)
+    baseline: bool
+    text: str
+    n_tokens: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request after tokenisation, ready to run."""
+
+    prompt_ids: tuple[int, ...]
+    inp: GenerationInput
+    steering: SteeringSpec
+
+
+class Backend(Protocol):
+    model_name: str
+    max_model_len: int
+
+    def vector_kinds(self) -> dict[str, str]: ...
+
+    def default_vector(self) -> str | None: ...
+
+    def vectors_info(self) -> list[dict]: ...
+
+    def prepare(self, inp: GenerationInput, steering: SteeringSpec) -> Prepared: ...
+
+    def generate(self, req: Prepared) -> AsyncIterator[RowEvent]: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def healthy(self) -> bool: ...

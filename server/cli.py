@@ -1,0 +1,92 @@
+"""The ``steer`` console script. Subcommands import their heavy modules lazily, so ``steer --help``
+is instant and a user mistake is one line on stderr with exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+def _cmd_serve(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import StartupError, create_app
+    from server.settings import SettingsError, settings_from_args
+
+    try:
+        settings = settings_from_args(ns)
+        app = create_app(settings)
+    except (SettingsError, StartupError) as e:
+        raise CLIError(str(e)) from None
+    print(f"steer: serving {app.state.backend.model_name} on http://{settings.host}:{settings.port}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def _cmd_demo_model(ns: argparse.Namespace) -> None:
+    from steer.demo import ensure_demo_model
+
+    print(ensure_demo_model())
+
+
+def _cmd_extract(ns: argparse.Namespace) -> None:
+    from steer.calibrate import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
+        limit=ns.limit, seed=ns.seed,
+    )
+    print(run_extract(cfg, command=" ".join(["steer", *sys.argv[1:]])))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from server.settings import add_cli_arguments
+
+    ap = argparse.ArgumentParser(prog="steer", description="Safety steering server and tools.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API with safety steering")
+    add_cli_arguments(serve)
+    serve.set_defaults(fn=_cmd_serve)
+
+    demo = sub.add_parser("demo-model", help="fetch, verify and convert the demo model; print its directory")
+    demo.set_defaults(fn=_cmd_demo_model)
+
+    ex = sub.add_parser("extract", help="compute a gated refusal-direction safety vector")
+    ex.add_argument("--model", default=None, help="HF checkpoint directory (default: the demo model)")
+    ex.add_argument("--out", default="vectors", help="directory to write NAME.safetensors + NAME.json")
+    ex.add_argument("--name", default="refusal", help="vector name")
+    ex.add_argument("--layers", default=None, help="steered layers, e.g. 12,13 (default: chosen on the dev split)")
+    ex.add_argument("--gate-layer", type=int, default=None, help="gate layer (default: chosen on the dev split)")
+    ex.add_argument("--limit", type=int, default=None, help="use at most N prompts per set (quick runs)")
+    ex.add_argument("--seed", type=int, default=0, help="split seed")
+    ex.set_defaults(fn=_cmd_extract)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = _parser().parse_args(argv)
+    try:
+        ns.fn(ns)
+    except CLIError as e:
+        print(f"steer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # known library errors are user-facing; anything else is a bug worth a trace
+        from steer.errors import USER_ERRORS
+
+        if isinstance(e, USER_ERRORS):
+            print(f"steer: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

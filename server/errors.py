@@ -1,0 +1,140 @@
+"""One error envelope for every failure: ``{"error": {"message", "type", "param", "code"}}``.
+
+Exceptions map to the envelope by type, never by message text. Validation failures are 400 (OpenAI
+clients expect 400, not FastAPI's 422), and a traceback is logged, never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+INVALID_JSON_MESSAGE = "request body is not valid JSON"
+# The first element of a FastAPI validation loc says where the value came from, not which field it is.
+_LOC_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+class APIError(Exception):
+    """A failure to report to the client with an HTTP status and the OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers) if headers else None
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def sse_error_line(err: APIError) -> str:
+    """One Server-Sent Events line reporting a failure after the stream has started."""
+    return f"data: {json.dumps(err.body())}\n\n"
+
+
+def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """Turn pydantic/FastAPI validation errors into one 400 naming the first offending field."""
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, INVALID_JSON_MESSAGE)
+    param = _param_from_loc(first.get("loc", ()))
+    message = _describe(first, param)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(400, message, param=param)
+
+
+def _param_from_loc(loc: Sequence[Any]) -> str | None:
+    parts = list(loc)
+    if parts and parts[0] in _LOC_SOURCES:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts) or None
+
+
+def _describe(err: Mapping[str, Any], param: str | None) -> str:
+    kind = err.get("type")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None:
+        if kind == "missing":
+            return "request body is required"
+        if isinstance(err.get("input"), bytes | bytearray):
+            # FastAPI hands over raw bytes when the Content-Type is not JSON (e.g. curl -d's default).
+            return "request body must be a JSON object sent with 'Content-Type: application/json'"
+        return f"request body: {msg}"
+    if kind == "missing":
+        return f"'{param}' is required"
+    if kind == "extra_forbidden":
+        return f"unknown field '{param}'"
+    return f"'{param}': {msg}"
+
+
+def _json_response(
+    status_code: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content=body, headers=dict(headers) if headers else None)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return _json_response(exc.status_code, exc.body(), exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    err = validation_error_to_api_error(exc.errors())
+    return _json_response(err.status_code, err.body())
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    if exc.status_code in (404, 405):  # say which route, the bare "Not Found" helps nobody
+        message = f"{message}: {request.method} {request.url.path}"
+    kind = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
+    return _json_response(exc.status_code, error_body(message, type=kind), exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _json_response(500, error_body("internal error", type=SERVER_ERROR))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure in ``app`` through the error envelope."""
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    # Starlette sends this from its outermost middleware and then re-raises for the server to log.
+    app.add_exception_handler(Exception, _on_unexpected)

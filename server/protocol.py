@@ -1,0 +1,440 @@
+"""OpenAI wire models, their one-time conversion to engine types, and response builders.
+
+Requests are validated here and turned into ``steer.types`` dataclasses by ``resolve``; nothing past
+this module sees a pydantic request model. Unknown top-level fields are ignored (clients routinely
+send neutral extras such as ``frequency_penalty: 0``), but a field asking for behaviour we do not
+implement is a 400 naming it: silently ignoring it would change the answer's meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+
+from server.errors import APIError
+from server.settings import Settings
+from steer.types import ChatMessage, GenerationInput, SamplingParams, SteeringSpec
+
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_SEQUENCES = 4
+FinishReason = Literal["stop", "length"]
+Role = Literal["system", "user", "assistant", "developer", "tool"]
+
+# strict=True: "1.5" and true are not numbers; allow_inf_nan=False: Python's json accepts NaN/Infinity.
+_NUMBER: dict[str, Any] = {"strict": True, "allow_inf_nan": False}
+
+
+# ---------------------------------------------------------------- request models
+
+
+class SafetyOptions(BaseModel):
+    """The ``safety`` request extension. Unknown keys fail: a typo in a safety control must be loud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float | None = Field(
+        None, ge=0, **_NUMBER, description="Steering strength (>= 0; 0 = vanilla). Omitted: server default."
+    )
+    vector: str | None = Field(None, description="Name of a loaded vector. Omitted: the server default.")
+    compare: StrictBool = Field(False, description="Also generate the unsteered baseline (strength 0).")
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class ChatMessageIn(BaseModel):
+    role: Role
+    # Validated "before" so that the error loc is "messages.N.content", not a union branch name.
+    content: str = Field(None, validate_default=True, description="A string or a list of text parts.")
+    tool_calls: list[Any] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten_content(cls, value: Any, info: ValidationInfo) -> str:
+        if value is None:
+            if info.data.get("role") == "assistant":  # OpenAI allows a null assistant content
+                return ""
+            raise ValueError("content is required")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return "\n".join(_text_part(part) for part in value)  # vLLM joins text parts the same way
+        raise ValueError("content must be a string or a list of text content parts")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calls are not supported by this server")
+        return value
+
+
+def _text_part(part: Any) -> str:
+    if not isinstance(part, dict):
+        raise ValueError("content parts must be objects like {'type': 'text', 'text': '...'}")
+    if part.get("type") != "text":
+        raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise ValueError("a text content part needs a string 'text'")
+    return text
+
+
+def _neutral_choice(value: Any) -> bool:
+    return value in (None, "none", "auto")
+
+
+# Fields we accept only at their neutral value: anything else would silently change the semantics.
+_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "logit_bias": lambda v: not v,
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v is None or v == 0,
+    "tools": lambda v: not v,
+    "tool_choice": _neutral_choice,
+    "functions": lambda v: not v,
+    "function_call": _neutral_choice,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "best_of": lambda v: v is None or v == 1,
+    "echo": lambda v: v is None or v is False,
+    "suffix": lambda v: v is None,
+}
+
+
+def _reject_unsupported(value: Any, info: ValidationInfo) -> Any:
+    name = info.field_name or "field"
+    if not _NEUTRAL[name](value):
+        raise ValueError(f"not supported by this server (got {value!r})")
+    return value
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by both completion endpoints."""
+
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, **_NUMBER, description="0 = greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, **_NUMBER)
+    n: StrictInt | None = Field(None, ge=1)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)  # torch.manual_seed's range
+    stop: tuple[str, ...] = Field((), description="Up to 4 stop sequences (a string or a list).")
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    safety: SafetyOptions | None = None
+    user: str | None = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+
+    _check_neutral = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(
+        _reject_unsupported
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _normalise_stop(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return tuple(stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """(value, name of the field it came from), so an error names what the client sent."""
+        return self.max_tokens, "max_tokens"
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    _check_chat_neutral = field_validator(
+        "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format"
+    )(_reject_unsupported)
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str = Field(description="A non-empty string, or a list holding exactly one string.")
+    echo: Any = None
+    suffix: Any = None
+    logprobs: Any = None
+    best_of: Any = None
+
+    _check_completion_neutral = field_validator("echo", "suffix", "logprobs", "best_of")(_reject_unsupported)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, value: Any) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError(
+                    f"exactly one prompt per request is supported, got {len(value)}; "
+                    "use n for several completions of one prompt, or send separate requests"
+                )
+            value = value[0]
+        if not isinstance(value, str):
+            raise ValueError("prompt must be a string (token-id prompts are not supported)")
+        if not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+# ---------------------------------------------------------------- conversion to engine types
+
+
+def resolve(
+    req: ChatCompletionRequest | CompletionRequest,
+    settings: Settings,
+    vectors: Mapping[str, str],
+    default_vector: str | None,
+) -> tuple[GenerationInput, SteeringSpec]:
+    """Check a request against server policy and convert it to engine types. Raises APIError (400).
+
+    ``vectors`` maps each loaded vector name to its kind ("activation", "weight", ...).
+    """
+    if req.n is not None and req.n > settings.max_n:
+        raise APIError(400, f"n must be at most {settings.max_n}, got {req.n}", param="n")
+    sampling = sampling_params(req, settings)
+    steering = steering_spec(req.safety, settings, vectors, default_vector)
+    n = req.n or 1
+    if isinstance(req, ChatCompletionRequest):
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in req.messages)
+        return GenerationInput(messages=messages, sampling=sampling, n=n), steering
+    return GenerationInput(prompt=req.prompt, sampling=sampling, n=n), steering
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Settings) -> SamplingParams:
+    """Decoding settings with OpenAI defaults. The prompt-length check is the backend's (it tokenizes)."""
+    max_tokens, param = req.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_model_len)
+    elif max_tokens > settings.max_model_len:
+        raise APIError(
+            400,
+            f"{param} must be at most max_model_len={settings.max_model_len}, got {max_tokens}",
+            param=param,
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=req.stop,
+    )
+
+
+def steering_spec(
+    safety: SafetyOptions | None,
+    settings: Settings,
+    vectors: Mapping[str, str],
+    default_vector: str | None,
+) -> SteeringSpec:
+    """Resolve strength and vector against server policy; never falls back to unsteered output."""
+    safety = safety or SafetyOptions()
+    strength = settings.default_strength if safety.strength is None else safety.strength
+    if not settings.min_strength <= strength <= settings.max_strength:
+        raise APIError(
+            400,
+            f"safety.strength must be between {settings.min_strength:g} and {settings.max_strength:g}, "
+            f"got {strength:g}",
+            param="safety.strength",
+        )
+    vector = _resolve_vector(safety.vector, strength, vectors, default_vector)
+    return SteeringSpec(strength=strength, vector=vector, compare=safety.compare)
+
+
+def _resolve_vector(
+    requested: str | None, strength: float, vectors: Mapping[str, str], default_vector: str | None
+) -> str:
+    loaded = ", ".join(sorted(vectors)) or "none"
+    if requested is not None:
+        if requested not in vectors:
+            raise APIError(
+                400, f"unknown safety vector {requested!r}; loaded vectors: {loaded}", param="safety.vector"
+            )
+        return requested
+    if strength == 0:  # the vanilla model needs no vector, so this works even with none loaded
+        return default_vector or ""
+    if not vectors:
+        raise APIError(
+            400,
+            f"no safety vectors are loaded, so strength {strength:g} cannot be applied; "
+            "send safety.strength 0 for the unsteered model",
+            param="safety",
+        )
+    if default_vector is None:
+        raise APIError(400, f"no default safety vector; choose one of: {loaded}", param="safety.vector")
+    return default_vector
+
+
+# ---------------------------------------------------------------- response builders
+
+Kind = Literal["chat", "text"]  # /v1/chat/completions vs /v1/completions
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One generated answer."""
+
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
+
+Baseline = tuple[Sequence[Choice], Usage]  # the strength-0 answers and their usage, when compare is on
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every body and chunk of one response shares (OpenAI repeats id/created in every chunk)."""
+
+    kind: Kind
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, kind: Kind, model: str) -> ResponseMeta:
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        return cls(kind=kind, id=prefix + uuid.uuid4().hex, model=model, created=int(time.time()))
+
+    def body(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+
+def sse_line(payload: Mapping[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def safety_info(spec: SteeringSpec, kind: str | None) -> dict[str, Any]:
+    """The ``safety`` response extension. ``vector`` is null when no vector was involved."""
+    return {"strength": spec.strength, "vector": spec.vector or None, "kind": kind}
+
+
+def _choice_dicts(kind: Kind, choices: Sequence[Choice]) -> list[dict[str, Any]]:
+    def one(i: int, c: Choice) -> dict[str, Any]:
+        if kind == "chat":
+            body = {"index": i, "message": {"role": "assistant", "content": c.text}}
+        else:
+            body = {"index": i, "text": c.text}
+        return body | {"logprobs": None, "finish_reason": c.finish_reason}
+
+    return [one(i, c) for i, c in enumerate(choices)]
+
+
+def _with_extensions(
+    meta: ResponseMeta,
+    body: dict[str, Any],
+    usage: Usage | None,
+    safety: Mapping[str, Any],
+    baseline: Baseline | None,
+) -> dict[str, Any]:
+    body["usage"] = usage.to_dict() if usage else None
+    body["safety"] = dict(safety)
+    if baseline is not None:
+        body["baseline"] = {"choices": _choice_dicts(meta.kind, baseline[0]), "usage": baseline[1].to_dict()}
+    return body
+
+
+def completion_response(
+    meta: ResponseMeta,
+    choices: Sequence[Choice],
+    usage: Usage,
+    safety: Mapping[str, Any],
+    baseline: Baseline | None = None,
+) -> dict[str, Any]:
+    """A non-streaming body with the safety extension: ``chat.completion`` when ``meta.kind`` is
+    "chat", ``text_completion`` when it is "text"."""
+    object_ = "chat.completion" if meta.kind == "chat" else "text_completion"
+    body = meta.body(object_, _choice_dicts(meta.kind, choices))
+    return _with_extensions(meta, body, usage, safety, baseline)
+
+
+# Same builder; the name reads better at the chat endpoint (pass a ResponseMeta of kind "chat").
+chat_completion_response = completion_response
+
+
+def chat_chunk(
+    meta: ResponseMeta,
+    index: int = 0,
+    *,
+    role: str | None = None,
+    content: str | None = None,
+    finish_reason: FinishReason | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` for one choice; send ``role="assistant"`` on a choice's first chunk."""
+    delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return meta.body("chat.completion.chunk", [choice])
+
+
+def completion_chunk(
+    meta: ResponseMeta, index: int = 0, *, text: str = "", finish_reason: FinishReason | None = None
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk for one choice."""
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return meta.body("text_completion", [choice])
+
+
+def final_chunk(
+    meta: ResponseMeta, usage: Usage | None, safety: Mapping[str, Any], baseline: Baseline | None = None
+) -> dict[str, Any]:
+    """The last chunk before ``[DONE]``: no choices (like OpenAI's usage chunk), usage only if the client
+    asked for it (stream_options.include_usage), the safety extension, and the baseline if compared."""
+    object_ = "chat.completion.chunk" if meta.kind == "chat" else "text_completion"
+    return _with_extensions(meta, meta.body(object_, []), usage, safety, baseline)

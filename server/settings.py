@@ -1,0 +1,131 @@
+"""Server settings: one frozen model that feeds the CLI flags, the ``STEER_*`` env vars and the docs.
+
+Precedence, highest first: CLI flag, environment variable, field default. The CLI flags default to
+None so that an env var is not shadowed by a flag the user never typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "STEER_"
+
+
+class SettingsError(ValueError):
+    """Invalid server settings; ``str(err)`` is one line, fit to print before exiting non-zero."""
+
+
+class Settings(BaseModel):
+    """Everything an operator can set when starting ``steer serve``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None, description="Model directory (HF checkpoint). Omitted: the demo model and its shipped vectors."
+    )
+    vectors: str | None = Field(
+        None, description="Directory of safety vectors (safetensors + JSON manifest each)."
+    )
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    default_strength: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Safety strength for requests that do not set one."
+    )
+    min_strength: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Lowest safety strength a request may ask for."
+    )
+    max_strength: float = Field(
+        4.0, ge=0, allow_inf_nan=False, description="Highest safety strength a request may ask for."
+    )
+    # repr=False: the key must not end up in logs that print the settings.
+    api_key: str | None = Field(
+        None, repr=False, description="If set, clients must send 'Authorization: Bearer <key>'."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Most sequences decoded in one forward batch.")
+    max_model_len: int = Field(2048, ge=1, description="Most tokens (prompt + completion) per sequence.")
+    max_n: int = Field(4, ge=1, description="Largest 'n' (choices per request) a request may ask for.")
+    served_model_name: str | None = Field(
+        None, description="Model name reported by /v1/models. Omitted: derived from the model path."
+    )
+
+    def __init__(self, **data: Any) -> None:
+        # Callers (CLI, tests, the app) only ever need to catch SettingsError with a one-line message.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SettingsError(_one_line(exc)) from None
+
+    @model_validator(mode="after")
+    def _check_strength_range(self) -> Settings:
+        lo, default, hi = self.min_strength, self.default_strength, self.max_strength
+        if not all(math.isfinite(v) for v in (lo, default, hi)):  # belt and braces over allow_inf_nan
+            raise ValueError("strengths must be finite numbers")
+        if not lo <= default <= hi:
+            raise ValueError(
+                f"need min_strength <= default_strength <= max_strength, got {lo:g} <= {default:g} <= {hi:g}"
+            )
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from ``STEER_<FIELD>`` env vars; non-None ``overrides`` (CLI values) win."""
+        data: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw:  # an empty variable counts as unset, as in most shells' `VAR= cmd`
+                data[name] = raw
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting '{name}'")
+        elif name:
+            source = f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}"
+            parts.append(f"invalid {name}={err.get('input')!r} ({source}): {msg}")
+        else:
+            parts.append(f"invalid settings: {msg}")
+    return "; ".join(parts)
+
+
+def _cli_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """argparse (type, choices) for a field annotation; Optional[X] is treated as X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return str, [str(a) for a in args]
+    if args:  # X | None
+        return _cli_type(args[0])
+    return (annotation if annotation in (int, float) else str), None
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per Settings field (help = the field description; default None)."""
+    for name, field in Settings.model_fields.items():
+        arg_type, choices = _cli_type(field.annotation)
+        shown = "none" if field.default is None or field.repr is False else field.default
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=arg_type,
+            choices=choices,
+            default=None,
+            metavar=None if choices else name.upper(),
+            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}; default: {shown}]",
+        )
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Settings from parsed CLI args layered over the environment. Raises SettingsError."""
+    return Settings.from_env(**{name: getattr(ns, name, None) for name in Settings.model_fields})

@@ -1,0 +1,71 @@
+"""Refusal-direction extraction (Arditi et al. 2024, METHODS.md 5.1) and gate fitting.
+
+The residual stream is read at the *input* of each decoder layer, at the last prompt position (the
+end of the chat template's assistant header), accumulated in float32. The direction at layer l is
+``mean(harmful) - mean(harmless)``, kept raw (unnormalised) as in the reference code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from steer.models import decoder_layers
+
+
+def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat prompt ending in the assistant header (generation prompt)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@torch.inference_mode()
+def last_token_residuals(
+    model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, desc: str | None = "residuals"
+) -> torch.Tensor:
+    """(N, L, d) float32 residual stream at the input of every layer, last prompt position."""
+    n_layers = len(decoder_layers(model))
+    out = []
+    ids_list = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in tqdm(range(0, len(ids_list), batch_size), desc=desc, disable=desc is None, unit="batch"):
+        chunk = ids_list[i : i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, x in enumerate(chunk):
+            ids[j, width - len(x) :] = torch.tensor(x)
+            mask[j, width - len(x) :] = 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        hs = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+        # hidden_states[l] is the input of layer l for l < L (hidden_states[0] = embeddings)
+        out.append(torch.stack([hs[ly][:, -1, :].float() for ly in range(n_layers)], dim=1))
+    return torch.cat(out)
+
+
+def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """(N1, L, d), (N2, L, d) -> (L, d) refusal directions."""
+    return harmful.mean(0) - harmless.mean(0)
+
+
+def cosine_scores(x: torch.Tensor, direction: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(N, d) -> (N,) cosine of (x - center) with direction (same formula the runtime gate uses)."""
+    x = x - center
+    return (x @ (direction / direction.norm())) / x.norm(dim=-1).clamp_min(1e-6)
+
+
+def best_threshold(pos: torch.Tensor, neg: torch.Tensor, *, max_fpr: float = 0.0) -> tuple[float, float]:
+    """Threshold maximising true-positive rate subject to false-positive rate <= max_fpr.
+
+    Returns (threshold, tpr). The threshold sits halfway between the allowed negative score and the
+    next positive above it, so it does not hug either class.
+    """
+    neg_sorted = neg.sort(descending=True).values
+    k = int(max_fpr * len(neg))  # number of negatives allowed above the threshold
+    edge = float(neg_sorted[k]) if k < len(neg) else float(neg.min()) - 1e-3
+    above = pos[pos > edge]
+    thr = (edge + float(above.min())) / 2 if len(above) else edge
+    return thr, float((pos > thr).float().mean())

@@ -1,0 +1,154 @@
+"""Per-row activation steering with scoped, reversible forward hooks.
+
+Every forward pass reads its steering inputs from a ``RowSteering`` object that the caller fills
+before the pass: one strength per row and vector (0 for rows that use another vector or none), and,
+for decode passes, the gate each row's prompt produced at prefill. Rows with strength 0 pass through
+bit for bit (``x + 0 * r == x``), which is what makes strength 0 the vanilla model even inside a
+batch whose other rows are steered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from steer.models import decoder_layers, fingerprint
+from steer.vectors import SafetyVector, VectorError
+
+
+class RowSteering:
+    """Steering inputs (and gate outputs) of the forward pass about to run. Shapes are (B,)."""
+
+    def __init__(self) -> None:
+        self.strength: dict[str, torch.Tensor] = {}
+        self.gate: dict[str, torch.Tensor] = {}  # decode: per-row gate from prefill
+        self.prefill = False  # prefill passes compute gates at the last position
+        self.gate_out: dict[str, torch.Tensor] = {}  # prefill: gates computed in this pass
+
+    def reset(self, *, prefill: bool) -> None:
+        self.strength, self.gate, self.gate_out, self.prefill = {}, {}, {}, prefill
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h, *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = h
+    return args, kwargs
+
+
+class ActivationSteerer:
+    """Adds ``strength * coefficient * gate * r_l`` to the residual stream at the input of layer l.
+
+    The gate (optional) is a hard threshold on the cosine between the prompt's residual at
+    ``gate_position`` (an offset from the prompt's end; -5 is the end-of-user-turn token of a ChatML
+    prompt) minus a center, and a gate direction at ``gate_layer``; it is computed once per row at
+    prefill and then held for all the row's decode steps, so benign prompts are left exactly vanilla.
+    """
+
+    def __init__(self, vector: SafetyVector, *, dtype: torch.dtype) -> None:
+        if vector.kind != "activation":
+            raise VectorError(f"vector {vector.name!r} is a {vector.kind} vector, not an activation vector")
+        self.name = vector.name
+        cfg = vector.config
+        self.coefficient = float(cfg.get("coefficient", 1.0))
+        self.directions = {ly: r.to(dtype) for ly, r in vector.layer_directions().items()}
+        if not self.directions:
+            raise VectorError(f"vector {vector.name!r} has no layer directions")
+        gate = cfg.get("gate")
+        self.gate_layer: int | None = None
+        if gate:
+            self.gate_layer = int(gate["layer"])
+            self.gate_threshold = float(gate["threshold"])
+            self.gate_position = int(gate.get("position", -1))  # offset from the prompt's end
+            self.gate_direction = vector.tensors["gate.direction"].float()
+            self.gate_center = vector.tensors["gate.center"].float()
+            if self.gate_layer > min(self.directions):
+                raise VectorError(f"vector {vector.name!r}: gate layer must not follow the first steered layer")
+
+    def layers(self) -> set[int]:
+        return set(self.directions) | ({self.gate_layer} if self.gate_layer is not None else set())
+
+    def gate_scores(self, h_last: torch.Tensor) -> torch.Tensor:
+        """(B, d) last-position residuals -> (B,) cosine with the gate direction."""
+        x = h_last.float() - self.gate_center
+        return (x @ self.gate_direction) / x.norm(dim=-1).clamp_min(1e-6)
+
+    def make_hook(self, layer: int, rows: RowSteering) -> Callable:
+        r = self.directions.get(layer)
+        coef = self.coefficient
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            s = rows.strength.get(self.name)
+            if s is None or not bool(s.any()):
+                return None
+            h = _hidden_arg(args, kwargs)  # (B, T, d)
+            if layer == self.gate_layer and rows.prefill:
+                pos = max(self.gate_position, -h.shape[1])
+                rows.gate_out[self.name] = (self.gate_scores(h[:, pos, :]) > self.gate_threshold).float()
+            if r is None:
+                return None
+            k = s.float()
+            if self.gate_layer is not None:
+                k = k * (rows.gate_out[self.name] if rows.prefill else rows.gate[self.name])
+            k = (k * coef).to(h.dtype)  # (B,)
+            return _replace_hidden(args, kwargs, h + k[:, None, None] * r)
+
+        return hook
+
+
+class SteeringRuntime:
+    """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them."""
+
+    def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True):
+        self.model = model
+        self.rows = RowSteering()
+        vectors = list(vectors)
+        if check_fingerprint and vectors:
+            fp = fingerprint(model)
+            for v in vectors:
+                v.check_model(fp)
+        dtype = next(model.parameters()).dtype
+        self.steerers: dict[str, ActivationSteerer] = {}
+        n_layers = len(decoder_layers(model))
+        for v in vectors:
+            if v.kind != "activation":
+                raise VectorError(f"vector {v.name!r}: {v.kind} vectors cannot be applied per request yet")
+            st = ActivationSteerer(v, dtype=dtype)
+            bad = [ly for ly in st.layers() if not 0 <= ly < n_layers]
+            if bad:
+                raise VectorError(f"vector {v.name!r} targets layers {bad}, model has {n_layers}")
+            self.steerers[v.name] = st
+        self._handles: list = []
+
+    @property
+    def gated(self) -> list[str]:
+        return [n for n, s in self.steerers.items() if s.gate_layer is not None]
+
+    def __enter__(self) -> SteeringRuntime:
+        if self._handles:
+            raise RuntimeError("steering hooks are already installed on this model")
+        layers = decoder_layers(self.model)
+        try:
+            for st in self.steerers.values():
+                for ly in sorted(st.layers()):
+                    hook = st.make_hook(ly, self.rows)
+                    self._handles.append(layers[ly].register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,46 @@
+"""Plain engine types. The server converts wire requests into these once; nothing below the
+server ever sees a pydantic request model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (OpenAI semantics)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """How one request is steered. ``vector`` is a resolved, loaded vector name; strength 0 is vanilla."""
+
+    strength: float
+    vector: str
+    compare: bool = False
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant | developer | tool
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """What a backend is asked to generate: either chat messages or a raw prompt."""
+
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
