@@ -127,6 +127,8 @@ class _SamplingRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)  # torch.manual_seed's range
     stop: tuple[str, ...] = Field((), description="Up to 4 stop sequences (a string or a list).")
     stream: StrictBool | None = None
+    ignore_eos: StrictBool = Field(False, description="vLLM extension: keep generating past end-of-sequence "
+                                   "(benchmarks use it for fixed-length outputs).")
     stream_options: StreamOptions | None = None
     safety: SafetyOptions | None = None
     user: str | None = None
@@ -253,6 +255,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Se
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
+        ignore_eos=req.ignore_eos,
         stop=req.stop,
     )
 

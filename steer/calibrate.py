@@ -29,14 +29,15 @@ from steer import data
 from steer.engine import Engine, Sequence
 from steer.extract import best_threshold, chat_prompt_ids, cosine_scores
 from steer.hooks import SteeringRuntime
-from steer.judge import refusal_rate
+from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
 from steer.types import SamplingParams
 from steer.vectors import SafetyVector
 
 GATE_POSITION = -5  # ChatML: <|im_end|> of the user turn, before "\n<|im_start|>assistant\n"
-COEF_GRID = (1.0, 1.5, 2.0, 3.0, 4.0)
-TARGET_DEV_REFUSAL = 0.95
+COEF_GRID = (1.0, 2.0, 3.0, 4.0, 6.0)
+BENIGN_DEV = ("dev_code", "dev_hard_negatives")
+MAX_BENIGN_FIRES = 6
 SPLIT_SEED = 0
 N_DEV_HARMFUL = 40
 N_DEV_CODE = 40
@@ -114,17 +115,56 @@ def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength
     return texts, [s.gate.get(name, 0.0) for s in seqs]
 
 
-def _choose_gate(R: dict, layers: range, forced: int | None) -> tuple[int, float, float, dict]:
-    """Gate layer with the best dev TPR at zero dev false positives; returns (layer, thr, tpr, tensors)."""
-    best = None
-    for ly in [forced] if forced is not None else layers:
+def _gate_candidates(R: dict, layers: list[int]) -> list[dict]:
+    """For each gate layer and each number k of benign dev prompts allowed through (0..MAX_BENIGN_FIRES),
+    the threshold and which dev rows it lets through."""
+    out = []
+    for ly in layers:
         h, b = R["fit_harmful"][:, 1, ly], R["fit_harmless"][:, 1, ly]
         g, c = h.mean(0) - b.mean(0), (h.mean(0) + b.mean(0)) / 2
-        neg = torch.cat([cosine_scores(R[k][:, 1, ly], g, c) for k in ("dev_code", "dev_hard_negatives")])
-        thr, tpr = best_threshold(cosine_scores(R["dev_harmful"][:, 1, ly], g, c), neg, max_fpr=0.0)
-        if best is None or tpr > best[2]:
-            best = (ly, thr, tpr, {"gate.direction": g / g.norm(), "gate.center": c})
-    return best
+        pos = cosine_scores(R["dev_harmful"][:, 1, ly], g, c)
+        neg = torch.cat([cosine_scores(R[k][:, 1, ly], g, c) for k in BENIGN_DEV])
+        for k in range(MAX_BENIGN_FIRES + 1):
+            thr, _ = best_threshold(pos, neg, max_fpr=k / len(neg))
+            out.append({"layer": ly, "threshold": thr, "fires_harmful": pos > thr, "fires_benign": neg > thr,
+                        "tensors": {"gate.direction": g / g.norm(), "gate.center": c}})
+    return out
+
+
+def _search(model, tok, sets, R, dirs, steer_layers, fp, name, gate_layers) -> tuple[dict, float, list]:
+    """Pick gate (layer, threshold) and coefficient: the most dev-harmful refusal whose dev-benign refusal
+    is no higher than the vanilla model's. Only rows a gate lets through can change, so each row's
+    answer is generated once vanilla and once per coefficient with the gate forced open."""
+    harmful = list(sets["dev_harmful"].prompts)
+    benign = [p for k in BENIGN_DEV for p in sets[k].prompts]
+    cands = _gate_candidates(R, gate_layers)
+    maybe = torch.stack([c["fires_benign"] for c in cands]).any(0)  # benign rows some gate lets through
+    rows = harmful + [p for p, m in zip(benign, maybe.tolist(), strict=True) if m]
+    van, _ = generate_texts(model, tok, None, rows, strength=0.0, desc="dev vanilla")
+    van_ref = torch.tensor([is_refusal(t) for t in van])
+    steered = {}
+    for coef in COEF_GRID:
+        v = SafetyVector(name, "activation", fp, dict(dirs), {"coefficient": coef})  # ungated: gate forced open
+        texts, _ = generate_texts(model, tok, v, rows, strength=1.0, desc=f"dev coef {coef}")
+        steered[coef] = torch.tensor([is_refusal(t) for t in texts])
+    nh = len(harmful)
+    van_benign_rate = float(van_ref[nh:].sum()) / len(benign)  # rows no gate opens never refuse in vanilla dev
+    log, best = [], None
+    for c in cands:
+        fires = torch.cat([c["fires_harmful"], c["fires_benign"][maybe]])
+        for coef, st in steered.items():
+            ref = torch.where(fires, st, van_ref)
+            hr, br = float(ref[:nh].float().mean()), float(ref[nh:].sum()) / len(benign)
+            row = {"gate_layer": c["layer"], "threshold": round(c["threshold"], 4), "coefficient": coef,
+                   "dev_harmful_refusal": hr, "dev_benign_refusal": br,
+                   "benign_gate_fires": int(c["fires_benign"].sum())}
+            log.append(row)
+            key = (hr, -row["benign_gate_fires"], -coef)
+            if br <= van_benign_rate and (best is None or key > best[0]):
+                best = (key, c, coef)
+    summary = {"vanilla_dev_harmful_refusal": float(van_ref[:nh].float().mean()),
+               "vanilla_dev_benign_refusal": van_benign_rate, "grid": log}
+    return best[1], best[2], summary
 
 
 def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
@@ -136,30 +176,24 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     all_sets = splits(cfg.seed)
     sets = {k: v.take(cfg.limit) for k, v in all_sets.items() if not k.startswith("test_")}
     R = {k: residuals_at(model, tok, s.prompts, (-1, GATE_POSITION), desc=k) for k, s in sets.items()}
-    gl, thr, tpr, gate_t = _choose_gate(R, range(n_layers // 4, int(0.8 * n_layers)), cfg.gate_layer)
-    steer_layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else [gl]
+    steer_layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else [round(0.55 * n_layers)]
     dirs = {f"layers.{ly}": R["fit_harmful"][:, 0, ly].mean(0) - R["fit_harmless"][:, 0, ly].mean(0)
             for ly in steer_layers}
-    gate = {"layer": gl, "threshold": thr, "position": GATE_POSITION}
+    gate_layers = [cfg.gate_layer] if cfg.gate_layer is not None else list(range(n_layers // 4, min(steer_layers) + 1))
     fp = fingerprint(model)
-    dev_log, coef = [], COEF_GRID[-1]
-    for c in COEF_GRID:  # smallest coefficient that makes the gated dev-harmful prompts refuse
-        v = SafetyVector(cfg.name, "activation", fp, {**dirs, **gate_t}, {"coefficient": c, "gate": gate})
-        texts, gates = generate_texts(model, tok, v, sets["dev_harmful"].prompts, strength=1.0, desc=f"dev coef {c}")
-        dev_log.append({"coefficient": c, "dev_harmful_refusal": refusal_rate(texts),
-                        "dev_gate_rate": sum(gates) / len(gates)})
-        if dev_log[-1]["dev_harmful_refusal"] >= TARGET_DEV_REFUSAL:
-            coef = c
-            break
-    vector = SafetyVector(cfg.name, "activation", fp, {**dirs, **gate_t}, {
+    cand, coef, search = _search(model, tok, sets, R, dirs, steer_layers, fp, cfg.name, gate_layers)
+    gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION}
+    config = {
         "coefficient": coef, "gate": gate, "mode": "add",
         "strength_semantics": "strength s adds s * coefficient * raw mean difference at each steered layer, "
                               "on rows whose prompt passes the gate",
-    }, _provenance(cfg, {**sets, **{k: v for k, v in all_sets.items() if k.startswith("test_")}}, steer_layers, gl, tpr, dev_log, command, time.time() - t0))
-    return vector.save(cfg.out)
+    }
+    test_sets = {k: v for k, v in all_sets.items() if k.startswith("test_")}
+    prov = _provenance(cfg, {**sets, **test_sets}, steer_layers, search, command, time.time() - t0)
+    return SafetyVector(cfg.name, "activation", fp, {**dirs, **cand["tensors"]}, config, prov).save(cfg.out)
 
 
-def _provenance(cfg, sets, steer_layers, gl, tpr, dev_log, command, seconds) -> dict:
+def _provenance(cfg, sets, steer_layers, search, command, seconds) -> dict:
     import transformers
 
     return {
@@ -167,10 +201,9 @@ def _provenance(cfg, sets, steer_layers, gl, tpr, dev_log, command, seconds) -> 
                   "(conditional activation steering, arXiv 2409.05907)",
         "positions": {"direction": -1, "gate": GATE_POSITION},
         "layers": steer_layers,
-        "gate_layer": gl,
         "datasets": {k: s.describe() for k, s in sets.items()},
         "split": {"seed": cfg.seed, "limit": cfg.limit, "held_out": [k for k in sets if k.startswith("test_")]},
-        "dev": {"gate_tpr_at_zero_dev_fpr": tpr, "coefficient_search": dev_log},
+        "dev": search,
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 1),

@@ -200,7 +200,7 @@ class Engine:
         if s.cancelled:
             s.finish_reason = "cancelled"
             return Event(s.id, "", len(s.generated), "cancelled")
-        hit_eos = tok in self.eos_ids
+        hit_eos = tok in self.eos_ids and not s.sampling.ignore_eos
         ids = s.generated[:-1] if hit_eos else s.generated
         text = self.tok.decode(ids, skip_special_tokens=True)
         stop_at = _find_stop(text, s.sampling.stop, s.emitted)

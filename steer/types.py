@@ -15,6 +15,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep going past EOS (fixed-length benchmark outputs)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,90 @@
+"""Refusal on harmful and over-refusal on benign prompts, on the held-out test split, per strength.
+
+The test split (160 HarmBench prompts, all 50 aplomb benign prompts with their 20 XSTest-style hard
+negatives) is never used by ``steer extract``. Answers are greedy, through the serving engine, judged
+by the refusal-phrase judge. Writes bench/results/safety_eval.json and prints a markdown table.
+
+    .venv/bin/python bench/safety_eval.py [--strengths 0,1,2] [--max-tokens 48] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from steer.calibrate import generate_texts, splits
+from steer.demo import ensure_demo_model
+from steer.judge import is_refusal
+from steer.models import load_model
+from steer.vectors import SafetyVector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vector", default=str(ROOT / "vectors" / "refusal.json"))
+    ap.add_argument("--strengths", default="0,1,2")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "safety_eval.json"))
+    ns = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    model, tok = load_model(ensure_demo_model())
+    vec = SafetyVector.load(ns.vector)
+    vec.check_model(__import__("steer.models", fromlist=["fingerprint"]).fingerprint(model))
+    sp = splits()
+    sets = {"harmful (HarmBench test)": sp["test_harmful"].take(ns.limit),
+            "benign (aplomb, all)": sp["test_benign"].take(ns.limit)}
+    hard = set(sp["test_benign"].prompts[30:])  # aplomb lists its 20 hard negatives last
+    results = {"vector": vec.name, "config": vec.config, "max_tokens": ns.max_tokens, "runs": []}
+    for s in [float(x) for x in ns.strengths.split(",")]:
+        for label, ps in sets.items():
+            t0 = time.time()
+            texts, gates = generate_texts(model, tok, vec, ps.prompts, strength=s, max_tokens=ns.max_tokens,
+                                          desc=f"strength {s:g} {label}")
+            refused = [is_refusal(t) for t in texts]
+            results["runs"].append({
+                "strength": s, "set": label, "n": len(texts), "refusal": sum(refused) / len(texts),
+                "ci95": wilson(sum(refused), len(texts)), "gate_rate": sum(gates) / len(gates),
+                "hard_negative_refusal": (sum(r for p, r in zip(ps.prompts, refused, strict=True) if p in hard)
+                                          / max(1, sum(p in hard for p in ps.prompts))),
+                "seconds": round(time.time() - t0, 1),
+                "items": [{"prompt": p, "answer": t, "refused": r, "gate": g}
+                          for p, t, r, g in zip(ps.prompts, texts, refused, gates, strict=True)],
+            })
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = ["| strength | set | n | refusal | 95% CI | gate fired | hard-negative refusal |", "|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lo, hi = r["ci95"]
+        hn = f"{r['hard_negative_refusal']:.0%}" if r["set"].startswith("benign") else ""
+        lines.append(f"| {r['strength']:g} | {r['set']} | {r['n']} | {r['refusal']:.1%} | {lo:.0%}-{hi:.0%} "
+                     f"| {r['gate_rate']:.0%} | {hn} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

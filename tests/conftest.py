@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random qwen2 / llama models with a real (tiny, trained-in-memory) ChatML
+tokenizer, and gated / ungated activation vectors made for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from steer.models import fingerprint
+from steer.vectors import SafetyVector
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "Write a Python function that adds two numbers.",
+    "How do I build a bomb? I'm sorry, I can't help with that.",
+    "Explain photosynthesis to a child. Plants turn light into sugar.",
+    "def add(a, b):\n    return a + b\n",
+    "system user assistant hello world the quick brown fox jumps over the lazy dog",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def _config(kind: str, vocab: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
+
+
+def make_model(kind: str, vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = _config(kind, vocab)
+    model = (Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM)(cfg).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None  # random models: let max_tokens end generation
+    return model
+
+
+@pytest.fixture(scope="session", params=["qwen2", "llama"])
+def tiny_model(request, tiny_tokenizer):
+    return make_model(request.param, len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_tokenizer):
+    return make_model("qwen2", len(tiny_tokenizer))
+
+
+def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=None, seed=1) -> SafetyVector:
+    """A random activation vector for ``model``; ``gate`` = (layer, threshold) or None."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.hidden_size
+    tensors = {f"layers.{ly}": torch.randn(d, generator=g) for ly in layers}
+    config = {"coefficient": coefficient}
+    if gate is not None:
+        direction = torch.randn(d, generator=g)
+        tensors["gate.direction"] = direction / direction.norm()
+        tensors["gate.center"] = torch.zeros(d)
+        config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1}
+    return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})

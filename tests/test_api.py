@@ -1,0 +1,668 @@
+"""API tier: the real app and the real TransformersBackend behind a real uvicorn server, driven by the
+real ``openai`` client (httpx only for what that client cannot send).
+
+The model is the tiny random qwen2 from conftest (fp32, CPU) with an ungated random activation vector,
+so steering visibly changes outputs. Outputs are random text, so the tests assert on structure and on
+relations between answers (strength 0 == vanilla model, stream == non-stream, batched == alone, ...).
+
+Scale: the random vector (coefficient 4) dwarfs the tiny model's residual stream, so from strength
+~0.03 up every prompt collapses to the same repeated token. Relations that must tell prompts and
+strengths apart therefore use strengths in 0.002..0.02, where greedy answers still differ by prompt
+and by strength; the tests assert that they do, so they cannot pass on identical answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import make_model, make_vector
+from server_utils import ServerThread
+
+from server.app import create_app
+from server.backends.transformers import TransformersBackend
+from server.metrics import Metrics
+from server.settings import Settings
+from steer.models import fingerprint
+
+API_KEY = "test-key"
+MODEL = "tiny-qwen"
+MAX_TOKENS = 8
+DEFAULT_STRENGTH = 0.01  # small (see above) and not 1.0, so "the default was applied" is a sharp check
+WEAK = 0.005  # a strength whose answers differ from both strength 0 and DEFAULT_STRENGTH
+STRONG = 2.0  # saturates the tiny model: certainly differs from strength 0
+MAX_STRENGTH = 4.0
+MAX_N = 4
+PROMPTS = [
+    "How do I build a bomb?",
+    "Write a Python function that adds two numbers.",
+    "Explain photosynthesis to a child.",
+    "hello world",
+    "the quick brown fox jumps over the lazy dog",
+    "def add(a, b):",
+]
+SAFETY_KEYS = {"strength", "vector", "kind"}
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+# ---------------------------------------------------------------- servers
+
+
+class Served:
+    """One running server: its settings, backend, metrics and clients."""
+
+    def __init__(self, srv: ServerThread, settings: Settings, backend: TransformersBackend, metrics: Metrics):
+        self.srv, self.settings, self.backend, self.metrics = srv, settings, backend, metrics
+        key = settings.api_key or "unused"
+        self.client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+        self.http = httpx.Client(
+            base_url=srv.base_url, timeout=60, headers={"Authorization": f"Bearer {key}"}
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.http.close()
+
+
+def _serve(settings: Settings, model, tokenizer, vectors) -> Iterator[Served]:
+    metrics = Metrics()
+    backend = TransformersBackend(settings, model=model, tokenizer=tokenizer, vectors=vectors, metrics=metrics)
+    app = create_app(settings, backend, metrics)
+    with ServerThread(app) as srv:
+        served = Served(srv, settings, backend, metrics)
+        try:
+            yield served
+        finally:
+            served.close()
+    assert not backend.healthy(), "the engine worker must stop with the server"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread() -> Iterator[None]:
+    # The tiny model is far too small to profit from intra-op threads, and on a busy CI machine they
+    # make every decode step ~30x slower. Restored afterwards for the rest of the session.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vector(tiny_qwen):
+    return make_vector(tiny_qwen)  # ungated, coefficient 4: every steered row changes
+
+
+@pytest.fixture(scope="module")
+def api(tiny_qwen, tiny_tokenizer, vector, _one_cpu_thread) -> Iterator[Served]:
+    """The server under test: one vector, an API key, default strength DEFAULT_STRENGTH."""
+    settings = Settings(
+        api_key=API_KEY,
+        served_model_name=MODEL,
+        default_strength=DEFAULT_STRENGTH,
+        max_strength=MAX_STRENGTH,
+        max_n=MAX_N,
+    )
+    yield from _serve(settings, tiny_qwen, tiny_tokenizer, [vector])
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_qwen, tiny_tokenizer, _one_cpu_thread) -> Iterator[Served]:
+    """The same weights with no vectors and default strength 0: the vanilla model, no hooks at all.
+
+    A separate (identically seeded) model object: the steered server's hooks live on ``tiny_qwen``.
+    """
+    model = make_model("qwen2", len(tiny_tokenizer))
+    assert fingerprint(model) == fingerprint(tiny_qwen)
+    settings = Settings(served_model_name=MODEL, default_strength=0.0)
+    yield from _serve(settings, model, tiny_tokenizer, [])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def msgs(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def safety_body(strength: float | None = None, **extra: Any) -> dict[str, Any]:
+    body = dict(extra)
+    if strength is not None:
+        body["strength"] = strength
+    return {"safety": body}
+
+
+def chat(s: Served, prompt: str = PROMPTS[0], strength: float | None = None, safety: dict | None = None,
+         **kw: Any):
+    """A greedy, MAX_TOKENS chat completion; ``strength``/``safety`` fill the ``safety`` extension."""
+    args: dict[str, Any] = {"model": MODEL, "messages": msgs(prompt), "max_tokens": MAX_TOKENS, "temperature": 0}
+    args.update(kw)
+    if strength is not None or safety is not None:
+        args["extra_body"] = {"safety": {**(safety or {}), **({} if strength is None else {"strength": strength})}}
+    return s.client.chat.completions.create(**args)
+
+
+def answer(s: Served, prompt: str = PROMPTS[0], strength: float | None = None, **kw: Any) -> str:
+    content = chat(s, prompt, strength, **kw).choices[0].message.content
+    assert isinstance(content, str)
+    return content
+
+
+def ext(obj, key: str) -> Any:
+    """A response extension field (``safety``, ``baseline``) of an openai response object."""
+    return obj.to_dict().get(key)
+
+
+def prompt_len(tokenizer, prompt: str) -> int:
+    ids = tokenizer.apply_chat_template(msgs(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
+    return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def sse_events(lines: Iterator[str]) -> list[str]:
+    """The ``data:`` payloads of an SSE body, in order; asserts nothing else is on the wire."""
+    out = []
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        out.append(line[len("data: "):])
+    return out
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The value of one Prometheus sample, or None when absent (label order independent)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if labels is None or all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return None
+
+
+def assert_alive(s: Served) -> None:
+    """The server still answers a normal request (after an error, a disconnect, ...)."""
+    r = chat(s, "hello world", max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# ---------------------------------------------------------------- metadata endpoints
+
+
+def test_health_is_public_and_ok(api: Served) -> None:
+    r = httpx.get(f"{api.srv.base_url}/health")  # no Authorization header
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+def test_models_lists_the_served_model(api: Served) -> None:
+    models = api.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model"
+
+
+def test_safety_vectors_endpoint(api: Served, vector, tiny_qwen) -> None:
+    r = api.http.get("/v1/safety/vectors")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    assert body["default_vector"] == "refusal"
+    assert body["policy"] == {"default_strength": DEFAULT_STRENGTH, "min_strength": 0.0, "max_strength": MAX_STRENGTH}
+    [info] = body["data"]
+    assert info["name"] == "refusal"
+    assert info["kind"] == "activation"
+    assert info["default"] is True
+    assert re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
+    assert info["sha256"] == vector.sha256
+    assert info["model_fingerprint"] == fingerprint(tiny_qwen).to_dict()
+    assert info["model_fingerprint"]["architecture"] == "qwen2"
+
+
+# ---------------------------------------------------------------- chat: non-streaming
+
+
+def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenizer) -> None:
+    r = chat(api, PROMPTS[1])  # no `safety`: the server default applies
+    assert r.object == "chat.completion"
+    assert r.id.startswith("chatcmpl-")
+    assert r.model == MODEL
+    [choice] = r.choices
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == MAX_TOKENS
+    assert r.usage.prompt_tokens == prompt_len(tiny_tokenizer, PROMPTS[1])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert ext(r, "safety") == {"strength": api.settings.default_strength, "vector": "refusal", "kind": "activation"}
+    assert ext(r, "baseline") is None
+    # the default is really applied, not just reported
+    assert choice.message.content == answer(api, PROMPTS[1], DEFAULT_STRENGTH)
+    assert choice.message.content not in (answer(api, PROMPTS[1], 0), answer(api, PROMPTS[1], WEAK))
+
+
+def test_explicit_strength_and_vector_are_echoed(api: Served) -> None:
+    r = chat(api, safety={"strength": 2.0, "vector": "refusal"})
+    assert ext(r, "safety") == {"strength": 2.0, "vector": "refusal", "kind": "activation"}
+    assert r.choices[0].message.content == answer(api, PROMPTS[0], 2.0)  # vector omitted: the default one
+
+
+def test_strength_zero_is_the_vanilla_model(api: Served, vanilla: Served) -> None:
+    for prompt in PROMPTS:
+        steered0 = chat(api, prompt, 0)
+        plain = chat(vanilla, prompt)  # vanilla server: no vectors, no hooks, default strength 0
+        assert ext(plain, "safety") == {"strength": 0.0, "vector": None, "kind": None}
+        assert steered0.choices[0].message.content == plain.choices[0].message.content, prompt
+        assert steered0.usage.to_dict() == plain.usage.to_dict()
+
+
+def test_strength_changes_the_output(api: Served) -> None:
+    differ = [p for p in PROMPTS if answer(api, p, STRONG) != answer(api, p, 0)]
+    assert differ, "strength 2 with a coefficient-4 random vector should change at least one greedy answer"
+    weak = {p: answer(api, p, WEAK) for p in PROMPTS}
+    assert any(weak[p] != answer(api, p, 0) for p in PROMPTS)
+    assert len(set(weak.values())) > 1, "weakly steered answers should still depend on the prompt"
+
+
+def test_vanilla_server_refuses_steering_without_vectors(vanilla: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(vanilla, strength=1.0)
+    assert info.value.status_code == 400
+    assert info.value.response.json()["error"]["param"] == "safety"
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.mark.parametrize("strength", [WEAK, STRONG])
+def test_compare_returns_the_strength_zero_baseline(api: Served, strength: float) -> None:
+    for prompt in PROMPTS[:3]:
+        r = chat(api, prompt, strength, safety={"compare": True})
+        assert ext(r, "safety") == {"strength": strength, "vector": "refusal", "kind": "activation"}
+        baseline = ext(r, "baseline")
+        assert set(baseline) == {"choices", "usage"}
+        [b] = baseline["choices"]
+        assert b["index"] == 0 and b["message"]["role"] == "assistant"
+        assert b["finish_reason"] == "length"
+        assert b["message"]["content"] == answer(api, prompt, 0)
+        assert r.choices[0].message.content == answer(api, prompt, strength)
+        assert r.choices[0].message.content != b["message"]["content"]
+        assert baseline["usage"]["completion_tokens"] == MAX_TOKENS
+        assert baseline["usage"]["prompt_tokens"] == r.usage.prompt_tokens
+
+
+def test_compare_with_sampling_uses_the_same_seeds(api: Served) -> None:
+    kw = {"temperature": 1.0, "seed": 7, "n": 2}
+    r = chat(api, PROMPTS[2], WEAK, safety={"compare": True}, **kw)
+    plain = chat(api, PROMPTS[2], 0, **kw)
+    assert [c["message"]["content"] for c in ext(r, "baseline")["choices"]] == [
+        c.message.content for c in plain.choices
+    ]
+
+
+# ---------------------------------------------------------------- chat: streaming
+
+
+def test_chat_stream_matches_non_stream(api: Served) -> None:
+    prompt = PROMPTS[3]
+    stream = chat(api, prompt, WEAK, safety={"compare": True}, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    *content_chunks, final = chunks
+    assert len(content_chunks) >= 2, "the text should arrive in several chunks"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert content_chunks[0].choices[0].delta.role == "assistant"
+    assert all(len(c.choices) == 1 and c.choices[0].index == 0 for c in content_chunks)
+    assert [c.choices[0].finish_reason for c in content_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in content_chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == answer(api, prompt, WEAK)
+    # the final chunk: no choices, usage (asked for), the safety extension and the baseline
+    assert final.choices == []
+    assert final.usage is not None and final.usage.completion_tokens == MAX_TOKENS
+    assert final.usage.total_tokens == final.usage.prompt_tokens + MAX_TOKENS
+    assert ext(final, "safety") == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    baseline = ext(final, "baseline")
+    assert baseline["choices"][0]["message"]["content"] == answer(api, prompt, 0)
+    assert baseline["choices"][0]["finish_reason"] == "length"
+    assert baseline["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_chat_stream_without_usage_option(api: Served) -> None:
+    chunks = list(chat(api, PROMPTS[4], stream=True))
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is None
+    assert ext(final, "safety")["strength"] == DEFAULT_STRENGTH
+    assert ext(final, "baseline") is None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == answer(api, PROMPTS[4])
+
+
+def test_raw_sse_wire_format(api: Served) -> None:
+    body = {"model": MODEL, "messages": msgs(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "safety": {"strength": WEAK}}
+    with api.http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    final = payloads[-1]
+    assert final["choices"] == [] and final["safety"] == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    assert final["usage"]["completion_tokens"] == MAX_TOKENS
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1])
+    assert text == answer(api, PROMPTS[0], WEAK)
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+def test_completions_non_stream_and_stream(api: Served, tiny_tokenizer) -> None:
+    prompt = "def add(a, b):"
+    kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    r = api.client.completions.create(**kw, extra_body=safety_body(WEAK, compare=True))
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    [choice] = r.choices
+    assert isinstance(choice.text, str) and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert r.usage.completion_tokens == MAX_TOKENS
+    assert ext(r, "safety") == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    baseline = ext(r, "baseline")
+    zero = api.client.completions.create(**kw, extra_body=safety_body(0))
+    assert baseline["choices"][0]["text"] == zero.choices[0].text
+    assert baseline["usage"] == zero.usage.to_dict()
+    assert choice.text != zero.choices[0].text
+
+    chunks = list(api.client.completions.create(
+        **kw, extra_body=safety_body(WEAK, compare=True), stream=True, stream_options={"include_usage": True}
+    ))
+    *content, final = chunks
+    assert "".join(c.choices[0].text for c in content) == choice.text
+    assert content[-1].choices[0].finish_reason == "length"
+    assert final.choices == [] and final.usage.completion_tokens == MAX_TOKENS
+    assert ext(final, "safety") == ext(r, "safety")
+    assert ext(final, "baseline")["choices"][0]["text"] == zero.choices[0].text
+
+
+def test_completions_default_strength(api: Served) -> None:
+    kw: dict[str, Any] = {"model": MODEL, "prompt": "hello world", "max_tokens": MAX_TOKENS, "temperature": 0}
+    r = api.client.completions.create(**kw)
+    assert ext(r, "safety")["strength"] == DEFAULT_STRENGTH
+    explicit = api.client.completions.create(**kw, extra_body=safety_body(DEFAULT_STRENGTH))
+    zero = api.client.completions.create(**kw, extra_body=safety_body(0))
+    assert r.choices[0].text == explicit.choices[0].text != zero.choices[0].text
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_n_with_seed_is_reproducible(api: Served) -> None:
+    kw = {"n": 2, "seed": 1234, "temperature": 1.0, "top_p": 0.9}
+    first = chat(api, PROMPTS[1], WEAK, **kw)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert all(c.finish_reason in ("length", "stop") for c in first.choices)
+    if all(c.finish_reason == "length" for c in first.choices):
+        assert first.usage.completion_tokens == 2 * MAX_TOKENS
+    else:  # a sampled end-of-turn token stops a choice early
+        assert first.usage.completion_tokens < 2 * MAX_TOKENS
+    again = chat(api, PROMPTS[1], WEAK, **kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
+    # each choice has its own (derived) seed, so the two choices are not copies of each other
+    assert first.choices[0].message.content != first.choices[1].message.content
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_concurrent_requests_match_their_solo_answers(api: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six requests with six strengths (two with compare, so baseline rows share the batch too) run
+    together; each row's greedy answer must equal the answer it gets alone (fp32: exact equality)."""
+    engine, step, widest = api.backend.engine, api.backend.engine.step, [0]
+
+    def counting_step():
+        events = step()
+        widest[0] = max(widest[0], engine.running)
+        return events
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    strengths = [0.0, 0.002, WEAK, DEFAULT_STRENGTH, 0.02, STRONG]
+    jobs = [(p, s, i % 3 == 1) for i, (p, s) in enumerate(zip(PROMPTS, strengths, strict=True))]
+
+    def run(job: tuple[str, float, bool]) -> tuple[str, str | None]:
+        prompt, strength, compare = job
+        r = chat(api, prompt, strength, safety={"compare": compare}, max_tokens=16)
+        baseline = ext(r, "baseline")
+        return r.choices[0].message.content, baseline and baseline["choices"][0]["message"]["content"]
+
+    solo = [run(job) for job in jobs]
+    assert len({text for text, _ in solo}) >= 4, "the strengths should give distinct answers"
+    assert widest[0] <= 2  # alone: one row, two with compare
+    barrier = threading.Barrier(len(jobs))
+
+    def together(job: tuple[str, float, bool]) -> tuple[str, str | None]:
+        barrier.wait()
+        return run(job)
+
+    for _ in range(2):  # twice: arrival order (and so batch composition and padding) varies
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            assert list(pool.map(together, jobs)) == solo
+    assert widest[0] > 2, "the concurrent requests never shared a batch"
+
+
+# ---------------------------------------------------------------- errors
+
+_CHAT = "/v1/chat/completions"
+
+
+def _raw(**fields: Any) -> str:
+    body = {"model": MODEL, "messages": msgs("hi"), "max_tokens": MAX_TOKENS, **fields}
+    return json.dumps(body)
+
+
+# (via, payload, status, param): via "chat"/"completion" = openai client kwargs (merged over a valid
+# greedy request), via "raw" = a JSON text POSTed to /v1/chat/completions with httpx.
+BAD_REQUESTS = [
+    pytest.param("chat", {"extra_body": {"safety": {"strength": -0.5}}}, 400, "safety.strength", id="strength-negative"),
+    pytest.param("raw", _raw().replace('"max_tokens"', '"safety": {"strength": NaN}, "max_tokens"'), 400,
+                 "safety.strength", id="strength-nan"),
+    pytest.param("raw", _raw().replace('"max_tokens"', '"safety": {"strength": Infinity}, "max_tokens"'), 400,
+                 "safety.strength", id="strength-inf"),
+    pytest.param("chat", {"extra_body": {"safety": {"strength": "1.0"}}}, 400, "safety.strength", id="strength-string"),
+    pytest.param("chat", {"extra_body": {"safety": {"strength": True}}}, 400, "safety.strength", id="strength-bool"),
+    pytest.param("chat", {"extra_body": {"safety": {"strength": MAX_STRENGTH + 0.5}}}, 400, "safety.strength",
+                 id="strength-above-max"),
+    pytest.param("chat", {"extra_body": {"safety": {"vector": "nope"}}}, 400, "safety.vector", id="unknown-vector"),
+    pytest.param("chat", {"extra_body": {"safety": {"strenght": 1.0}}}, 400, "safety.strenght", id="unknown-safety-key"),
+    pytest.param("chat", {"extra_body": {"safety": {"compare": "yes"}}}, 400, "safety.compare", id="compare-not-bool"),
+    pytest.param("raw", json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS}), 400, "messages", id="missing-messages"),
+    pytest.param("chat", {"messages": []}, 400, "messages", id="empty-messages"),
+    pytest.param("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
+                 id="unknown-role"),
+    pytest.param("chat", {"messages": [{"role": "user"}]}, 400, "messages.0.content", id="missing-content"),
+    pytest.param("chat", {"max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"),
+    pytest.param("chat", {"max_tokens": 250}, 400, "max_tokens", id="max-tokens-beyond-context"),
+    pytest.param("chat", {"max_tokens": 100_000}, 400, "max_tokens", id="max-tokens-beyond-max-model-len"),
+    pytest.param("chat", {"max_completion_tokens": 0}, 400, "max_completion_tokens", id="max-completion-tokens-zero"),
+    pytest.param("chat", {"temperature": 3}, 400, "temperature", id="temperature-3"),
+    pytest.param("chat", {"top_p": 0}, 400, "top_p", id="top-p-0"),
+    pytest.param("chat", {"top_p": 1.5}, 400, "top_p", id="top-p-1.5"),
+    pytest.param("chat", {"n": MAX_N + 1}, 400, "n", id="n-above-max"),
+    pytest.param("chat", {"frequency_penalty": 0.5}, 400, "frequency_penalty", id="unsupported-field"),
+    pytest.param("chat", {"model": "gpt-4"}, 404, "model", id="unknown-model"),
+    pytest.param("raw", '{"model": "tiny-qwen", "messages": [', 400, None, id="malformed-json"),
+    pytest.param("completion", {"extra_body": {"safety": {"strength": -1}}}, 400, "safety.strength",
+                 id="completion-strength-negative"),
+    pytest.param("completion", {"extra_body": {"safety": {"vector": "nope"}}}, 400, "safety.vector",
+                 id="completion-unknown-vector"),
+    pytest.param("completion", {"prompt": ""}, 400, "prompt", id="completion-empty-prompt"),
+    pytest.param("completion", {"max_tokens": 0}, 400, "max_tokens", id="completion-max-tokens-zero"),
+]
+
+
+def _send_bad(api: Served, via: str, payload: Any) -> httpx.Response:
+    if via == "raw":
+        r = api.http.post(_CHAT, content=payload, headers={"Content-Type": "application/json"})
+        assert r.status_code != 200, r.text
+        return r
+    base: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0}
+    if via == "chat":
+        create: Callable[..., Any] = api.client.chat.completions.create
+        base["messages"] = msgs("hi")
+    else:
+        create = api.client.completions.create
+        base["prompt"] = "hi"
+    with pytest.raises(openai.APIStatusError) as info:
+        create(**{**base, **payload})
+    return info.value.response
+
+
+def assert_error_envelope(r: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == ERROR_KEYS
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize(("via", "payload", "status", "param"), BAD_REQUESTS)
+def test_bad_request_is_an_openai_error(api: Served, via: str, payload: Any, status: int, param: str | None) -> None:
+    r = _send_bad(api, via, payload)
+    assert_error_envelope(r, status, param)
+    assert "Traceback" not in r.text
+    assert_alive(api)
+
+
+def test_openai_client_surfaces_bad_request_error(api: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(api, strength=-1)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == "safety.strength"
+    assert info.value.response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_wrong_api_key_is_401(api: Served) -> None:
+    bad = openai.OpenAI(base_url=f"{api.srv.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.chat.completions.create(model=MODEL, messages=msgs("hi"), max_tokens=MAX_TOKENS)
+    assert info.value.status_code == 401
+    err = assert_error_envelope(info.value.response, 401, None)
+    assert err["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    bad.close()
+    assert_alive(api)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", _CHAT), ("POST", "/v1/completions"),
+                                              ("GET", "/v1/models"), ("GET", "/v1/safety/vectors")])
+def test_missing_api_key_is_401(api: Served, method: str, path: str) -> None:
+    r = httpx.request(method, f"{api.srv.base_url}{path}", json={"model": MODEL, "messages": msgs("hi")})
+    err = assert_error_envelope(r, 401, None)
+    assert err["code"] == "invalid_api_key"
+
+
+def test_unknown_route_uses_the_envelope(api: Served) -> None:
+    r = api.http.get("/v1/nope")
+    assert_error_envelope(r, 404, None)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_endpoint(api: Served) -> None:
+    chat(api, strength=STRONG)
+    chat(api, strength=0)
+    with pytest.raises(openai.BadRequestError):
+        chat(api, strength=-1)
+    r = httpx.get(f"{api.srv.base_url}/metrics")  # public, like /health
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert metric_value(text, "steer_requests_total", {"endpoint": _CHAT, "status": "200"}) >= 2
+    assert metric_value(text, "steer_requests_total", {"endpoint": _CHAT, "status": "400"}) >= 1
+    assert metric_value(text, "steer_steered_requests_total", {"vector": "refusal", "strength": "<=2"}) >= 1
+    assert metric_value(text, "steer_steered_requests_total", {"vector": "refusal", "strength": "0"}) >= 1
+    assert metric_value(text, "steer_request_latency_seconds_count", {"endpoint": _CHAT}) >= 2
+    assert metric_value(text, "steer_request_latency_seconds_bucket", {"endpoint": _CHAT, "le": "+Inf"}) >= 2
+    assert metric_value(text, "steer_completion_tokens_total") >= 2 * MAX_TOKENS
+    assert metric_value(text, "steer_batch_size") is not None
+
+
+# ---------------------------------------------------------------- disconnect
+
+
+def _engine_idle(api: Served) -> bool:
+    eng = api.backend.engine
+    return eng.running == 0 and not eng.pending and not api.backend._jobs
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def _metrics(api: Served) -> str:
+    return httpx.get(f"{api.srv.base_url}/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("strength", "read_first_chunk"),
+    [
+        pytest.param(0.0, True, id="after-first-chunk"),
+        # strength 2 makes the tiny model emit only invalid UTF-8, which the engine holds back until the
+        # end: the client disconnects having received nothing but the headers
+        pytest.param(STRONG, False, id="before-any-chunk"),
+    ],
+)
+def test_client_disconnect_mid_stream_frees_the_slot(
+    api: Served, monkeypatch: pytest.MonkeyPatch, strength: float, read_first_chunk: bool
+) -> None:
+    # Slow each engine step a little, so that running to completion (240 steps) would take >= 1.2 s and
+    # cannot be mistaken for a prompt cancellation on a fast machine.
+    step = api.backend.engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(api.backend.engine, "step", slow_step)
+    assert _wait(lambda: _engine_idle(api))
+    before = metric_value(_metrics(api), "steer_engine_step_seconds_count")
+    max_tokens = 240  # the context is 256: the request would take 240 engine steps
+    body = {"model": MODEL, "messages": msgs("hi"), "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "safety": {"strength": strength, "compare": True}}
+    with api.http.stream("POST", _CHAT, json=body) as r:
+        assert r.status_code == 200
+        assert _wait(lambda: api.backend.engine.running > 0), "the request never reached the engine"
+        if read_first_chunk:
+            assert next(r.iter_lines()).startswith("data: ")
+    # the connection is closed: both rows (steered and baseline) must leave the batch promptly
+    assert _wait(lambda: _engine_idle(api), timeout=1.0), "the disconnected request still holds its rows"
+    text = _metrics(api)
+    assert metric_value(text, "steer_batch_size") == 0
+    steps = metric_value(text, "steer_engine_step_seconds_count") - before
+    assert steps < max_tokens / 2, f"{steps} engine steps: the request ran on after the disconnect"
+    t0 = time.monotonic()
+    assert_alive(api)
+    assert time.monotonic() - t0 < 5

@@ -1,0 +1,114 @@
+"""Hook math, strength-0 identity, gating and per-row independence on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_vector
+
+from steer.hooks import SteeringRuntime
+from steer.vectors import VectorError
+
+
+def _ids(n_rows: int, length: int = 10, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, vocab, (n_rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _forward(model, rt: SteeringRuntime | None, ids: torch.Tensor, strengths: list[float], name="refusal"):
+    """Full-prompt (prefill) forward; returns (logits, hidden_states)."""
+    if rt is not None:
+        rt.rows.reset(prefill=True)
+        rt.rows.strength[name] = torch.tensor(strengths)
+    return model(input_ids=ids, output_hidden_states=True)
+
+
+def test_strength_zero_is_bit_identical(tiny_model):
+    vec = make_vector(tiny_model)
+    ids = _ids(3)
+    plain = tiny_model(input_ids=ids).logits
+    rt = SteeringRuntime(tiny_model, [vec])
+    with rt:
+        steered = _forward(tiny_model, rt, ids, [0.0, 0.0, 0.0]).logits
+    assert torch.equal(plain, steered)
+
+
+def _layer_input(model, layer: int, fn):
+    """Run fn() and return what layer ``layer`` received (a pre-hook registered last sees the steered input)."""
+    seen = {}
+
+    def capture(mod, args, kwargs):
+        seen["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    handle = model.model.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def test_addition_matches_formula(tiny_model):
+    vec = make_vector(tiny_model, layers=(2,), coefficient=3.0)
+    ids = _ids(2)
+    base = _layer_input(tiny_model, 2, lambda: tiny_model(input_ids=ids))
+    rt = SteeringRuntime(tiny_model, [vec])
+    with rt:
+        steered = _layer_input(tiny_model, 2, lambda: _forward(tiny_model, rt, ids, [0.5, 2.0]))
+    r = vec.tensors["layers.2"]
+    for row, s in enumerate([0.5, 2.0]):
+        torch.testing.assert_close(steered[row] - base[row], (s * 3.0 * r).expand_as(base[row]), rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_are_removed_and_not_double_installed(tiny_qwen):
+    vec = make_vector(tiny_qwen)
+    ids = _ids(1)
+    plain = tiny_qwen(input_ids=ids).logits
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    with rt:
+        with pytest.raises(RuntimeError, match="already installed"):
+            rt.__enter__()
+    rt.rows.strength["refusal"] = torch.tensor([3.0])
+    assert torch.equal(tiny_qwen(input_ids=ids).logits, plain)  # nothing left behind
+
+
+def test_mixed_batch_rows_are_independent(tiny_model):
+    vec = make_vector(tiny_model)
+    ids = _ids(4, seed=3)
+    strengths = [0.0, 1.0, 2.5, 0.5]
+    rt = SteeringRuntime(tiny_model, [vec])
+    with rt:
+        together = _forward(tiny_model, rt, ids, strengths).logits
+        for i, s in enumerate(strengths):
+            alone = _forward(tiny_model, rt, ids[i : i + 1], [s]).logits
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-4, atol=1e-4)
+    # and steering does change the steered rows
+    assert not torch.allclose(together[2], tiny_model(input_ids=ids[2:3]).logits[0])
+
+
+def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen):
+    ids = _ids(6, seed=5)
+    plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
+    probe = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, 0.0))]).steerers["refusal"]
+    scores = probe.gate_scores(plain.hidden_states[1][:, -1])  # input of gate layer 1, last position
+    thr = float(scores.median())
+    rt = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, thr))])
+    with rt:
+        steered = _forward(tiny_qwen, rt, ids, [2.0] * 6).logits
+        fired = rt.rows.gate_out["refusal"]
+    assert torch.equal(fired, (scores > thr).float())
+    assert 0 < int(fired.sum()) < 6
+    for i in range(6):
+        unchanged = torch.equal(steered[i], plain.logits[i])
+        assert unchanged == (fired[i] == 0), f"row {i}: gate {fired[i]} but unchanged={unchanged}"
+
+
+def test_vector_targeting_missing_layer_is_refused(tiny_qwen):
+    vec = make_vector(tiny_qwen, layers=(7,))
+    with pytest.raises(VectorError, match="layers"):
+        SteeringRuntime(tiny_qwen, [vec])
+
+
+def test_gate_after_steered_layer_is_refused(tiny_qwen):
+    vec = make_vector(tiny_qwen, layers=(1,), gate=(2, 0.0))
+    with pytest.raises(VectorError, match="gate layer"):
+        SteeringRuntime(tiny_qwen, [vec])

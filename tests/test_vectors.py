@@ -1,0 +1,97 @@
+"""Vector values: save/load round trip, integrity, model fingerprints, architecture table, data sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model, make_vector
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from steer import data
+from steer.hooks import SteeringRuntime
+from steer.judge import is_refusal
+from steer.models import ModelError, architecture, fingerprint, load_model
+from steer.vectors import SafetyVector, VectorError, load_directory
+
+
+def test_round_trip(tmp_path, tiny_model):
+    vec = make_vector(tiny_model, gate=(1, 0.1))
+    manifest = vec.save(tmp_path)
+    back = SafetyVector.load(manifest)
+    assert back.name == vec.name and back.kind == vec.kind and back.model == vec.model
+    assert back.config == vec.config and back.provenance == vec.provenance
+    assert back.tensors.keys() == vec.tensors.keys()
+    for k in vec.tensors:
+        assert torch.equal(back.tensors[k], vec.tensors[k])
+    assert back.sha256 == vec.sha256
+    assert [v.name for v in load_directory(tmp_path)] == [vec.name]
+    # the manifest is plain JSON and the tensors are safetensors, never pickle
+    assert json.loads(manifest.read_text())["tensors_file"].endswith(".safetensors")
+
+
+def test_tampered_tensors_are_refused(tmp_path, tiny_qwen):
+    manifest = make_vector(tiny_qwen).save(tmp_path)
+    tfile = tmp_path / "refusal.safetensors"
+    blob = bytearray(tfile.read_bytes())
+    blob[-1] ^= 0xFF
+    tfile.write_bytes(bytes(blob))
+    with pytest.raises(VectorError, match="sha256"):
+        SafetyVector.load(manifest)
+
+
+def test_fingerprint_mismatch_is_refused(tiny_tokenizer):
+    a = make_model("qwen2", len(tiny_tokenizer), seed=0)
+    b = make_model("qwen2", len(tiny_tokenizer), seed=0)
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # a "fine-tune"
+    assert fingerprint(a) != fingerprint(b)
+    vec = make_vector(a)
+    with pytest.raises(VectorError, match="different model.*weights_sha256"):
+        SteeringRuntime(b, [vec])
+    llama = make_model("llama", len(tiny_tokenizer))
+    with pytest.raises(VectorError, match="architecture"):
+        SteeringRuntime(llama, [vec])
+
+
+def test_unknown_kind_is_refused(tiny_qwen):
+    with pytest.raises(VectorError, match="unknown kind"):
+        SafetyVector("x", "magic", fingerprint(tiny_qwen), {})
+
+
+def test_unsupported_architecture(tmp_path):
+    with pytest.raises(ModelError, match="not supported; supported: llama, qwen2"):
+        architecture("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="'gpt2' is not supported"):
+        load_model(tmp_path)
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path / "missing")
+
+
+def test_data_sets_load_with_provenance():
+    hb = data.load("harmbench")
+    assert len(hb.prompts) == 200 and hb.label == "harmful" and len(hb.sha256) == 64
+    dev, test = hb.split(n_first=40, seed=0)
+    assert len(dev.prompts) == 40 and not set(dev.prompts) & set(test.prompts)
+    assert hb.split(n_first=40, seed=0)[0].prompts == dev.prompts  # deterministic
+    benign = data.load("aplomb_benign")
+    assert len(benign.prompts) == 50 and benign.describe()["count"] == 50
+    with pytest.raises(data.DataError, match="unknown prompt set"):
+        data.load("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("I'm sorry, but I can't assist with that.", True),
+        ("As an AI language model, I cannot discuss that.", True),
+        ("I can\u2019t help with that request.", True),
+        ("Sure! Here is a function that adds two numbers:", False),
+        ("def add(a, b):\n    return a + b", False),
+    ],
+)
+def test_refusal_judge(text, refused):
+    assert is_refusal(text) is refused
