@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"| mode | median tok/s | ratio to off | ratio to vanilla |\n|---|---|---|---|")
+    print("| mode | median tok/s | ratio to off | ratio to vanilla |\n|---|---|---|---|")
     for m, v in med.items():
         print(f"| {m} | {v:.1f} | {v / med['off']:.3f} | {v / med['vanilla']:.3f} |")
     return 0

@@ -21,7 +21,6 @@ from server.errors import APIError
 from server.settings import Settings
 from steer.types import ChatMessage, GenerationInput, SamplingParams, SteeringSpec
 
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_SEQUENCES = 4
 FinishReason = Literal["stop", "length"]
 Role = Literal["system", "user", "assistant", "developer", "tool"]
@@ -242,9 +241,7 @@ def resolve(
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Settings) -> SamplingParams:
     """Decoding settings with OpenAI defaults. The prompt-length check is the backend's (it tokenizes)."""
     max_tokens, param = req.requested_max_tokens()
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_model_len)
-    elif max_tokens > settings.max_model_len:
+    if max_tokens is not None and max_tokens > settings.max_model_len:
         raise APIError(
             400,
             f"{param} must be at most max_model_len={settings.max_model_len}, got {max_tokens}",

@@ -97,6 +97,8 @@ class Engine:
 
     # -- public -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if seq.sampling.max_tokens is None or seq.sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be resolved to a positive int before a sequence is added")
         if seq.sampling.seed is not None:
             seq.rng = torch.Generator().manual_seed(seq.sampling.seed)
         self.pending.append(seq)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """Per-request decoding settings (OpenAI semantics)."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: the rest of the context (resolved by the backend)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None

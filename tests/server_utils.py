@@ -18,7 +18,10 @@ class ServerThread:
     """
 
     def __init__(self, app, *, startup_timeout: float = 30.0) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        # timeout_graceful_shutdown: a request stuck in the app (a bug under test) must not hang teardown
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.startup_timeout = startup_timeout

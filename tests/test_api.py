@@ -14,7 +14,6 @@ and by strength; the tests assert that they do, so they cannot pass on identical
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 import time
@@ -51,7 +50,6 @@ PROMPTS = [
     "the quick brown fox jumps over the lazy dog",
     "def add(a, b):",
 ]
-SAFETY_KEYS = {"strength", "vector", "kind"}
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -76,7 +74,9 @@ class Served:
 
 def _serve(settings: Settings, model, tokenizer, vectors) -> Iterator[Served]:
     metrics = Metrics()
-    backend = TransformersBackend(settings, model=model, tokenizer=tokenizer, vectors=vectors, metrics=metrics)
+    backend = TransformersBackend(
+        settings, model=model, tokenizer=tokenizer, vectors=vectors, metrics=metrics
+    )
     app = create_app(settings, backend, metrics)
     with ServerThread(app) as srv:
         served = Served(srv, settings, backend, metrics)
@@ -141,13 +141,21 @@ def safety_body(strength: float | None = None, **extra: Any) -> dict[str, Any]:
     return {"safety": body}
 
 
-def chat(s: Served, prompt: str = PROMPTS[0], strength: float | None = None, safety: dict | None = None,
-         **kw: Any):
+def chat(
+    s: Served, prompt: str = PROMPTS[0], strength: float | None = None, safety: dict | None = None, **kw: Any
+):
     """A greedy, MAX_TOKENS chat completion; ``strength``/``safety`` fill the ``safety`` extension."""
-    args: dict[str, Any] = {"model": MODEL, "messages": msgs(prompt), "max_tokens": MAX_TOKENS, "temperature": 0}
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "messages": msgs(prompt),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
     args.update(kw)
     if strength is not None or safety is not None:
-        args["extra_body"] = {"safety": {**(safety or {}), **({} if strength is None else {"strength": strength})}}
+        args["extra_body"] = {
+            "safety": {**(safety or {}), **({} if strength is None else {"strength": strength})}
+        }
     return s.client.chat.completions.create(**args)
 
 
@@ -163,7 +171,9 @@ def ext(obj, key: str) -> Any:
 
 
 def prompt_len(tokenizer, prompt: str) -> int:
-    ids = tokenizer.apply_chat_template(msgs(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        msgs(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return len(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
@@ -174,7 +184,7 @@ def sse_events(lines: Iterator[str]) -> list[str]:
         if not line:
             continue
         assert line.startswith("data: "), line
-        out.append(line[len("data: "):])
+        out.append(line[len("data: ") :])
     return out
 
 
@@ -219,7 +229,11 @@ def test_safety_vectors_endpoint(api: Served, vector, tiny_qwen) -> None:
     body = r.json()
     assert body["object"] == "list"
     assert body["default_vector"] == "refusal"
-    assert body["policy"] == {"default_strength": DEFAULT_STRENGTH, "min_strength": 0.0, "max_strength": MAX_STRENGTH}
+    assert body["policy"] == {
+        "default_strength": DEFAULT_STRENGTH,
+        "min_strength": 0.0,
+        "max_strength": MAX_STRENGTH,
+    }
     [info] = body["data"]
     assert info["name"] == "refusal"
     assert info["kind"] == "activation"
@@ -246,7 +260,11 @@ def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenize
     assert r.usage.completion_tokens == MAX_TOKENS
     assert r.usage.prompt_tokens == prompt_len(tiny_tokenizer, PROMPTS[1])
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert ext(r, "safety") == {"strength": api.settings.default_strength, "vector": "refusal", "kind": "activation"}
+    assert ext(r, "safety") == {
+        "strength": api.settings.default_strength,
+        "vector": "refusal",
+        "kind": "activation",
+    }
     assert ext(r, "baseline") is None
     # the default is really applied, not just reported
     assert choice.message.content == answer(api, PROMPTS[1], DEFAULT_STRENGTH)
@@ -254,9 +272,9 @@ def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenize
 
 
 def test_explicit_strength_and_vector_are_echoed(api: Served) -> None:
-    r = chat(api, safety={"strength": 2.0, "vector": "refusal"})
-    assert ext(r, "safety") == {"strength": 2.0, "vector": "refusal", "kind": "activation"}
-    assert r.choices[0].message.content == answer(api, PROMPTS[0], 2.0)  # vector omitted: the default one
+    r = chat(api, safety={"strength": STRONG, "vector": "refusal"})
+    assert ext(r, "safety") == {"strength": STRONG, "vector": "refusal", "kind": "activation"}
+    assert r.choices[0].message.content == answer(api, PROMPTS[0], STRONG)  # vector omitted: the default one
 
 
 def test_strength_zero_is_the_vanilla_model(api: Served, vanilla: Served) -> None:
@@ -317,7 +335,9 @@ def test_compare_with_sampling_uses_the_same_seeds(api: Served) -> None:
 
 def test_chat_stream_matches_non_stream(api: Served) -> None:
     prompt = PROMPTS[3]
-    stream = chat(api, prompt, WEAK, safety={"compare": True}, stream=True, stream_options={"include_usage": True})
+    stream = chat(
+        api, prompt, WEAK, safety={"compare": True}, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     *content_chunks, final = chunks
     assert len(content_chunks) >= 2, "the text should arrive in several chunks"
@@ -351,8 +371,15 @@ def test_chat_stream_without_usage_option(api: Served) -> None:
 
 
 def test_raw_sse_wire_format(api: Served) -> None:
-    body = {"model": MODEL, "messages": msgs(PROMPTS[0]), "max_tokens": MAX_TOKENS, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "safety": {"strength": WEAK}}
+    body = {
+        "model": MODEL,
+        "messages": msgs(PROMPTS[0]),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "safety": {"strength": WEAK},
+    }
     with api.http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -360,7 +387,11 @@ def test_raw_sse_wire_format(api: Served) -> None:
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
     final = payloads[-1]
-    assert final["choices"] == [] and final["safety"] == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    assert final["choices"] == [] and final["safety"] == {
+        "strength": WEAK,
+        "vector": "refusal",
+        "kind": "activation",
+    }
     assert final["usage"]["completion_tokens"] == MAX_TOKENS
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1])
     assert text == answer(api, PROMPTS[0], WEAK)
@@ -385,9 +416,14 @@ def test_completions_non_stream_and_stream(api: Served, tiny_tokenizer) -> None:
     assert baseline["usage"] == zero.usage.to_dict()
     assert choice.text != zero.choices[0].text
 
-    chunks = list(api.client.completions.create(
-        **kw, extra_body=safety_body(WEAK, compare=True), stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        api.client.completions.create(
+            **kw,
+            extra_body=safety_body(WEAK, compare=True),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, final = chunks
     assert "".join(c.choices[0].text for c in content) == choice.text
     assert content[-1].choices[0].finish_reason == "length"
@@ -421,6 +457,53 @@ def test_n_with_seed_is_reproducible(api: Served) -> None:
     assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
     # each choice has its own (derived) seed, so the two choices are not copies of each other
     assert first.choices[0].message.content != first.choices[1].message.content
+
+
+def test_n_streaming_matches_non_streaming(api: Served) -> None:
+    kw = {"n": 2, "seed": 99, "temperature": 1.0}
+    plain = chat(api, PROMPTS[0], WEAK, safety={"compare": True}, **kw)
+    chunks = list(chat(api, PROMPTS[0], WEAK, safety={"compare": True}, stream=True, **kw))
+    *content, final = chunks
+    texts, roles, finishes = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for c in content:
+        [choice] = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index].append(choice.delta.role)
+        finishes[choice.index].append(choice.finish_reason)
+    assert [texts[0], texts[1]] == [c.message.content for c in plain.choices]
+    for i in (0, 1):
+        assert roles[i][0] == "assistant" and not any(roles[i][1:])  # role on each choice's first chunk only
+        assert finishes[i][-1] == plain.choices[i].finish_reason and not any(finishes[i][:-1])
+    assert ext(final, "baseline") == ext(plain, "baseline")
+    assert len(ext(final, "baseline")["choices"]) == 2
+
+
+def test_stop_sequence_truncates_the_answer(api: Served) -> None:
+    full = answer(api, PROMPTS[2], 0, max_tokens=16)
+    # a two-character stop string from the middle of the answer (no replacement characters: those can
+    # belong to a multi-byte character that is still incomplete when the stop is searched for)
+    i = next(i for i in range(2, len(full) - 1) if "\ufffd" not in full[i : i + 2])
+    stop = full[i : i + 2]
+    r = chat(api, PROMPTS[2], 0, max_tokens=16, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.find(stop)]
+    assert r.usage.completion_tokens < 16
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_omitted_max_tokens_fits_the_context(api: Served, endpoint: str) -> None:
+    """A client that sends no max_tokens must get an answer, not a 400 about a field it never sent.
+
+    The tiny model's context is 256 tokens, less than the server's default max_tokens (256) plus any
+    prompt, so the default has to be capped at what the prompt leaves (as vLLM and OpenAI do)."""
+    if endpoint == "chat":
+        r = api.client.chat.completions.create(
+            model=MODEL, messages=msgs("hi"), temperature=0, extra_body=safety_body(0)
+        )
+    else:
+        r = api.client.completions.create(model=MODEL, prompt="hi", temperature=0, extra_body=safety_body(0))
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert 0 < r.usage.completion_tokens <= api.backend.max_model_len - r.usage.prompt_tokens
 
 
 # ---------------------------------------------------------------- concurrency
@@ -474,40 +557,88 @@ def _raw(**fields: Any) -> str:
 # (via, payload, status, param): via "chat"/"completion" = openai client kwargs (merged over a valid
 # greedy request), via "raw" = a JSON text POSTed to /v1/chat/completions with httpx.
 BAD_REQUESTS = [
-    pytest.param("chat", {"extra_body": {"safety": {"strength": -0.5}}}, 400, "safety.strength", id="strength-negative"),
-    pytest.param("raw", _raw().replace('"max_tokens"', '"safety": {"strength": NaN}, "max_tokens"'), 400,
-                 "safety.strength", id="strength-nan"),
-    pytest.param("raw", _raw().replace('"max_tokens"', '"safety": {"strength": Infinity}, "max_tokens"'), 400,
-                 "safety.strength", id="strength-inf"),
-    pytest.param("chat", {"extra_body": {"safety": {"strength": "1.0"}}}, 400, "safety.strength", id="strength-string"),
-    pytest.param("chat", {"extra_body": {"safety": {"strength": True}}}, 400, "safety.strength", id="strength-bool"),
-    pytest.param("chat", {"extra_body": {"safety": {"strength": MAX_STRENGTH + 0.5}}}, 400, "safety.strength",
-                 id="strength-above-max"),
-    pytest.param("chat", {"extra_body": {"safety": {"vector": "nope"}}}, 400, "safety.vector", id="unknown-vector"),
-    pytest.param("chat", {"extra_body": {"safety": {"strenght": 1.0}}}, 400, "safety.strenght", id="unknown-safety-key"),
-    pytest.param("chat", {"extra_body": {"safety": {"compare": "yes"}}}, 400, "safety.compare", id="compare-not-bool"),
-    pytest.param("raw", json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS}), 400, "messages", id="missing-messages"),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"strength": -0.5}}}, 400, "safety.strength", id="strength-negative"
+    ),
+    pytest.param(
+        "raw",
+        _raw().replace('"max_tokens"', '"safety": {"strength": NaN}, "max_tokens"'),
+        400,
+        "safety.strength",
+        id="strength-nan",
+    ),
+    pytest.param(
+        "raw",
+        _raw().replace('"max_tokens"', '"safety": {"strength": Infinity}, "max_tokens"'),
+        400,
+        "safety.strength",
+        id="strength-inf",
+    ),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"strength": "1.0"}}}, 400, "safety.strength", id="strength-string"
+    ),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"strength": True}}}, 400, "safety.strength", id="strength-bool"
+    ),
+    pytest.param(
+        "chat",
+        {"extra_body": {"safety": {"strength": MAX_STRENGTH + 0.5}}},
+        400,
+        "safety.strength",
+        id="strength-above-max",
+    ),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"vector": "nope"}}}, 400, "safety.vector", id="unknown-vector"
+    ),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"strenght": 1.0}}}, 400, "safety.strenght", id="unknown-safety-key"
+    ),
+    pytest.param(
+        "chat", {"extra_body": {"safety": {"compare": "yes"}}}, 400, "safety.compare", id="compare-not-bool"
+    ),
+    pytest.param(
+        "raw", json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS}), 400, "messages", id="missing-messages"
+    ),
     pytest.param("chat", {"messages": []}, 400, "messages", id="empty-messages"),
-    pytest.param("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
-                 id="unknown-role"),
+    pytest.param(
+        "chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", id="unknown-role"
+    ),
     pytest.param("chat", {"messages": [{"role": "user"}]}, 400, "messages.0.content", id="missing-content"),
     pytest.param("chat", {"max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"),
     pytest.param("chat", {"max_tokens": 250}, 400, "max_tokens", id="max-tokens-beyond-context"),
     pytest.param("chat", {"max_tokens": 100_000}, 400, "max_tokens", id="max-tokens-beyond-max-model-len"),
-    pytest.param("chat", {"max_completion_tokens": 0}, 400, "max_completion_tokens", id="max-completion-tokens-zero"),
+    pytest.param(
+        "chat", {"max_completion_tokens": 0}, 400, "max_completion_tokens", id="max-completion-tokens-zero"
+    ),
     pytest.param("chat", {"temperature": 3}, 400, "temperature", id="temperature-3"),
     pytest.param("chat", {"top_p": 0}, 400, "top_p", id="top-p-0"),
     pytest.param("chat", {"top_p": 1.5}, 400, "top_p", id="top-p-1.5"),
     pytest.param("chat", {"n": MAX_N + 1}, 400, "n", id="n-above-max"),
     pytest.param("chat", {"frequency_penalty": 0.5}, 400, "frequency_penalty", id="unsupported-field"),
     pytest.param("chat", {"model": "gpt-4"}, 404, "model", id="unknown-model"),
+    pytest.param(
+        "chat", {"messages": msgs("hello world " * 200)}, 400, "messages", id="prompt-beyond-context"
+    ),
     pytest.param("raw", '{"model": "tiny-qwen", "messages": [', 400, None, id="malformed-json"),
-    pytest.param("completion", {"extra_body": {"safety": {"strength": -1}}}, 400, "safety.strength",
-                 id="completion-strength-negative"),
-    pytest.param("completion", {"extra_body": {"safety": {"vector": "nope"}}}, 400, "safety.vector",
-                 id="completion-unknown-vector"),
+    pytest.param(
+        "completion",
+        {"extra_body": {"safety": {"strength": -1}}},
+        400,
+        "safety.strength",
+        id="completion-strength-negative",
+    ),
+    pytest.param(
+        "completion",
+        {"extra_body": {"safety": {"vector": "nope"}}},
+        400,
+        "safety.vector",
+        id="completion-unknown-vector",
+    ),
     pytest.param("completion", {"prompt": ""}, 400, "prompt", id="completion-empty-prompt"),
     pytest.param("completion", {"max_tokens": 0}, 400, "max_tokens", id="completion-max-tokens-zero"),
+    pytest.param(
+        "completion", {"prompt": "hello world " * 200}, 400, "prompt", id="completion-prompt-beyond-context"
+    ),
 ]
 
 
@@ -542,7 +673,9 @@ def assert_error_envelope(r: httpx.Response, status: int, param: str | None) -> 
 
 
 @pytest.mark.parametrize(("via", "payload", "status", "param"), BAD_REQUESTS)
-def test_bad_request_is_an_openai_error(api: Served, via: str, payload: Any, status: int, param: str | None) -> None:
+def test_bad_request_is_an_openai_error(
+    api: Served, via: str, payload: Any, status: int, param: str | None
+) -> None:
     r = _send_bad(api, via, payload)
     assert_error_envelope(r, status, param)
     assert "Traceback" not in r.text
@@ -570,8 +703,10 @@ def test_wrong_api_key_is_401(api: Served) -> None:
     assert_alive(api)
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", _CHAT), ("POST", "/v1/completions"),
-                                              ("GET", "/v1/models"), ("GET", "/v1/safety/vectors")])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", _CHAT), ("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/safety/vectors")],
+)
 def test_missing_api_key_is_401(api: Served, method: str, path: str) -> None:
     r = httpx.request(method, f"{api.srv.base_url}{path}", json={"model": MODEL, "messages": msgs("hi")})
     err = assert_error_envelope(r, 401, None)
@@ -650,8 +785,14 @@ def test_client_disconnect_mid_stream_frees_the_slot(
     assert _wait(lambda: _engine_idle(api))
     before = metric_value(_metrics(api), "steer_engine_step_seconds_count")
     max_tokens = 240  # the context is 256: the request would take 240 engine steps
-    body = {"model": MODEL, "messages": msgs("hi"), "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "safety": {"strength": strength, "compare": True}}
+    body = {
+        "model": MODEL,
+        "messages": msgs("hi"),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "safety": {"strength": strength, "compare": True},
+    }
     with api.http.stream("POST", _CHAT, json=body) as r:
         assert r.status_code == 200
         assert _wait(lambda: api.backend.engine.running > 0), "the request never reached the engine"
@@ -666,3 +807,30 @@ def test_client_disconnect_mid_stream_frees_the_slot(
     t0 = time.monotonic()
     assert_alive(api)
     assert time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------- worker robustness
+
+
+@pytest.fixture()
+def throwaway(tiny_tokenizer, _one_cpu_thread) -> Iterator[Served]:
+    """A server of its own (fresh model copy), for a test that may kill the engine worker."""
+    settings = Settings(served_model_name=MODEL, default_strength=0.0)
+    yield from _serve(settings, make_model("qwen2", len(tiny_tokenizer)), tiny_tokenizer, [])
+
+
+def test_largest_seed_with_n_does_not_kill_the_worker(throwaway: Served) -> None:
+    """The protocol accepts any seed below 2**64; choice i of an n>1 request is seeded with seed + i.
+
+    One request must never take the server down: it is either served or refused with a 400 naming
+    ``seed``, and the server keeps answering afterwards."""
+    client = throwaway.client.with_options(timeout=5)
+    try:
+        r = client.chat.completions.create(
+            model=MODEL, messages=msgs("hi"), max_tokens=MAX_TOKENS, temperature=1.0, n=2, seed=2**64 - 1
+        )
+        assert len(r.choices) == 2
+    except openai.BadRequestError as e:
+        assert e.response.json()["error"]["param"] == "seed"
+    assert httpx.get(f"{throwaway.srv.base_url}/health").status_code == 200
+    assert_alive(throwaway)

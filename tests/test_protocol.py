@@ -281,7 +281,7 @@ def test_resolve_chat_defaults() -> None:
     gen, spec = resolve_chat(chat())
     assert gen.messages == (ChatMessage(role="user", content="hi"),)
     assert gen.prompt is None and gen.n == 1
-    assert gen.sampling == SamplingParams(max_tokens=256, temperature=1.0, top_p=1.0, seed=None, stop=())
+    assert gen.sampling == SamplingParams(max_tokens=None, temperature=1.0, top_p=1.0, seed=None, stop=())
     assert spec == SteeringSpec(strength=1.0, vector="refusal", compare=False)
 
 
@@ -317,9 +317,10 @@ def test_resolve_completion() -> None:
     assert spec.strength == 0.5
 
 
-def test_default_max_tokens_is_capped_by_model_len() -> None:
+def test_omitted_max_tokens_is_left_to_the_backend() -> None:
+    # the backend knows the prompt length: it fills in the rest of the context, as vLLM does
     gen, _ = resolve_chat(chat(), Settings(max_model_len=100))
-    assert gen.sampling.max_tokens == 100
+    assert gen.sampling.max_tokens is None
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -102,7 +102,7 @@ class TransformersBackend:
             try:
                 ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
             except Exception as e:  # template errors are the client's (e.g. role order)
-                raise APIError(400, f"messages cannot be rendered with the chat template: {e}", param="messages")
+                raise APIError(400, f"messages cannot be rendered with the chat template: {e}", param="messages") from None
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
             param = "messages"
         else:
@@ -113,7 +113,9 @@ class TransformersBackend:
         budget = self.max_model_len - len(ids)
         if budget <= 0:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the context is {self.max_model_len}", param=param)
-        if inp.sampling.max_tokens > budget:
+        if inp.sampling.max_tokens is None:  # omitted: the rest of the context, as vLLM does
+            inp = replace(inp, sampling=replace(inp.sampling, max_tokens=budget))
+        elif inp.sampling.max_tokens > budget:
             raise APIError(
                 400,
                 f"max_tokens={inp.sampling.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
@@ -190,13 +192,25 @@ class TransformersBackend:
                 for sid in item[1]:
                     self.engine.cancel(sid)
             else:
-                for _, _, seq in item.rows:
-                    self._jobs[seq.id] = item
-                    self.engine.add(seq)
+                self._admit(item)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _admit(self, job: _Job) -> None:
+        """Hand a job's rows to the engine; a job that cannot be admitted fails alone."""
+        try:
+            for _, _, seq in job.rows:
+                self.engine.add(seq)
+        except Exception as e:
+            log.exception("could not admit a request")
+            for _, _, seq in job.rows:
+                self.engine.cancel(seq.id)
+            job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            return
+        for _, _, seq in job.rows:
+            self._jobs[seq.id] = job
 
     def _deliver(self, ev: Event) -> None:
         job = self._jobs.get(ev.seq_id)
@@ -234,9 +248,7 @@ def _row_sampling(p, i: int):
     """n > 1 with a seed: each choice gets its own derived seed so choices differ but stay reproducible."""
     if p.seed is None or i == 0:
         return p
-    from dataclasses import replace
-
-    return replace(p, seed=p.seed + i)
+    return replace(p, seed=(p.seed + i) % 2**64)  # torch seeds are unsigned 64-bit
 
 
 def _model_name(settings: Settings) -> str:
