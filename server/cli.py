@@ -16,12 +16,13 @@ def _cmd_serve(ns: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import StartupError, create_app
+    from server.backends import UnknownBackend
     from server.settings import SettingsError, settings_from_args
 
     try:
         settings = settings_from_args(ns)
         app = create_app(settings)
-    except (SettingsError, StartupError) as e:
+    except (SettingsError, StartupError, UnknownBackend) as e:
         raise CLIError(str(e)) from None
     print(f"steer: serving {app.state.backend.model_name} on http://{settings.host}:{settings.port}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

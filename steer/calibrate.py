@@ -1,17 +1,23 @@
 """``steer extract``: fit a gated refusal-direction vector, choose its layers and calibrate strength 1.0.
 
-Protocol (every choice is validated on sources other than the one it was fitted on):
+Protocol (every choice is validated on a source other than the ones it was fitted on):
 
-- **fit** the directions on ablate-llm's style-matched harmful/harmless pairs (40 + 40);
-- **choose** the gate layer and threshold, and the coefficient that strength 1.0 stands for, on a dev
-  split: 40 HarmBench prompts (harmful) against 40 HumanEval instructions plus the project's own 40
-  hard negatives (benign); the threshold sits above every benign dev prompt;
-- **never touch** the test split: the other 160 HarmBench prompts and all 50 aplomb benign prompts
-  (20 XSTest-style hard negatives), which ``bench/safety_eval.py`` reports on.
+- **steering direction**: the refusal direction, difference of mean last-position residuals on
+  ablate-llm's style-matched harmful/harmless pairs (40 + 40);
+- **gate**: a source-balanced logistic-regression probe on the end-of-user-turn residual, fitted on
+  several harmful styles (ablate-llm, 200 Do-Not-Answer, 100 + 100 past/future-tense rephrasings)
+  against several benign ones (ablate-llm harmless, 40 HumanEval instructions, 20 of the project's
+  hard negatives). A mean-difference gate, or one fitted with HarmBench in it, learns one prompt
+  style and misses the others (measured in bench/RESULTS.md);
+- **choices** (gate layer, probe L2, threshold, and the coefficient strength 1.0 stands for) are made
+  on a dev split from sources the gate never saw in fitting: 40 HarmBench prompts against 40 other
+  HumanEval instructions and the other 20 hard negatives. The rule: the most dev-harmful refusal whose
+  dev-benign refusal is no higher than the vanilla model's;
+- **never touched**: the other 160 HarmBench prompts and all 50 aplomb benign prompts (20 XSTest-style
+  hard negatives), which ``bench/safety_eval.py`` reports on.
 
-Refusal directions are read at the last prompt position (input of each layer); the gate reads the
-end-of-user-turn position (-5 in ChatML), where harmfulness of the request separates far better
-than at the last position (which encodes the model's own refusal decision).
+The gate reads the end-of-user-turn position (-5 in ChatML): harmfulness of the request separates far
+better there than at the last position, which encodes the model's own (fine-tune-eroded) decision.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from tqdm import tqdm
 
 from steer import data
 from steer.engine import Engine, Sequence
-from steer.extract import best_threshold, chat_prompt_ids, cosine_scores
+from steer.extract import best_threshold, chat_prompt_ids, fit_linear_probe, linear_scores
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
@@ -37,6 +43,9 @@ from steer.vectors import SafetyVector
 GATE_POSITION = -5  # ChatML: <|im_end|> of the user turn, before "\n<|im_start|>assistant\n"
 COEF_GRID = (1.0, 2.0, 3.0, 4.0, 6.0)
 BENIGN_DEV = ("dev_code", "dev_hard_negatives")
+GATE_HARMFUL = ("fit_harmful", "gate_donotanswer", "gate_past_tense", "gate_future_tense")
+GATE_BENIGN = ("fit_harmless", "gate_code", "gate_hard_negatives")
+PROBE_L2 = (0.03, 0.1, 0.3)
 MAX_BENIGN_FIRES = 6
 SPLIT_SEED = 0
 N_DEV_HARMFUL = 40
@@ -64,15 +73,24 @@ def hard_negatives() -> data.PromptSet:
 
 
 def splits(seed: int = SPLIT_SEED) -> dict[str, data.PromptSet]:
-    """The named splits used by extraction (fit/dev) and by the safety benchmark (test)."""
+    """The named splits used by extraction (fit/gate/dev) and by the safety benchmark (test)."""
     hb_dev, hb_test = data.load("harmbench").split(n_first=N_DEV_HARMFUL, seed=seed)
-    he_dev, _ = data.load("humaneval").split(n_first=N_DEV_CODE, seed=seed)
+    he_fit, he_rest = data.load("humaneval").split(n_first=N_DEV_CODE, seed=seed)
+    hn_fit, hn_dev = hard_negatives().split(n_first=20, seed=seed)
+    dna_fit, _ = data.load("donotanswer").split(n_first=200, seed=seed)
+    past_fit, _ = data.load("past_tense").split(n_first=100, seed=seed)
+    future_fit, _ = data.load("future_tense").split(n_first=100, seed=seed)
     return {
         "fit_harmful": data.load("ablate_harmful"),
         "fit_harmless": data.load("ablate_harmless"),
+        "gate_donotanswer": dna_fit,
+        "gate_past_tense": past_fit,
+        "gate_future_tense": future_fit,
+        "gate_code": he_fit,
+        "gate_hard_negatives": hn_fit,
         "dev_harmful": hb_dev,
-        "dev_code": he_dev,
-        "dev_hard_negatives": hard_negatives(),
+        "dev_code": he_rest.take(N_DEV_CODE),
+        "dev_hard_negatives": hn_dev,
         "test_harmful": hb_test,
         "test_benign": data.load("aplomb_benign"),
     }
@@ -116,18 +134,21 @@ def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength
 
 
 def _gate_candidates(R: dict, layers: list[int]) -> list[dict]:
-    """For each gate layer and each number k of benign dev prompts allowed through (0..MAX_BENIGN_FIRES),
-    the threshold and which dev rows it lets through."""
+    """Linear-probe gates per (layer, L2) fitted on the gate sets, and for each number k of benign dev
+    prompts allowed through (0..MAX_BENIGN_FIRES), the threshold and which dev rows it lets through."""
     out = []
     for ly in layers:
-        h, b = R["fit_harmful"][:, 1, ly], R["fit_harmless"][:, 1, ly]
-        g, c = h.mean(0) - b.mean(0), (h.mean(0) + b.mean(0)) / 2
-        pos = cosine_scores(R["dev_harmful"][:, 1, ly], g, c)
-        neg = torch.cat([cosine_scores(R[k][:, 1, ly], g, c) for k in BENIGN_DEV])
-        for k in range(MAX_BENIGN_FIRES + 1):
-            thr, _ = best_threshold(pos, neg, max_fpr=k / len(neg))
-            out.append({"layer": ly, "threshold": thr, "fires_harmful": pos > thr, "fires_benign": neg > thr,
-                        "tensors": {"gate.direction": g / g.norm(), "gate.center": c}})
+        harm = [R[k][:, 1, ly] for k in GATE_HARMFUL]
+        ben = [R[k][:, 1, ly] for k in GATE_BENIGN]
+        for l2 in PROBE_L2:
+            direction, center = fit_linear_probe(harm, ben, l2=l2)
+            pos = linear_scores(R["dev_harmful"][:, 1, ly], direction, center)
+            neg = torch.cat([linear_scores(R[k][:, 1, ly], direction, center) for k in BENIGN_DEV])
+            for k in range(MAX_BENIGN_FIRES + 1):
+                thr, _ = best_threshold(pos, neg, max_fpr=k / len(neg))
+                out.append({"layer": ly, "l2": l2, "threshold": thr, "fires_harmful": pos > thr,
+                            "fires_benign": neg > thr,
+                            "tensors": {"gate.direction": direction, "gate.center": center}})
     return out
 
 
@@ -155,7 +176,7 @@ def _search(model, tok, sets, R, dirs, steer_layers, fp, name, gate_layers) -> t
         for coef, st in steered.items():
             ref = torch.where(fires, st, van_ref)
             hr, br = float(ref[:nh].float().mean()), float(ref[nh:].sum()) / len(benign)
-            row = {"gate_layer": c["layer"], "threshold": round(c["threshold"], 4), "coefficient": coef,
+            row = {"gate_layer": c["layer"], "l2": c["l2"], "threshold": round(c["threshold"], 4), "coefficient": coef,
                    "dev_harmful_refusal": hr, "dev_benign_refusal": br,
                    "benign_gate_fires": int(c["fires_benign"].sum())}
             log.append(row)
@@ -182,7 +203,8 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     gate_layers = [cfg.gate_layer] if cfg.gate_layer is not None else list(range(n_layers // 4, min(steer_layers) + 1))
     fp = fingerprint(model)
     cand, coef, search = _search(model, tok, sets, R, dirs, steer_layers, fp, cfg.name, gate_layers)
-    gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION}
+    gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION, "metric": "linear",
+            "probe_l2": cand["l2"]}
     config = {
         "coefficient": coef, "gate": gate, "mode": "add",
         "strength_semantics": "strength s adds s * coefficient * raw mean difference at each steered layer, "

@@ -69,3 +69,43 @@ def best_threshold(pos: torch.Tensor, neg: torch.Tensor, *, max_fpr: float = 0.0
     above = pos[pos > edge]
     thr = (edge + float(above.min())) / 2 if len(above) else edge
     return thr, float((pos > thr).float().mean())
+
+
+def fit_linear_probe(
+    harmful: list[torch.Tensor], benign: list[torch.Tensor], *, l2: float = 0.1, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source-balanced, L2-regularised logistic regression on (N_i, d) activation groups.
+
+    Each group (one prompt source) carries equal total weight, so no single source's style dominates
+    the probe. Features are standardised while fitting; the result is folded back into raw-activation
+    space as ``(direction, center)`` with ``logit = (x - center) @ direction`` (the bias is folded
+    into the center along the direction).
+    """
+    groups = [(x, 1.0) for x in harmful] + [(x, 0.0) for x in benign]
+    X = torch.cat([x for x, _ in groups]).double().clone()  # clone: inputs may be inference tensors
+    y = torch.cat([torch.full((len(x),), lab, dtype=torch.float64) for x, lab in groups])
+    w = torch.cat([torch.full((len(x),), 1.0 / len(x), dtype=torch.float64) for x, _ in groups])
+    w = w / w.sum()
+    mu, sd = X.mean(0), X.std(0) + 1e-2
+    Z = (X - mu) / sd
+    coef = torch.zeros(Z.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([coef, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(Z @ coef + bias, y, reduction="none") * w).sum()
+        loss = loss + l2 * coef.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    direction = (coef.detach() / sd)  # logit = (x - mu) @ direction + bias
+    center = mu - bias.detach() * direction / direction.pow(2).sum()
+    return direction.float(), center.float()
+
+
+def linear_scores(x: torch.Tensor, direction: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(N, d) -> (N,) probe logits (same formula the runtime gate uses with metric "linear")."""
+    return (x - center) @ direction

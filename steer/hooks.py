@@ -46,9 +46,9 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
 class ActivationSteerer:
     """Adds ``strength * coefficient * gate * r_l`` to the residual stream at the input of layer l.
 
-    The gate (optional) is a hard threshold on the cosine between the prompt's residual at
-    ``gate_position`` (an offset from the prompt's end; -5 is the end-of-user-turn token of a ChatML
-    prompt) minus a center, and a gate direction at ``gate_layer``; it is computed once per row at
+    The gate (optional) is a hard threshold on a score of the prompt's residual at ``gate_position``
+    (an offset from the prompt's end; -5 is the end-of-user-turn token of a ChatML prompt) at
+    ``gate_layer``: a linear probe's logit, or a cosine with a gate direction; it is computed once per row at
     prefill and then held for all the row's decode steps, so benign prompts are left exactly vanilla.
     """
 
@@ -67,6 +67,9 @@ class ActivationSteerer:
             self.gate_layer = int(gate["layer"])
             self.gate_threshold = float(gate["threshold"])
             self.gate_position = int(gate.get("position", -1))  # offset from the prompt's end
+            self.gate_metric = gate.get("metric", "cosine")
+            if self.gate_metric not in ("cosine", "linear"):
+                raise VectorError(f"vector {vector.name!r}: unknown gate metric {self.gate_metric!r}")
             self.gate_direction = vector.tensors["gate.direction"].float()
             self.gate_center = vector.tensors["gate.center"].float()
             if self.gate_layer > min(self.directions):
@@ -75,10 +78,12 @@ class ActivationSteerer:
     def layers(self) -> set[int]:
         return set(self.directions) | ({self.gate_layer} if self.gate_layer is not None else set())
 
-    def gate_scores(self, h_last: torch.Tensor) -> torch.Tensor:
-        """(B, d) last-position residuals -> (B,) cosine with the gate direction."""
-        x = h_last.float() - self.gate_center
-        return (x @ self.gate_direction) / x.norm(dim=-1).clamp_min(1e-6)
+    def gate_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, d) residuals at the gate position -> (B,) scores: a linear probe's logit (``linear``) or
+        the cosine with the gate direction (``cosine``), both after subtracting the center."""
+        x = h.float() - self.gate_center
+        s = x @ self.gate_direction
+        return s if self.gate_metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
     def make_hook(self, layer: int, rows: RowSteering) -> Callable:
         r = self.directions.get(layer)

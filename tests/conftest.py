@@ -62,7 +62,8 @@ def tiny_qwen(tiny_tokenizer):
     return make_model("qwen2", len(tiny_tokenizer))
 
 
-def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=None, seed=1) -> SafetyVector:
+def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=None, seed=1,
+                metric="cosine") -> SafetyVector:
     """A random activation vector for ``model``; ``gate`` = (layer, threshold) or None."""
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
@@ -72,5 +73,5 @@ def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=N
         direction = torch.randn(d, generator=g)
         tensors["gate.direction"] = direction / direction.norm()
         tensors["gate.center"] = torch.zeros(d)
-        config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1}
+        config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1, "metric": metric}
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})

@@ -85,13 +85,18 @@ def test_mixed_batch_rows_are_independent(tiny_model):
     assert not torch.allclose(together[2], tiny_model(input_ids=ids[2:3]).logits[0])
 
 
-def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen):
+@pytest.mark.parametrize("metric", ["cosine", "linear"])
+def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen, metric):
     ids = _ids(6, seed=5)
     plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
-    probe = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, 0.0))]).steerers["refusal"]
-    scores = probe.gate_scores(plain.hidden_states[1][:, -1])  # input of gate layer 1, last position
+    probe = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, 0.0), metric=metric)]).steerers["refusal"]
+    h = plain.hidden_states[1][:, -1]  # input of gate layer 1, last position
+    scores = probe.gate_scores(h)
+    direction = probe.gate_direction
+    expected = h @ direction if metric == "linear" else (h @ direction) / h.norm(dim=-1)  # center is 0
+    torch.testing.assert_close(scores, expected)
     thr = float(scores.median())
-    rt = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, thr))])
+    rt = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, thr), metric=metric)])
     with rt:
         steered = _forward(tiny_qwen, rt, ids, [2.0] * 6).logits
         fired = rt.rows.gate_out["refusal"]

@@ -10,6 +10,7 @@ from conftest import make_model, make_vector
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from steer import data
+from steer.extract import fit_linear_probe, linear_scores
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import ModelError, architecture, fingerprint, load_model
@@ -95,3 +96,17 @@ def test_data_sets_load_with_provenance():
 )
 def test_refusal_judge(text, refused):
     assert is_refusal(text) is refused
+
+
+def test_linear_probe_separates_sources_and_folds_bias_into_center():
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    shift = torch.zeros(d)
+    shift[3] = 4.0
+    harmful = [torch.randn(50, d, generator=g) + shift, torch.randn(30, d, generator=g) + shift + 1.0]
+    benign = [torch.randn(80, d, generator=g) - shift]
+    direction, center = fit_linear_probe(harmful, benign, l2=0.01)
+    pos = linear_scores(torch.cat(harmful), direction, center)
+    neg = linear_scores(torch.cat(benign), direction, center)
+    assert (pos > 0).float().mean() > 0.95 and (neg < 0).float().mean() > 0.95
+    assert direction.abs().argmax() == 3  # the probe found the separating feature

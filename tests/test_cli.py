@@ -1,0 +1,56 @@
+"""The console script: user mistakes are one line on stderr and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model
+
+
+def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("tiny")
+    make_model("qwen2", len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--model", "/nonexistent/model"], "not a Hugging Face checkpoint directory"),
+        (["serve", "--backend", "vllm"], "backend 'vllm' is not available"),
+        (["serve", "--min-strength", "3", "--default-strength", "1"], "min_strength <= default_strength"),
+        (["serve", "--max-strength", "nan"], "max_strength"),
+        (["serve", "--vectors", "/nonexistent/vectors", "--model", "{tiny}"], "vector directory"),
+        (["serve", "--model", "{tiny}"], "no safety vectors are loaded"),
+    ],
+)
+def test_user_errors_are_one_line(args, message, tiny_dir):
+    proc = _steer(*[a.replace("{tiny}", str(tiny_dir)) for a in args])
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("steer: error: ") and message in lines[-1], proc.stderr
+
+
+def test_env_var_feeds_settings(tiny_dir):
+    env = dict(os.environ, STEER_MIN_STRENGTH="2", STEER_DEFAULT_STRENGTH="1")
+    proc = _steer("serve", "--model", str(tiny_dir), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "got 2 <= 1 <= 4" in proc.stderr  # the env values reached the settings
+
+
+def test_help_lists_every_serve_flag():
+    out = _steer("serve", "--help").stdout
+    for flag in ("--model", "--vectors", "--backend", "--host", "--port", "--default-strength", "--min-strength",
+                 "--max-strength", "--api-key"):
+        assert flag in out
