@@ -21,7 +21,7 @@ import torch
 from steer.calibrate import generate_texts, splits
 from steer.demo import ensure_demo_model
 from steer.judge import is_refusal
-from steer.models import load_model
+from steer.models import fingerprint, load_model
 from steer.vectors import SafetyVector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strengths", default="0,1,2")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "safety_eval.json"))
+    ap.add_argument("--ungated", action="store_true", help="drop the gate: unconditional addition (the baseline)")
+    ap.add_argument("--out", default=None, help="default bench/results/safety_eval[_ungated].json")
     ns = ap.parse_args(argv)
+    out = Path(ns.out or ROOT / "bench" / "results" / f"safety_eval{'_ungated' if ns.ungated else ''}.json")
     torch.set_num_threads(2)
     model, tok = load_model(ensure_demo_model())
     vec = SafetyVector.load(ns.vector)
-    vec.check_model(__import__("steer.models", fromlist=["fingerprint"]).fingerprint(model))
+    if ns.ungated:
+        vec.config = {k: v for k, v in vec.config.items() if k != "gate"}
+    vec.check_model(fingerprint(model))
     sp = splits()
     sets = {"harmful (HarmBench test)": sp["test_harmful"].take(ns.limit),
             "benign (aplomb, all)": sp["test_benign"].take(ns.limit)}
     hard = set(sp["test_benign"].prompts[30:])  # aplomb lists its 20 hard negatives last
-    results = {"vector": vec.name, "config": vec.config, "max_tokens": ns.max_tokens, "runs": []}
+    results = {"vector": vec.name, "config": vec.config, "ungated": ns.ungated, "max_tokens": ns.max_tokens,
+               "command": "python bench/safety_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "runs": []}
     for s in [float(x) for x in ns.strengths.split(",")]:
         for label, ps in sets.items():
             t0 = time.time()
@@ -70,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 "items": [{"prompt": p, "answer": t, "refused": r, "gate": g}
                           for p, t, r, g in zip(ps.prompts, texts, refused, gates, strict=True)],
             })
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(results, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
     return 0
 

@@ -161,7 +161,7 @@ class Engine:
             b.mask = torch.cat([b.mask, torch.ones((len(b.seqs), 1), dtype=b.mask.dtype)], dim=1)
         # position of each new token = number of real tokens before it in its row
         pos = (b.mask.cumsum(dim=1) - 1).clamp_min(0)[:, -ids.shape[1] :]
-        self._set_steering(b.seqs, prefill)
+        self._set_steering(b.seqs, prefill, b.mask.sum(dim=1) if prefill else None)
         out = self.model(
             input_ids=ids, attention_mask=b.mask, position_ids=pos, past_key_values=b.cache, use_cache=True
         )
@@ -171,11 +171,11 @@ class Engine:
                     s.gate[name] = v
         return out.logits[:, -1, :].float()
 
-    def _set_steering(self, seqs: list[Sequence], prefill: bool) -> None:
+    def _set_steering(self, seqs: list[Sequence], prefill: bool, prompt_lens: torch.Tensor | None) -> None:
         if self.runtime is None:
             return
         rows = self.runtime.rows
-        rows.reset(prefill=prefill)
+        rows.reset(prefill=prefill, prompt_lens=prompt_lens)
         for name in self.runtime.steerers:
             s = torch.tensor([q.strength if q.vector == name else 0.0 for q in seqs])
             if bool(s.any()):

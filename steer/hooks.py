@@ -26,9 +26,11 @@ class RowSteering:
         self.gate: dict[str, torch.Tensor] = {}  # decode: per-row gate from prefill
         self.prefill = False  # prefill passes compute gates at the last position
         self.gate_out: dict[str, torch.Tensor] = {}  # prefill: gates computed in this pass
+        self.prompt_lens: torch.Tensor | None = None  # prefill: real (unpadded) prompt length per row
 
-    def reset(self, *, prefill: bool) -> None:
+    def reset(self, *, prefill: bool, prompt_lens: torch.Tensor | None = None) -> None:
         self.strength, self.gate, self.gate_out, self.prefill = {}, {}, {}, prefill
+        self.prompt_lens = prompt_lens
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -95,8 +97,8 @@ class ActivationSteerer:
                 return None
             h = _hidden_arg(args, kwargs)  # (B, T, d)
             if layer == self.gate_layer and rows.prefill:
-                pos = max(self.gate_position, -h.shape[1])
-                rows.gate_out[self.name] = (self.gate_scores(h[:, pos, :]) > self.gate_threshold).float()
+                rows.gate_out[self.name] = (self.gate_scores(_gate_rows(h, self.gate_position, rows)) >
+                                            self.gate_threshold).float()
             if r is None:
                 return None
             k = s.float()
@@ -106,6 +108,15 @@ class ActivationSteerer:
             return _replace_hidden(args, kwargs, h + k[:, None, None] * r)
 
         return hook
+
+
+def _gate_rows(h: torch.Tensor, offset: int, rows: RowSteering) -> torch.Tensor:
+    """(B, T, d) left-padded prefill residuals -> (B, d) at ``offset`` from each row's end, clamped to
+    the row's first real token so a prompt shorter than the offset never reads padding."""
+    B, T, _ = h.shape
+    lens = rows.prompt_lens if rows.prompt_lens is not None else torch.full((B,), T)
+    idx = T + torch.maximum(torch.full((B,), offset), -lens)
+    return h[torch.arange(B), idx]
 
 
 class SteeringRuntime:

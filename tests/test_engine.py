@@ -106,3 +106,16 @@ def test_cancel_frees_the_slot(tiny_qwen, tiny_tokenizer):
         steps += 1
     assert long.finish_reason == "cancelled" and len(long.generated) < 200
     assert short.finish_reason == "length" and steps < 10
+
+
+def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_tokenizer):
+    """A short prompt batched with a long one is gated exactly as when it runs alone."""
+    vec = make_vector(tiny_qwen, gate=(1, 0.0))
+    vec.config["gate"]["position"] = -3
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    prompts = [[7, 8], list(range(10, 40)), [50, 51, 52, 53]]
+    with rt:
+        together = _run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0) for p in prompts])
+        alone = [_run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0)])[0] for p in prompts]
+    assert [s.gate for s in together] == [s.gate for s in alone]
+    assert [s.generated for s in together] == [s.generated for s in alone]

@@ -117,3 +117,13 @@ def test_gate_after_steered_layer_is_refused(tiny_qwen):
     vec = make_vector(tiny_qwen, layers=(1,), gate=(2, 0.0))
     with pytest.raises(VectorError, match="gate layer"):
         SteeringRuntime(tiny_qwen, [vec])
+
+
+def test_gate_position_is_clamped_to_each_rows_prompt():
+    from steer.hooks import RowSteering, _gate_rows
+
+    h = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1)  # value = row * 6 + column
+    rows = RowSteering()
+    rows.reset(prefill=True, prompt_lens=torch.tensor([2, 6]))  # row 0 is left-padded by 4
+    picked = _gate_rows(h, -5, rows)[:, 0]
+    assert picked.tolist() == [4.0, 7.0]  # row 0: its first real token (col 4); row 1: col 1
