@@ -63,7 +63,7 @@ async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int
     t0 = time.perf_counter()
     ttft = None
     stream = await client.chat.completions.create(
-        model=None or "qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": prompt}],
+        model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
         extra_body={"safety": {"strength": strength}, "ignore_eos": True},
     )
@@ -77,65 +77,68 @@ async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int
 
 
 async def load(port: int, strengths: list[float], max_tokens: int) -> dict:
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
-    t0 = time.perf_counter()
-    outs = await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)], s, max_tokens)
-                                  for i, s in enumerate(strengths)])
-    wall = time.perf_counter() - t0
+    async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600) as client:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)], s, max_tokens)
+                                      for i, s in enumerate(strengths)])
+        wall = time.perf_counter() - t0
     tokens = sum(t for t, _ in outs)
     return {"tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall,
             "ttft_median": statistics.median(x for _, x in outs)}
 
 
-def run_modes(port: int, modes: dict[str, list[float]], repeats: int, max_tokens: int) -> dict[str, list[dict]]:
-    asyncio.run(load(port, [0.0] * 2, 8))  # warm-up
-    results: dict[str, list[dict]] = {m: [] for m in modes}
-    for _ in range(repeats):
-        for name, strengths in modes.items():
-            results[name].append(asyncio.run(load(port, strengths, max_tokens)))
-            print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--port", type=int, default=8123, help="steering server; the vanilla one uses port+1")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     ns = ap.parse_args(argv)
     c = ns.concurrency
     distinct = [round(0.25 * (i + 1), 2) for i in range(c)]  # 0.25 .. 2.0 for c = 8
-    results = {}
-    print("server with shipped vectors", flush=True)
-    srv = start_server(ns.port, [])
-    try:
-        results.update(run_modes(ns.port, {"off": [0.0] * c, f"{c}-strengths": distinct}, ns.repeats, ns.max_tokens))
-    finally:
-        srv.terminate()
-        srv.wait()
-    print("vanilla server (no vectors)", flush=True)
+    k_name = f"{c}-strengths"
     with tempfile.TemporaryDirectory() as empty:
-        srv = start_server(ns.port, ["--vectors", empty, "--default-strength", "0"])
+        # both servers stay up for the whole run so modes can be interleaved (an idle server uses no CPU)
+        servers = [start_server(ns.port, []),
+                   start_server(ns.port + 1, ["--vectors", empty, "--default-strength", "0"])]
         try:
-            results.update(run_modes(ns.port, {"vanilla": [0.0] * c}, ns.repeats, ns.max_tokens))
+            modes = {"vanilla": (ns.port + 1, [0.0] * c), "off": (ns.port, [0.0] * c), k_name: (ns.port, distinct)}
+            for port, _ in modes.values():
+                asyncio.run(load(port, [0.0] * 2, 8))  # warm-up
+            results: dict[str, list[dict]] = {m: [] for m in modes}
+            names = list(modes)
+            for rep in range(ns.repeats):
+                for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order
+                    port, strengths = modes[name]
+                    results[name].append(asyncio.run(load(port, strengths, ns.max_tokens)))
+                    print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
         finally:
-            srv.terminate()
-            srv.wait()
+            for srv in servers:
+                srv.terminate()
+                srv.wait()
     med = {m: statistics.median(r["tok_per_s"] for r in runs) for m, runs in results.items()}
+    ttft = {m: statistics.median(r["ttft_median"] for r in runs) for m, runs in results.items()}
     summary = {
+        "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "concurrency": c, "max_tokens": ns.max_tokens, "repeats": ns.repeats, "strengths": distinct,
-        "median_tok_per_s": med,
-        "ratio_steered_to_off": med[f"{c}-strengths"] / med["off"],
-        "ratio_steered_to_vanilla": med[f"{c}-strengths"] / med["vanilla"],
-        "runs": results, "cpu_threads": os.cpu_count(),
+        "median_tok_per_s": med, "median_ttft_s": ttft,
+        "ratio_steered_to_off": med[k_name] / med["off"],
+        "ratio_steered_to_vanilla": med[k_name] / med["vanilla"],
+        # paired: each repeat's modes ran back to back, so their ratio cancels slow drift of the machine
+        "paired_ratio_steered_to_vanilla": statistics.median(
+            a["tok_per_s"] / b["tok_per_s"] for a, b in zip(results[k_name], results["vanilla"], strict=True)),
+        "paired_ratio_steered_to_off": statistics.median(
+            a["tok_per_s"] / b["tok_per_s"] for a, b in zip(results[k_name], results["off"], strict=True)),
+        "runs": results, "cpu_count": os.cpu_count(),
     }
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print("| mode | median tok/s | ratio to off | ratio to vanilla |\n|---|---|---|---|")
+    print("| mode | median tok/s | median TTFT s | ratio to vanilla |\n|---|---|---|---|")
     for m, v in med.items():
-        print(f"| {m} | {v:.1f} | {v / med['off']:.3f} | {v / med['vanilla']:.3f} |")
+        print(f"| {m} | {v:.1f} | {ttft[m]:.2f} | {v / med['vanilla']:.3f} |")
+    print(f"paired median ratio {k_name}/vanilla: {summary['paired_ratio_steered_to_vanilla']:.3f}, "
+          f"{k_name}/off: {summary['paired_ratio_steered_to_off']:.3f}")
     return 0
 
 
