@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from steer import data
-from steer.calibrate import GATE_POSITION, residuals_at, splits
+from steer.calibrate import GATE_POSITION, splits
 from steer.demo import ensure_demo_model
-from steer.extract import cosine_scores, fit_linear_probe, linear_scores
+from steer.extract import cosine_scores, fit_linear_probe, linear_scores, residuals
 from steer.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     sets = {**sp, **held}
     ly = ns.layer
-    X = {k: residuals_at(model, tok, s.prompts, (GATE_POSITION,), desc=k)[:, 0, ly] for k, s in sets.items()}
+    X = {k: residuals(model, tok, s.prompts, (GATE_POSITION,), desc=k)[:, 0, ly] for k, s in sets.items()}
     report = {"meandiff-ablate": _meandiff(X, ["fit_harmful"], ["fit_harmless"])}
     report["meandiff-ablate+harmbench"] = _meandiff(X, ["fit_harmful", "dev_harmful"],
                                                     ["fit_harmless", "gate_hard_negatives"])

@@ -22,6 +22,7 @@ better there than at the last position, which encodes the model's own (fine-tune
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from dataclasses import dataclass
@@ -33,7 +34,14 @@ from tqdm import tqdm
 
 from steer import data
 from steer.engine import Engine, Sequence
-from steer.extract import best_threshold, chat_prompt_ids, fit_linear_probe, linear_scores
+from steer.extract import (
+    best_threshold,
+    chat_prompt_ids,
+    fit_linear_probe,
+    linear_scores,
+    mean_difference,
+    residuals,
+)
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
@@ -66,8 +74,6 @@ class ExtractConfig:
 def hard_negatives() -> data.PromptSet:
     text = resources.files("steer").joinpath("_data/hard_negatives.txt").read_text()
     prompts = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
-    import hashlib
-
     return data.PromptSet("hard_negatives", "benign", prompts, "steer:_data/hard_negatives.txt",
                           hashlib.sha256(text.encode()).hexdigest())
 
@@ -94,26 +100,6 @@ def splits(seed: int = SPLIT_SEED) -> dict[str, data.PromptSet]:
         "test_harmful": hb_test,
         "test_benign": data.load("aplomb_benign"),
     }
-
-
-@torch.inference_mode()
-def residuals_at(model, tok, prompts, positions: tuple[int, ...], desc: str, batch_size: int = 8) -> torch.Tensor:
-    """(N, P, L, d) float32 residuals at the input of every layer, at offsets from the prompt end."""
-    n_layers = len(decoder_layers(model))
-    ids_list = [chat_prompt_ids(tok, p) for p in prompts]
-    out = []
-    for i in tqdm(range(0, len(ids_list), batch_size), desc=desc, unit="batch"):
-        chunk = ids_list[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, x in enumerate(chunk):
-            ids[j, width - len(x) :], mask[j, width - len(x) :] = torch.tensor(x), 1
-        hs = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                   output_hidden_states=True).hidden_states
-        out.append(torch.stack([torch.stack([hs[ly][:, p].float() for ly in range(n_layers)], 1)
-                                for p in positions], 1))
-    return torch.cat(out)
 
 
 def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength: float, max_tokens: int = 32,
@@ -196,9 +182,9 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     n_layers = len(decoder_layers(model))
     all_sets = splits(cfg.seed)
     sets = {k: v.take(cfg.limit) for k, v in all_sets.items() if not k.startswith("test_")}
-    R = {k: residuals_at(model, tok, s.prompts, (-1, GATE_POSITION), desc=k) for k, s in sets.items()}
+    R = {k: residuals(model, tok, s.prompts, (-1, GATE_POSITION), desc=k) for k, s in sets.items()}
     steer_layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else [round(0.55 * n_layers)]
-    dirs = {f"layers.{ly}": R["fit_harmful"][:, 0, ly].mean(0) - R["fit_harmless"][:, 0, ly].mean(0)
+    dirs = {f"layers.{ly}": mean_difference(R["fit_harmful"][:, 0, ly], R["fit_harmless"][:, 0, ly])
             for ly in steer_layers}
     gate_layers = [cfg.gate_layer] if cfg.gate_layer is not None else list(range(n_layers // 4, min(steer_layers) + 1))
     fp = fingerprint(model)

@@ -23,31 +23,33 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[i
 
 
 @torch.inference_mode()
-def last_token_residuals(
-    model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, desc: str | None = "residuals"
+def residuals(
+    model, tokenizer, prompts: Sequence[str], positions: tuple[int, ...] = (-1,), *, batch_size: int = 8,
+    desc: str | None = "residuals",
 ) -> torch.Tensor:
-    """(N, L, d) float32 residual stream at the input of every layer, last prompt position."""
+    """(N, P, L, d) float32 residual stream at the input of every layer, at each offset in
+    ``positions`` from the end of the chat-formatted prompt (-1: last position)."""
     n_layers = len(decoder_layers(model))
-    out = []
     ids_list = [chat_prompt_ids(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
     for i in tqdm(range(0, len(ids_list), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk = ids_list[i : i + batch_size]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, x in enumerate(chunk):
-            ids[j, width - len(x) :] = torch.tensor(x)
-            mask[j, width - len(x) :] = 1
+        for j, x in enumerate(chunk):  # left padding: every row ends at the last column
+            ids[j, width - len(x) :], mask[j, width - len(x) :] = torch.tensor(x), 1
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         hs = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
         # hidden_states[l] is the input of layer l for l < L (hidden_states[0] = embeddings)
-        out.append(torch.stack([hs[ly][:, -1, :].float() for ly in range(n_layers)], dim=1))
+        out.append(torch.stack([torch.stack([hs[ly][:, p].float() for ly in range(n_layers)], 1)
+                                for p in positions], 1))
     return torch.cat(out)
 
 
 def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-    """(N1, L, d), (N2, L, d) -> (L, d) refusal directions."""
+    """(N1, ..., d), (N2, ..., d) -> (..., d) refusal directions."""
     return harmful.mean(0) - harmless.mean(0)
 
 

@@ -10,7 +10,7 @@ from conftest import make_model, make_vector
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from steer import data
-from steer.extract import fit_linear_probe, linear_scores
+from steer.extract import chat_prompt_ids, fit_linear_probe, linear_scores, residuals
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import ModelError, architecture, fingerprint, load_model
@@ -110,3 +110,15 @@ def test_linear_probe_separates_sources_and_folds_bias_into_center():
     neg = linear_scores(torch.cat(benign), direction, center)
     assert (pos > 0).float().mean() > 0.95 and (neg < 0).float().mean() > 0.95
     assert direction.abs().argmax() == 3  # the probe found the separating feature
+
+
+def test_batched_residuals_match_single_prompt_forward(tiny_qwen, tiny_tokenizer):
+    prompts = ["hi", "Write a Python function that adds two numbers, please, quickly.", "How do I build it?"]
+    batched = residuals(tiny_qwen, tiny_tokenizer, prompts, (-1, -3), batch_size=3, desc=None)
+    assert batched.shape == (3, 2, tiny_qwen.config.num_hidden_layers, tiny_qwen.config.hidden_size)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([chat_prompt_ids(tiny_tokenizer, p)])
+        hs = tiny_qwen(input_ids=ids, output_hidden_states=True).hidden_states
+        for j, pos in enumerate((-1, -3)):
+            single = torch.stack([hs[ly][0, pos] for ly in range(tiny_qwen.config.num_hidden_layers)])
+            torch.testing.assert_close(batched[i, j], single, rtol=1e-4, atol=1e-4)
