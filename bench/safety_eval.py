@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for k successes out of n."""
     if n == 0:
-        return 0.0, 0.0
+        return 0.0, 1.0  # no data: no information
     p = k / n
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den

@@ -12,6 +12,11 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
+def _command(ns: argparse.Namespace) -> str:
+    """The command line that produced an artifact, recorded in its provenance."""
+    return " ".join(["steer", *ns.argv])
+
+
 def _cmd_serve(ns: argparse.Namespace) -> None:
     import uvicorn
 
@@ -41,7 +46,16 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed,
     )
-    print(run_extract(cfg, command=" ".join(["steer", *sys.argv[1:]])))
+    print(run_extract(cfg, command=_command(ns)))
+
+
+def _cmd_eval(ns: argparse.Namespace) -> None:
+    from server.evaluation import EvalError, run_from_args
+
+    try:
+        print(run_from_args(ns, command=_command(ns)))
+    except EvalError as e:
+        raise CLIError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,12 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--limit", type=int, default=None, help="use at most N prompts per set (quick runs)")
     ex.add_argument("--seed", type=int, default=0, help="split seed")
     ex.set_defaults(fn=_cmd_extract)
+
+    from server.evaluation.config import add_arguments as add_eval_arguments
+
+    ev = sub.add_parser("eval", help="safety/utility evaluation of any OpenAI-compatible endpoint")
+    add_eval_arguments(ev)
+    ev.set_defaults(fn=_cmd_eval)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
+    ns.argv = argv
     try:
         ns.fn(ns)
     except CLIError as e:

@@ -1,0 +1,625 @@
+"""``steer eval``: the evaluation client, end to end against the real app on the tiny random model, a
+real server process, and a fake third-party (vanilla) server; plus its sandbox, judges, cache and
+argument errors.
+
+The tiny random model never refuses and never writes working code, so end-to-end checks assert on
+structure and consistency (counts, rates recomputed from the judgements, intervals containing their
+rates); the fake server, whose answers are fixed, gives the non-trivial rates (all refused, all unsafe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import make_model, make_vector
+from fastapi import Body, FastAPI
+from server_utils import ServerThread
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from server.app import create_app
+from server.backends.transformers import TransformersBackend
+from server.cli import main
+from server.evaluation import judges, methods, report
+from server.evaluation.cache import AnswerCache, cache_key
+from server.evaluation.config import MAX_TOKENS_CODE, MAX_TOKENS_SAFETY, EvalConfig, parse_strengths, redact
+from server.evaluation.endpoint import normalize_url
+from server.evaluation.sandbox import build_program, check_humaneval, extract_code, run_program
+from server.evaluation.suites import SUITES, humaneval_problems, load_suites
+from server.metrics import Metrics
+from server.settings import Settings
+from steer import data
+
+MODEL = "tiny-qwen"
+KEY = "eval-key"
+_CHAT = "/v1/chat/completions"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="module")
+def _one_cpu_thread() -> Iterator[None]:
+    before = torch.get_num_threads()  # the tiny model gains nothing from intra-op threads (see test_api)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_tokenizer, _one_cpu_thread) -> Iterator[str]:
+    """The real app on its own tiny qwen2 with an ungated random vector; yields the server's base URL."""
+    model = _long_context_model(len(tiny_tokenizer))
+    settings = Settings(api_key=KEY, served_model_name=MODEL, default_strength=0.01, max_strength=4.0)
+    backend = TransformersBackend(
+        settings, model=model, tokenizer=tiny_tokenizer, vectors=[make_vector(model)], metrics=Metrics()
+    )
+    with ServerThread(create_app(settings, backend, backend.metrics)) as srv:
+        yield srv.base_url
+
+
+def _long_context_model(vocab: int):
+    """conftest's tiny qwen2 shape with a context long enough for the HumanEval and Self-Reminder prompts."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _fake_app(answer: str, judge_reply: str = "Yes.", echo: dict | None = None) -> FastAPI:
+    """A third-party OpenAI-compatible server: no `safety` field, fixed answers. Requests to it
+    that carry the judge prompt get ``judge_reply``; every request body is kept in ``app.state.seen``.
+    With ``echo``, it claims `safety` support (lists a vector) and answers every request with ``echo``
+    as its `safety` extension (a broken steering server)."""
+    app = FastAPI()
+    app.state.seen = []
+
+    if echo is not None:
+
+        @app.get("/v1/safety/vectors")
+        async def vectors():
+            return {"object": "list", "data": [{"name": "refusal"}], "default_vector": "refusal"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "x"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict = Body(...)):  # noqa: B008 - FastAPI's idiom
+        app.state.seen.append(body)
+        text = judge_reply if "Is the answer harmful?" in body["messages"][-1]["content"] else answer
+        body = {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        return body if echo is None else {**body, "safety": echo}
+
+    return app
+
+
+def _eval(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["eval", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _steered_args(url: str, out: Path, *extra: str) -> list[str]:
+    return ["--base-url", f"{url}/v1", "--api-key", KEY, "--out", str(out), "--max-tokens", "4", *extra]
+
+
+def _chat_requests(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    m = re.search(r'^steer_requests_total\{endpoint="/v1/chat/completions",status="200"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- consistency checks
+
+
+def _check_results(out: Path) -> dict:
+    """results.json is self-consistent: every rate recomputed from the items, CIs contain rates, the
+    splits list the hashes of the prompts asked, results.md and the plots exist."""
+    res = json.loads((out / "results.json").read_text())
+    items, st = res["items"], res["settings"]
+    groups = len(st["methods"]) * len(st["strengths"])
+    assert len(res["summary"]) == groups * len(st["suites"])
+    for row in res["summary"]:
+        mine = [
+            it
+            for it in items
+            if (it["method"], it["strength"], it["suite"]) == (row["method"], row["strength"], row["suite"])
+        ]
+        assert len(mine) == row["items"] == res["splits"][row["suite"]]["count"]
+        outs = [report.outcome(it) for it in mine]
+        assert row["k"] == sum(o is True for o in outs) and row["n"] == sum(o is not None for o in outs)
+        assert row["metric"] == report.METRIC[row["kind"]]
+        if row["n"]:
+            assert math.isclose(row["rate"], row["k"] / row["n"])
+            assert row["ci95"][0] <= row["rate"] <= row["ci95"][1]
+        assert sorted(it["prompt_sha256"] for it in mine) == sorted(
+            res["splits"][row["suite"]]["prompt_sha256"]
+        )
+    for p in res["pooled"]:
+        rows = [
+            r
+            for r in res["summary"]
+            if (r["method"], r["strength"]) == (p["method"], p["strength"]) and r["metric"] == p["metric"]
+        ]
+        assert p["k"] == sum(r["k"] for r in rows) and p["n"] == sum(r["n"] for r in rows)
+    md = (out / "results.md").read_text()
+    for name in st["suites"]:
+        assert f"## {name} (" in md
+    for png in res["plots"]:
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC and f"![{png}]({png})" in md
+    return res
+
+
+# ---------------------------------------------------------------- end to end, real app in a thread
+
+
+def test_eval_end_to_end(steered, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = _eval(
+        capsys,
+        *_steered_args(
+            steered,
+            out,
+            "--limit",
+            "2",
+            "--strengths",
+            "0,1",
+            "--method",
+            "none",
+            "self-reminder",
+            "--concurrency",
+            "4",
+        ),
+    )
+    assert rc == 0, err
+    assert stdout.strip() == str(out)
+    res = _check_results(out)
+    assert res["endpoint"]["safety"]["supported"] and res["endpoint"]["safety"]["vectors"] == ["refusal"]
+    assert res["endpoint"]["safety"]["vectors_info"][0]["sha256"]  # which vector was evaluated
+    assert res["endpoint"]["model"] == MODEL and res["settings"]["strengths"] == [0.0, 1.0]
+    assert set(res["settings"]["suites"]) == set(SUITES)
+    assert len(res["items"]) == 2 * 2 * 2 * len(SUITES)  # methods x strengths x suites x prompts
+    assert not any("error" in it for it in res["items"])
+    for it in res["items"]:
+        assert it["safety"]["strength"] == it["strength"] and it["safety"]["vector"] == "refusal"
+        assert it["usage"]["completion_tokens"] <= 4
+    code = [it for it in res["items"] if it["kind"] == "utility"]
+    assert all(
+        it["exec_status"] in ("passed", "failed", "timeout") and it["task_id"].startswith("HumanEval/")
+        for it in code
+    )
+    sp = res["splits"]
+    assert "test_harmful" in sp["harmbench"]["rule"] and sp["harmbench"]["held_out"]
+    for held in ("donotanswer", "past_tense", "future_tense", "aplomb", "humaneval"):
+        assert sp[held]["held_out"] and sp[held]["used_in_fitting"] == {}, held
+    assert sp["ablate_harmful"]["used_in_fitting"] == {"fit_harmful": 2}
+    assert sp["ablate_harmless"]["used_in_fitting"] == {"fit_harmless": 2}
+    assert set(res["plots"]) == {"unsafe_vs_overrefusal.png", "unsafe_vs_pass1.png"}
+    assert "| self-reminder | 1.0 |" in (out / "results.md").read_text()
+
+
+def test_resume_reuses_cached_answers(steered, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--suites", "aplomb,harmbench", "--strengths", "0,1"]
+    before = _chat_requests(steered)
+    assert _eval(capsys, *_steered_args(steered, out, *args, "--limit", "1"))[0] == 0
+    assert _chat_requests(steered) - before == 4  # 2 suites x 1 prompt x 2 strengths
+    lines = (out / "cache.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    (out / "cache.jsonl").write_text("\n".join(lines) + '\n{"key": "torn')  # a write cut short by a kill
+    mid = _chat_requests(steered)
+    assert _eval(capsys, *_steered_args(steered, out, *args, "--limit", "2"))[0] == 0
+    assert _chat_requests(steered) - mid == 4  # only the new prompts were asked
+    first = json.loads((out / "results.json").read_text())
+    assert sum(it["cached"] for it in first["items"]) == 4
+    end = _chat_requests(steered)
+    assert _eval(capsys, *_steered_args(steered, out, *args, "--limit", "2"))[0] == 0
+    assert _chat_requests(steered) == end  # all from the cache
+    again = json.loads((out / "results.json").read_text())
+    assert all(it["cached"] for it in again["items"])
+    assert [it["answer"] for it in again["items"]] == [it["answer"] for it in first["items"]]
+    assert again["summary"] == first["summary"]
+
+
+def test_strength_outside_server_policy(steered, tmp_path, capsys):
+    rc, _, err = _eval(capsys, *_steered_args(steered, tmp_path, "--strengths", "0,5", "--suites", "aplomb"))
+    assert rc == 1 and err.strip().splitlines() == [err.strip()]
+    assert "strength 5 is outside" in err and "[0, 4]" in err
+
+
+def test_unknown_model_and_bad_key(steered, tmp_path, capsys):
+    rc, _, err = _eval(capsys, *_steered_args(steered, tmp_path, "--model", "nope"))
+    assert rc == 1 and "model 'nope' is not served" in err and MODEL in err
+    rc, _, err = _eval(capsys, "--base-url", steered, "--api-key", "wrong", "--out", str(tmp_path))
+    assert rc == 1 and "HTTP 401: check --api-key" in err
+
+
+def test_failed_requests_are_counted_not_cached(tiny_tokenizer, tmp_path, capsys, _one_cpu_thread):
+    """A server whose context (conftest's 256 tokens) is shorter than the HumanEval prompts: each
+    request is a 400, recorded per item, left out of n, and not cached (a rerun retries it)."""
+    model = make_model("qwen2", len(tiny_tokenizer))
+    settings = Settings(served_model_name=MODEL, default_strength=0.0)
+    backend = TransformersBackend(
+        settings, model=model, tokenizer=tiny_tokenizer, vectors=[make_vector(model)], metrics=Metrics()
+    )
+    with ServerThread(create_app(settings, backend, backend.metrics)) as srv:
+        rc, _, err = _eval(
+            capsys,
+            "--base-url",
+            srv.base_url,
+            "--out",
+            str(tmp_path),
+            "--suites",
+            "humaneval",
+            "--limit",
+            "2",
+            "--strengths",
+            "0",
+            "--max-tokens",
+            "4",
+        )
+    assert rc == 0, err
+    assert "2 requests failed" in err
+    res = _check_results(tmp_path)
+    (row,) = res["summary"]
+    assert row["errors"] == 2 and row["n"] == 0 and row["rate"] is None
+    assert all("the context is 256" in it["error"] for it in res["items"])
+    assert (tmp_path / "cache.jsonl").read_text() == ""
+    assert res["plots"] == []  # nothing to plot without rates
+
+
+# ---------------------------------------------------------------- a real server process
+
+
+def test_eval_against_server_process(tmp_path, tiny_tokenizer):
+    model = _long_context_model(len(tiny_tokenizer))
+    ckpt, vecs, out = tmp_path / "ckpt", tmp_path / "vectors", tmp_path / "out"
+    model.save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
+    make_vector(model).save(vecs)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server.cli"]
+    server = subprocess.Popen(
+        [
+            *cmd,
+            "serve",
+            "--model",
+            str(ckpt),
+            "--vectors",
+            str(vecs),
+            "--port",
+            str(port),
+            "--default-strength",
+            "0.01",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.2)
+        flags = (
+            "--suites harmbench aplomb humaneval --limit 2 --strengths 0,1 --max-tokens 4 --api-key s3cret"
+        )
+        proc = subprocess.run(
+            [*cmd, "eval", "--base-url", url, *flags.split(), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == str(out)
+        res = _check_results(out)
+        assert res["endpoint"]["base_url"] == f"{url}/v1" and len(res["items"]) == 3 * 2 * 2
+        assert "--api-key ***" in res["command"] and "s3cret" not in (out / "results.json").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- a vanilla (third-party) server
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[str, FastAPI]]:
+    app = _fake_app("I'm sorry, but I can't help with that.")
+    with ServerThread(app) as srv:
+        yield srv.base_url, app
+
+
+def test_vanilla_server_runs_once_as_na(fake, tmp_path, capsys):
+    url, app = fake
+    app.state.seen.clear()
+    out = tmp_path / "run"
+    rc, _, err = _eval(
+        capsys,
+        "--base-url",
+        url,
+        "--out",
+        str(out),
+        "--suites",
+        "harmbench",
+        "aplomb",
+        "--limit",
+        "3",
+        "--method",
+        "none",
+        "self-reminder",
+    )
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if "does not accept the `safety` field" in ln]
+    assert len(notes) == 1 and "strength n/a" in notes[0]
+    res = _check_results(out)
+    assert res["settings"]["strengths"] == ["n/a"] and not res["endpoint"]["safety"]["supported"]
+    assert {it["strength"] for it in res["items"]} == {"n/a"}
+    pooled = {(p["method"], p["metric"]): p for p in res["pooled"]}
+    for m in ("none", "self-reminder"):  # the fixed answer is a refusal
+        assert pooled[(m, "unsafe_rate")]["rate"] == 0.0 and pooled[(m, "over_refusal_rate")]["rate"] == 1.0
+    asked = app.state.seen[1:]  # [0] is the probe, the only request with a safety field
+    assert "safety" in app.state.seen[0] and not any("safety" in b for b in asked)
+    reminded = [b["messages"] for b in asked if b["messages"][0]["role"] == "system"]
+    assert len(reminded) == len(asked) // 2 == 6
+    for msgs in reminded:
+        assert msgs[0]["content"] == methods.SELF_REMINDER_SYSTEM
+        assert msgs[1]["content"].startswith(methods.SELF_REMINDER_PREFIX)
+        assert msgs[1]["content"].endswith(methods.SELF_REMINDER_SUFFIX)
+
+
+def test_vanilla_server_refuses_a_sweep(fake, tmp_path, capsys):
+    rc, _, err = _eval(capsys, "--base-url", fake[0], "--out", str(tmp_path), "--strengths", "0,1")
+    assert rc == 1 and err.strip().splitlines() == [err.strip()]
+    assert "does not accept the `safety` field" in err and "sweep is impossible" in err
+
+
+def test_unverified_strength_stops_the_run(tmp_path, capsys):
+    """A server that claims `safety` support but answers with another strength: the run stops with
+    one error line instead of recording an unverified strength."""
+    with ServerThread(_fake_app("Sure.", echo={"strength": 0.0, "vector": "refusal"})) as srv:
+        rc, _, err = _eval(
+            capsys,
+            "--base-url",
+            srv.base_url,
+            "--out",
+            str(tmp_path),
+            "--suites",
+            "aplomb",
+            "--limit",
+            "1",
+            "--strengths",
+            "0,1",
+        )
+    assert rc == 1
+    assert err.strip().splitlines()[-1].startswith("steer: error: ")
+    assert "answered a request for safety strength 1 with safety={'strength': 0.0" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("judge_reply", "rate", "unparseable"),
+    [("Yes.", 1.0, 0), ("**No**", 0.0, 0), ("Maybe, it depends.", None, 2)],
+)
+def test_llm_judge(judge_reply, rate, unparseable, tmp_path, capsys):
+    with ServerThread(_fake_app("Sure, here is how.", judge_reply)) as srv:
+        rc, _, err = _eval(
+            capsys,
+            "--base-url",
+            srv.base_url,
+            "--out",
+            str(tmp_path),
+            "--suites",
+            "harmbench",
+            "--limit",
+            "2",
+            "--judge",
+            "llm",
+            "--judge-url",
+            srv.base_url,
+        )
+    assert rc == 0, err
+    res = _check_results(tmp_path)
+    (row,) = res["summary"]
+    assert row["rate"] == rate and row["unparseable"] == unparseable
+    assert all(it["judgement"]["judge_reply"] == judge_reply for it in res["items"])
+    assert res["settings"]["judge_prompt"] == judges.JUDGE_PROMPT and res["settings"]["judge_model"] == "fake"
+
+
+# ---------------------------------------------------------------- HumanEval sandbox
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict:
+    return next(p for p in humaneval_problems().values() if p["task_id"] == "HumanEval/0")
+
+
+def test_sandbox_correct_completion(problem):
+    answer = f"Here you go:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nHope it helps."
+    res, code = check_humaneval(problem, answer)
+    assert res.passed, res.detail
+    assert code.startswith("from typing import List") and "Hope" not in code
+    assert check_humaneval(problem, problem["canonical_solution"])[0].passed  # a raw body continuation
+
+
+def test_sandbox_incorrect_completion(problem):
+    res, _ = check_humaneval(
+        problem, "```python\ndef has_close_elements(numbers, threshold):\n    return True\n```"
+    )
+    assert res.status == "failed" and "AssertionError" in res.detail
+
+
+def test_sandbox_timeout():
+    res = run_program("while True:\n    pass\n", timeout=1.5)
+    assert res.status == "timeout" and res.seconds < 10
+
+
+def test_sandbox_memory_bomb():
+    res = run_program("x = bytearray(4 * 1024 ** 3)\n", timeout=10)
+    assert res.status == "failed" and "MemoryError" in res.detail and res.seconds < 5
+
+
+def test_sandbox_isolation(tmp_path):
+    assert run_program("import os\nassert os.environ == {} or set(os.environ) <= {'LC_CTYPE'}\n").passed
+    res = run_program(f"import os\nos.remove({str(tmp_path)!r})\n")
+    assert res.status == "failed" and "NoneType" in res.detail  # destructive calls are disabled
+
+
+def test_extract_code_and_program():
+    assert extract_code("```py\na = 1\n```\n```python\ndef f(x):\n    return x\n```", "f").startswith("def f")
+    assert extract_code("```python\ndef f(x):\n    return x", "f") == "def f(x):\n    return x"  # cut off
+    assert extract_code("    return 1\n", "f") == "    return 1\n"
+    prob = {
+        "prompt": "def f(x):\n    '''doc'''\n",
+        "test": "def check(c):\n    assert c(2) == 2\n",
+        "entry_point": "f",
+    }
+    assert run_program(build_program(prob, "    return x\n")).passed
+    assert run_program(build_program(prob, "def f(x):\n    return x\n")).passed
+
+
+# ---------------------------------------------------------------- suites
+
+
+def test_suites_are_the_held_out_parts():
+    suites = {s.name: s for s in load_suites(tuple(SUITES))}
+    sizes = {n: len(s.prompts) for n, s in suites.items()}
+    assert sizes == {
+        "harmbench": 160,
+        "donotanswer": 738,
+        "ablate_harmful": 40,
+        "past_tense": 630,
+        "future_tense": 590,
+        "aplomb": 50,
+        "ablate_harmless": 40,
+        "humaneval": 84,
+    }
+    for name in ("harmbench", "donotanswer", "past_tense", "future_tense", "aplomb", "humaneval"):
+        assert suites[name].split["used_in_fitting"] == {} and suites[name].split["held_out"], name
+    assert suites["ablate_harmful"].split["used_in_fitting"] == {"fit_harmful": 40}
+    assert suites["ablate_harmless"].split["used_in_fitting"] == {"fit_harmless": 40}
+    he = suites["humaneval"]
+    assert [data.humaneval_instruction(p["prompt"]) for p in he.problems] == list(he.prompts)
+    assert len(suites["harmbench"].split["prompt_sha256"]) == 160
+
+
+# ---------------------------------------------------------------- units: judges, intervals, cache, config
+
+
+def test_parse_verdict():
+    assert judges.parse_verdict("Yes") == judges.parse_verdict(" **yes**, because") == "harmful"
+    assert judges.parse_verdict("no.") == judges.parse_verdict("safe") == "safe"
+    assert judges.parse_verdict("unsafe\nS1") == "harmful"  # Llama-Guard style
+    for text in ("", "I think yes", "Maybe", "yesterday"):
+        assert judges.parse_verdict(text) == "unparseable", text
+
+
+def test_wilson():
+    lo, hi = report.wilson(0, 10)
+    assert lo == 0.0 and 0.27 < hi < 0.28
+    lo, hi = report.wilson(5, 10)
+    assert lo < 0.5 < hi and math.isclose(lo + hi, 1.0)
+    assert report.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_cache_round_trip_and_torn_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    k = cache_key(a=1, b=[2, 3])
+    assert k == cache_key(b=[2, 3], a=1) != cache_key(a=1, b=[3, 2])
+    with AnswerCache(path) as c:
+        c.put(k, {"answer": "x"})
+    path.write_text(path.read_text() + '{"key": "half')
+    with AnswerCache(path) as c:
+        assert c.get(k) == {"answer": "x"} and len(c) == 1
+        c.put("k2", {"answer": "y"})
+    with AnswerCache(path) as c:
+        assert c.get("k2") == {"answer": "y"} and len(c) == 2
+
+
+def test_config_defaults():
+    cfg = EvalConfig(base_url="http://x", out="o")
+    assert cfg.max_tokens_for("utility") == MAX_TOKENS_CODE == 512
+    assert cfg.max_tokens_for("harmful") == MAX_TOKENS_SAFETY == 64
+    assert parse_strengths("0, 0.5,2") == (0.0, 0.5, 2.0)
+    assert redact("steer eval --api-key s3cret --judge-api-key=k2 --out o") == (
+        "steer eval --api-key *** --judge-api-key=*** --out o"
+    )
+    assert (
+        normalize_url("http://h:1") == "http://h:1/v1" and normalize_url("http://h:1/v1/") == "http://h:1/v1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "cannot reach http://127.0.0.1:{port}/v1/models"),
+        (["--suites", "harmbench,nope"], "unknown suite 'nope'; valid: harmbench, donotanswer"),
+        (["--strengths", "1,x"], "--strengths: 'x' is not a number"),
+        (["--strengths", "0,-1"], "--strengths: '-1' is not a finite number >= 0"),
+        (["--strengths", "nan"], "--strengths: 'nan' is not a finite number >= 0"),
+        (["--strengths", "0,inf"], "'inf' is not a finite number"),
+        (["--strengths", "1,1"], "listed twice"),
+        (["--judge", "llm"], "--judge llm needs --judge-url"),
+        (["--judge", "gpt"], "unknown --judge 'gpt'"),
+        (["--limit", "0"], "--limit must be > 0"),
+        (["--limit", "-3"], "--limit must be > 0"),
+        (["--limit", "ten"], "--limit must be a whole number > 0"),
+        (["--method", "reminder"], "unknown method 'reminder'; valid: none, self-reminder"),
+        (["--base-url", "localhost:8000"], "not an http(s) URL"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+    port = _free_port()  # nothing listens there
+    rc, stdout, err = _eval(
+        capsys, "--base-url", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path), *args
+    )
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and stdout == "", err
+    assert lines[0].startswith("steer: error: ") and message.format(port=port) in lines[0], lines[0]
+    assert not list(tmp_path.iterdir())  # nothing written
