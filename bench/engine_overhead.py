@@ -1,0 +1,86 @@
+"""Steering overhead inside the engine, without HTTP or a client competing for the 2 cores.
+
+Runs the serving engine in-process on the demo model: C rows decoded together for T tokens
+(``ignore_eos``), in three modes, interleaved and repeated: ``vanilla`` (no hooks installed), ``off``
+(shipped vector installed, every row at strength 0) and ``k-strengths`` (C distinct strengths). The
+paired ratio (each repeat's modes ran back to back) cancels the machine's slow drift.
+
+    .venv/bin/python bench/engine_overhead.py [--rows 8] [--tokens 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from steer.calibrate import splits
+from steer.demo import ensure_demo_model
+from steer.engine import Engine, Sequence
+from steer.extract import chat_prompt_ids
+from steer.hooks import SteeringRuntime
+from steer.models import load_model
+from steer.types import SamplingParams
+from steer.vectors import SafetyVector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(model, tok, runtime, prompts, strengths, tokens: int) -> float:
+    """Tokens per second for one batch decoded to completion."""
+    eng = Engine(model, tok, runtime, max_batch_size=len(prompts))
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for p, s in zip(prompts, strengths, strict=True):
+        eng.add(Sequence(chat_prompt_ids(tok, p), params, "refusal", s))
+    t0 = time.perf_counter()
+    while eng.has_work():
+        eng.step()
+    return len(prompts) * tokens / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_overhead.json"))
+    ns = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    model, tok = load_model(ensure_demo_model())
+    rt = SteeringRuntime(model, [SafetyVector.load(ROOT / "vectors" / "refusal.json")])
+    sp = splits()
+    # half harmful (the gate opens, steering is applied), half benign
+    prompts = [*sp["dev_harmful"].prompts[: ns.rows // 2], *sp["dev_hard_negatives"].prompts[: ns.rows - ns.rows // 2]]
+    k_name = f"{ns.rows}-strengths"
+    modes = {"vanilla": (None, [0.0] * ns.rows), "off": (rt, [0.0] * ns.rows),
+             k_name: (rt, [round(0.25 * (i + 1), 2) for i in range(ns.rows)])}
+    results: dict[str, list[float]] = {m: [] for m in modes}
+    run(model, tok, None, prompts, [0.0] * ns.rows, 4)  # warm-up
+    names = list(modes)
+    for rep in range(ns.repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            runtime, strengths = modes[name]
+            with runtime if runtime is not None else torch.inference_mode():
+                results[name].append(run(model, tok, runtime, prompts, strengths, ns.tokens))
+            print(f"  {name}: {results[name][-1]:.1f} tok/s", flush=True)
+    paired = {m: statistics.median(a / b for a, b in zip(results[m], results["vanilla"], strict=True))
+              for m in modes}
+    summary = {"command": "python bench/engine_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "rows": ns.rows, "tokens": ns.tokens, "repeats": ns.repeats,
+               "median_tok_per_s": {m: statistics.median(v) for m, v in results.items()},
+               "paired_ratio_to_vanilla": paired, "runs": results}
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print("| mode | median tok/s | paired ratio to vanilla |\n|---|---|---|")
+    for m in modes:
+        print(f"| {m} | {summary['median_tok_per_s'][m]:.1f} | {paired[m]:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
