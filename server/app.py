@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import backends
 from server import protocol as p
+from server import responses as r
 from server.backends.base import Backend, Prepared
 from server.errors import APIError, install_error_handlers, sse_error_line
 from server.metrics import Metrics, strength_bucket
@@ -113,7 +114,7 @@ def _install_metrics_middleware(app: FastAPI, metrics: Metrics) -> None:
         return response
 
 
-async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req, kind: p.Kind):
+async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req, kind: r.Kind):
     if req.model is not None and req.model != backend.model_name:
         raise APIError(
             404, f"model {req.model!r} is not served here; served: {backend.model_name}",
@@ -121,9 +122,9 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
         )
     inp, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
     prepared = backend.prepare(inp, spec)
-    meta = p.ResponseMeta.new(kind, backend.model_name)
+    meta = r.ResponseMeta.new(kind, backend.model_name)
     vkind = backend.vector_kinds().get(spec.vector)
-    safety = p.safety_info(spec, vkind)
+    safety = r.safety_info(spec, vkind)
     metrics.prompt_tokens.inc(len(prepared.prompt_ids))
     metrics.steered.labels(spec.vector or "none", strength_bucket(spec.strength)).inc()
     if spec.compare:
@@ -150,11 +151,11 @@ class _Rows:
         if ev.finish_reason:
             self.finish[key] = ev.finish_reason
 
-    def choices(self, n: int, baseline: bool) -> list[p.Choice]:
-        return [p.Choice(self.text[(i, baseline)], self.finish.get((i, baseline), "stop")) for i in range(n)]
+    def choices(self, n: int, baseline: bool) -> list[r.Choice]:
+        return [r.Choice(self.text[(i, baseline)], self.finish.get((i, baseline), "stop")) for i in range(n)]
 
-    def usage(self, prompt: int, n: int, baseline: bool) -> p.Usage:
-        return p.Usage(prompt, sum(self.tokens[(i, baseline)] for i in range(n)))
+    def usage(self, prompt: int, n: int, baseline: bool) -> r.Usage:
+        return r.Usage(prompt, sum(self.tokens[(i, baseline)] for i in range(n)))
 
 
 async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint: str):
@@ -170,7 +171,7 @@ async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint:
     if prepared.steering.compare:
         baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    return p.completion_response(meta, rows.choices(n, False), usage, safety, baseline)
+    return r.completion_response(meta, rows.choices(n, False), usage, safety, baseline)
 
 
 async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str
@@ -189,21 +190,21 @@ async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_us
                 if meta.kind == "chat":
                     role = None if ev.index in started else "assistant"
                     started.add(ev.index)
-                    chunk = p.chat_chunk(meta, ev.index, role=role, content=ev.text, finish_reason=finish)
+                    chunk = r.chat_chunk(meta, ev.index, role=role, content=ev.text, finish_reason=finish)
                 else:
-                    chunk = p.completion_chunk(meta, ev.index, text=ev.text, finish_reason=finish)
-                yield p.sse_line(chunk)
+                    chunk = r.completion_chunk(meta, ev.index, text=ev.text, finish_reason=finish)
+                yield r.sse_line(chunk)
     except APIError as e:
         yield sse_error_line(e)
-        yield p.SSE_DONE
+        yield r.SSE_DONE
         return
     usage = rows.usage(len(prepared.prompt_ids), n, False)
     baseline = None
     if prepared.steering.compare:
         baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    yield p.sse_line(p.final_chunk(meta, usage if include_usage else None, safety, baseline))
-    yield p.SSE_DONE
+    yield r.sse_line(r.final_chunk(meta, usage if include_usage else None, safety, baseline))
+    yield r.SSE_DONE
 
 
 def _observe(metrics: Metrics, endpoint: str, t0: float, ttft: float | None, completion_tokens: int) -> None:

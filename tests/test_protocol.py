@@ -19,11 +19,10 @@ from server.errors import (
     sse_error_line,
     validation_error_to_api_error,
 )
-from server.protocol import (
+from server.protocol import ChatCompletionRequest, CompletionRequest, resolve
+from server.responses import (
     SSE_DONE,
-    ChatCompletionRequest,
     Choice,
-    CompletionRequest,
     ResponseMeta,
     Usage,
     chat_chunk,
@@ -31,7 +30,6 @@ from server.protocol import (
     completion_chunk,
     completion_response,
     final_chunk,
-    resolve,
     safety_info,
     sse_line,
 )

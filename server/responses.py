@@ -1,0 +1,153 @@
+"""OpenAI response bodies and SSE chunks, with the ``safety`` / ``baseline`` extensions.
+
+Builders take plain values (texts, finish reasons, token counts), never engine objects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from steer.types import SteeringSpec
+
+FinishReason = Literal["stop", "length"]
+
+Kind = Literal["chat", "text"]  # /v1/chat/completions vs /v1/completions
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One generated answer."""
+
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
+
+Baseline = tuple[Sequence[Choice], Usage]  # the strength-0 answers and their usage, when compare is on
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every body and chunk of one response shares (OpenAI repeats id/created in every chunk)."""
+
+    kind: Kind
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, kind: Kind, model: str) -> ResponseMeta:
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        return cls(kind=kind, id=prefix + uuid.uuid4().hex, model=model, created=int(time.time()))
+
+    def body(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+
+def sse_line(payload: Mapping[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def safety_info(spec: SteeringSpec, kind: str | None) -> dict[str, Any]:
+    """The ``safety`` response extension. ``vector`` is null when no vector was involved."""
+    return {"strength": spec.strength, "vector": spec.vector or None, "kind": kind}
+
+
+def _choice_dicts(kind: Kind, choices: Sequence[Choice]) -> list[dict[str, Any]]:
+    def one(i: int, c: Choice) -> dict[str, Any]:
+        if kind == "chat":
+            body = {"index": i, "message": {"role": "assistant", "content": c.text}}
+        else:
+            body = {"index": i, "text": c.text}
+        return body | {"logprobs": None, "finish_reason": c.finish_reason}
+
+    return [one(i, c) for i, c in enumerate(choices)]
+
+
+def _with_extensions(
+    meta: ResponseMeta,
+    body: dict[str, Any],
+    usage: Usage | None,
+    safety: Mapping[str, Any],
+    baseline: Baseline | None,
+) -> dict[str, Any]:
+    body["usage"] = usage.to_dict() if usage else None
+    body["safety"] = dict(safety)
+    if baseline is not None:
+        body["baseline"] = {"choices": _choice_dicts(meta.kind, baseline[0]), "usage": baseline[1].to_dict()}
+    return body
+
+
+def completion_response(
+    meta: ResponseMeta,
+    choices: Sequence[Choice],
+    usage: Usage,
+    safety: Mapping[str, Any],
+    baseline: Baseline | None = None,
+) -> dict[str, Any]:
+    """A non-streaming body with the safety extension: ``chat.completion`` when ``meta.kind`` is
+    "chat", ``text_completion`` when it is "text"."""
+    object_ = "chat.completion" if meta.kind == "chat" else "text_completion"
+    body = meta.body(object_, _choice_dicts(meta.kind, choices))
+    return _with_extensions(meta, body, usage, safety, baseline)
+
+
+# Same builder; the name reads better at the chat endpoint (pass a ResponseMeta of kind "chat").
+chat_completion_response = completion_response
+
+
+def chat_chunk(
+    meta: ResponseMeta,
+    index: int = 0,
+    *,
+    role: str | None = None,
+    content: str | None = None,
+    finish_reason: FinishReason | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` for one choice; send ``role="assistant"`` on a choice's first chunk."""
+    delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return meta.body("chat.completion.chunk", [choice])
+
+
+def completion_chunk(
+    meta: ResponseMeta, index: int = 0, *, text: str = "", finish_reason: FinishReason | None = None
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk for one choice."""
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return meta.body("text_completion", [choice])
+
+
+def final_chunk(
+    meta: ResponseMeta, usage: Usage | None, safety: Mapping[str, Any], baseline: Baseline | None = None
+) -> dict[str, Any]:
+    """The last chunk before ``[DONE]``: no choices (like OpenAI's usage chunk), usage only if the client
+    asked for it (stream_options.include_usage), the safety extension, and the baseline if compared."""
+    object_ = "chat.completion.chunk" if meta.kind == "chat" else "text_completion"
+    return _with_extensions(meta, meta.body(object_, []), usage, safety, baseline)
