@@ -74,6 +74,8 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
             "object": "list",
             "data": backend.vectors_info(),
             "default_vector": backend.default_vector(),
+            "model": backend.model_name,
+            "model_fingerprint": backend.model_fingerprint(),
             "policy": {
                 "default_strength": settings.default_strength,
                 "min_strength": settings.min_strength,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from steer.models import decoder_layers, fingerprint
+from steer.models import ModelFingerprint, decoder_layers, fingerprint
 from steer.vectors import SafetyVector, VectorError
 
 
@@ -122,12 +122,13 @@ def _gate_rows(h: torch.Tensor, offset: int, rows: RowSteering) -> torch.Tensor:
 class SteeringRuntime:
     """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them."""
 
-    def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True):
+    def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True,
+                 model_fingerprint: ModelFingerprint | None = None):
         self.model = model
         self.rows = RowSteering()
         vectors = list(vectors)
         if check_fingerprint and vectors:
-            fp = fingerprint(model)
+            fp = model_fingerprint or fingerprint(model)
             for v in vectors:
                 v.check_model(fp)
         dtype = next(model.parameters()).dtype

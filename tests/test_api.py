@@ -242,6 +242,7 @@ def test_safety_vectors_endpoint(api: Served, vector, tiny_qwen) -> None:
     assert info["sha256"] == vector.sha256
     assert info["model_fingerprint"] == fingerprint(tiny_qwen).to_dict()
     assert info["model_fingerprint"]["architecture"] == "qwen2"
+    assert body["model_fingerprint"] == info["model_fingerprint"]  # the served model's, computed once
 
 
 # ---------------------------------------------------------------- chat: non-streaming

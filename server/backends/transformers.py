@@ -53,7 +53,8 @@ class TransformersBackend:
         self.max_model_len = min(settings.max_model_len, int(ctx))
         self.vectors = {v.name: v for v in (vectors or [])}
         self.fingerprint = fingerprint(model)
-        self.runtime = SteeringRuntime(model, self.vectors.values()) if self.vectors else None
+        self.runtime = (SteeringRuntime(model, self.vectors.values(), model_fingerprint=self.fingerprint)
+                        if self.vectors else None)
         self.engine = Engine(model, tokenizer, self.runtime, max_batch_size=settings.max_batch_size)
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -91,6 +92,9 @@ class TransformersBackend:
             }
             for v in self.vectors.values()
         ]
+
+    def model_fingerprint(self) -> dict:
+        return self.fingerprint.to_dict()
 
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._error is None
