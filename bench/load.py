@@ -26,13 +26,14 @@ from throughput import PROMPTS, start_server
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def _one(client: AsyncOpenAI, prompt: str, safety: dict, tokens: int) -> tuple[int, float, float]:
+async def _one(client: AsyncOpenAI, prompt: str, safety: dict | None, tokens: int) -> tuple[int, float, float]:
+    """One streamed request; ``safety`` None sends no safety field (for servers without it)."""
     t0 = time.perf_counter()
     ttft, n = None, 0
     stream = await client.chat.completions.create(
         model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
         temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"safety": safety, "ignore_eos": True},
+        extra_body={"ignore_eos": True, **({"safety": safety} if safety is not None else {})},
     )
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
@@ -42,7 +43,7 @@ async def _one(client: AsyncOpenAI, prompt: str, safety: dict, tokens: int) -> t
     return n, ttft or 0.0, time.perf_counter() - t0
 
 
-async def _load(port: int, safeties: list[dict], tokens: int) -> dict:
+async def _load(port: int, safeties: list[dict | None], tokens: int) -> dict:
     async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900) as client:
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[_one(client, PROMPTS[i % len(PROMPTS)], s, tokens)
