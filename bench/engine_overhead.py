@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import interleaved
 
 from steer.calibrate import splits
 from steer.demo import ensure_demo_model
@@ -61,13 +62,11 @@ def main(argv: list[str] | None = None) -> int:
              k_name: (rt, [round(0.25 * (i + 1), 2) for i in range(ns.rows)])}
     results: dict[str, list[float]] = {m: [] for m in modes}
     run(model, tok, None, prompts, [0.0] * ns.rows, 4)  # warm-up
-    names = list(modes)
-    for rep in range(ns.repeats):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            runtime, strengths = modes[name]
-            with runtime if runtime is not None else torch.inference_mode():
-                results[name].append(run(model, tok, runtime, prompts, strengths, ns.tokens))
-            print(f"  {name}: {results[name][-1]:.1f} tok/s", flush=True)
+    for name in interleaved(list(modes), ns.repeats):
+        runtime, strengths = modes[name]
+        with runtime if runtime is not None else torch.inference_mode():
+            results[name].append(run(model, tok, runtime, prompts, strengths, ns.tokens))
+        print(f"  {name}: {results[name][-1]:.1f} tok/s", flush=True)
     paired = {m: statistics.median(a / b for a, b in zip(results[m], results["vanilla"], strict=True))
               for m in modes}
     summary = {"command": "python bench/engine_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),

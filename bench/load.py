@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import interleaved
 from openai import AsyncOpenAI
 from throughput import PROMPTS, start_server
 
@@ -88,12 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             for c in (int(x) for x in ns.concurrency.split(",")):
                 modes = _modes(c, ns.port, ns.port + 1)
                 res = results[str(c)] = {m: [] for m in modes}
-                names = list(modes)
-                for rep in range(ns.repeats):
-                    for name in names[rep % len(names):] + names[: rep % len(names)]:
-                        port, safeties = modes[name]
-                        res[name].append(asyncio.run(_load(port, safeties, ns.tokens)))
-                        print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
+                for name in interleaved(list(modes), ns.repeats):
+                    port, safeties = modes[name]
+                    res[name].append(asyncio.run(_load(port, safeties, ns.tokens)))
+                    print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
             rss = {"steer": _peak_rss_mib(steer_srv.pid), "vanilla": _peak_rss_mib(vanilla_srv.pid)}
         finally:
             for srv in (steer_srv, vanilla_srv):

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from _common import interleaved, wait_healthy
 from openai import AsyncOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,18 +45,7 @@ PROMPTS = [
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     cmd = [str(ROOT / ".venv" / "bin" / "steer"), "serve", "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 300 s")
+    return wait_healthy(proc, port, timeout=300, what=" ".join(cmd))
 
 
 async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int) -> tuple[int, float]:
@@ -107,12 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             for port, _ in modes.values():
                 asyncio.run(load(port, [0.0] * 2, 8))  # warm-up
             results: dict[str, list[dict]] = {m: [] for m in modes}
-            names = list(modes)
-            for rep in range(ns.repeats):
-                for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order
-                    port, strengths = modes[name]
-                    results[name].append(asyncio.run(load(port, strengths, ns.max_tokens)))
-                    print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
+            for name in interleaved(list(modes), ns.repeats):
+                port, strengths = modes[name]
+                results[name].append(asyncio.run(load(port, strengths, ns.max_tokens)))
+                print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
         finally:
             for srv in servers:
                 srv.terminate()

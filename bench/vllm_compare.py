@@ -25,10 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from _common import interleaved, wait_healthy
 from load import _load
 from throughput import start_server
 
@@ -47,18 +46,10 @@ def start_vllm(port: int, model_dir: Path) -> subprocess.Popen:
            "--enforce-eager", "--max-num-seqs", "8", "--host", "127.0.0.1", "--port", str(port)]
     log = open(Path(tempfile.gettempdir()) / "steer-bench-vllm.log", "w")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: error: vLLM exited with {proc.returncode} (see its log in the temp directory)")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("bench: error: vLLM did not become healthy in 600 s")
+    try:
+        return wait_healthy(proc, port, timeout=600, what="vLLM")
+    except RuntimeError as e:
+        raise SystemExit(f"bench: error: {e} (its log: {log.name})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for port, _ in modes.values():
             asyncio.run(_load(port, [None] * 2 if port == ns.port + 1 else [{"strength": 0.0}] * 2, 4))  # warm-up
         results: dict[str, list[dict]] = {m: [] for m in modes}
-        names = list(modes)
-        for rep in range(ns.repeats):
-            for name in names[rep % len(names):] + names[: rep % len(names)]:
-                port, safeties = modes[name]
-                results[name].append(asyncio.run(_load(port, safeties, ns.tokens)))
-                print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
+        for name in interleaved(list(modes), ns.repeats):
+            port, safeties = modes[name]
+            results[name].append(asyncio.run(_load(port, safeties, ns.tokens)))
+            print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
     finally:
         for proc in (vllm, steer):
             if proc is not None:
