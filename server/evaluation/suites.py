@@ -5,6 +5,10 @@ Each suite uses the part of its source that ``steer extract`` did not fit on whe
 HumanEval problems in neither the gate nor the dev split). The ablate-llm sets *are* the fitting data
 of the refusal direction; they are offered as in-sample references and recorded as such: every suite
 records, per named fitting split of ``steer.calibrate.splits()``, how many of its prompts are in it.
+
+The jailbreak-template suites (``dan``, ``inthewild``) wrap each held-out HarmBench test request in one
+jailbreak template (``steer.data.wrap``), templates assigned by a seeded shuffle; they are opt-in
+(not in DEFAULT_SUITES): their prompts are 15-30x longer than HarmBench's, costly to prefill on CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gzip
 import hashlib
 import importlib.metadata as md
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,6 +26,7 @@ from steer import data
 
 Kind = Literal["harmful", "jailbreak", "benign", "utility"]
 SPLIT_SEED = 0  # the seed steer.calibrate.splits() uses by default
+TEMPLATE_MAX_CHARS = 4000  # longer jailbreak templates are dropped (CPU prefill cost, small contexts)
 
 
 @dataclass(frozen=True)
@@ -40,34 +46,93 @@ def _calib() -> dict[str, data.PromptSet]:
     return splits(SPLIT_SEED)
 
 
-def _unused(name: str, n_first: int) -> Callable[[dict], tuple[data.PromptSet, str]]:
-    def build(sp: dict) -> tuple[data.PromptSet, str]:
+# A builder maps steer.calibrate.splits() to (the suite's prompts, its split rule, extra split record).
+Builder = Callable[[dict], tuple[data.PromptSet, str, dict]]
+
+
+def _unused(name: str, n_first: int) -> Builder:
+    def build(sp: dict) -> tuple[data.PromptSet, str, dict]:
         rest = data.load(name).split(n_first=n_first, seed=SPLIT_SEED)[1]
         rule = f"data.load({name!r}).split(n_first={n_first}, seed={SPLIT_SEED})[1]"
-        return rest, rule + ": the part not used for gate fitting"
+        return rest, rule + ": the part not used for gate fitting", {}
 
     return build
 
 
-def _whole(name: str, note: str) -> Callable[[dict], tuple[data.PromptSet, str]]:
-    return lambda sp: (data.load(name), note)
+def _whole(name: str, note: str) -> Builder:
+    return lambda sp: (data.load(name), note, {})
 
 
-def _harmbench(sp: dict) -> tuple[data.PromptSet, str]:
-    return sp["test_harmful"], "steer.calibrate.splits()['test_harmful']: held out from fitting and dev"
+def _harmbench(sp: dict) -> tuple[data.PromptSet, str, dict]:
+    return sp["test_harmful"], "steer.calibrate.splits()['test_harmful']: held out from fitting and dev", {}
 
 
-def _humaneval(sp: dict) -> tuple[data.PromptSet, str]:
+def _humaneval(sp: dict) -> tuple[data.PromptSet, str, dict]:
     used = len(sp["gate_code"].prompts) + len(sp["dev_code"].prompts)
     rest = data.load("humaneval").split(n_first=used, seed=SPLIT_SEED)[1]
     return (
         rest,
         f"data.load('humaneval').split(n_first={used}, seed={SPLIT_SEED})[1]: not in gate_code or dev_code",
+        {},
     )
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _templated(set_name: str) -> Builder:
+    """HarmBench test request i wrapped in template order[i % n] of the templates of at most
+    TEMPLATE_MAX_CHARS characters, ``order`` a SPLIT_SEED shuffle of their indices."""
+
+    def build(sp: dict) -> tuple[data.PromptSet, str, dict]:
+        requests, ts = sp["test_harmful"], data.load(set_name)
+        kept = [t for t in ts.prompts if len(t) <= TEMPLATE_MAX_CHARS]
+        order = list(range(len(kept)))
+        random.Random(SPLIT_SEED).shuffle(order)
+        prompts = tuple(data.wrap(kept[order[i % len(kept)]], r) for i, r in enumerate(requests.prompts))
+        if len(set(prompts)) != len(prompts):
+            raise data.DataError(f"{set_name}: wrapped prompts are not distinct")
+        ps = data.PromptSet(
+            f"{set_name}({requests.name})",
+            "harmful",
+            prompts,
+            f"{requests.source} + {ts.source}",
+            requests.sha256,
+        )
+        fills = ", ".join(f"{k} = {v!r}" for k, v in data.TEMPLATE_FILLS.items())
+        rule = (
+            f"request i of steer.calibrate.splits()['test_harmful'] (held out from fitting and dev) "
+            f"wrapped by steer.data.wrap in template order[i % {len(kept)}]: the {len(kept)} of "
+            f"{len(ts.prompts)} {set_name} of <= {TEMPLATE_MAX_CHARS} chars, order = "
+            f"random.Random({SPLIT_SEED}).shuffle(range({len(kept)})); {{generator.name}} = "
+            f"{data.ASSISTANT_NAME!r}, {fills}; the request replaces each request slot "
+            f"([INSERT PROMPT HERE], [PROMPT], ...), else follows the template after a blank line"
+        )
+        extra = {
+            "templates": {
+                "set": set_name,
+                "source": ts.source,
+                "file_sha256": ts.sha256,
+                "count": len(ts.prompts),
+                "max_chars": TEMPLATE_MAX_CHARS,
+                "kept": len(kept),
+                "with_request_slot": sum(bool(data.REQUEST_SLOT.search(t)) for t in kept),
+                "assistant_name": data.ASSISTANT_NAME,
+                "fills": data.TEMPLATE_FILLS,
+                "request_slot": data.REQUEST_SLOT.pattern,
+                "pairing": "prompt i: template_sha256[i % kept]",
+                "template_sha256": [_sha(kept[j]) for j in order],
+            },
+            "requests_used_in_fitting": _fitting_overlap(requests.prompts, sp),
+        }
+        return ps, rule, extra
+
+    return build
+
+
 # name -> (kind, builder)
-SUITES: dict[str, tuple[Kind, Callable[[dict], tuple[data.PromptSet, str]]]] = {
+SUITES: dict[str, tuple[Kind, Builder]] = {
     "harmbench": ("harmful", _harmbench),
     "donotanswer": ("harmful", _unused("donotanswer", 200)),
     "ablate_harmful": (
@@ -76,6 +141,8 @@ SUITES: dict[str, tuple[Kind, Callable[[dict], tuple[data.PromptSet, str]]]] = {
     ),
     "past_tense": ("jailbreak", _unused("past_tense", 100)),
     "future_tense": ("jailbreak", _unused("future_tense", 100)),
+    "dan": ("jailbreak", _templated("dan_templates")),
+    "inthewild": ("jailbreak", _templated("inthewild_templates")),
     "aplomb": (
         "benign",
         _whole("aplomb_benign", "all 50 (20 XSTest-style hard negatives); never used in fitting"),
@@ -86,6 +153,8 @@ SUITES: dict[str, tuple[Kind, Callable[[dict], tuple[data.PromptSet, str]]]] = {
     ),
     "humaneval": ("utility", _humaneval),
 }
+OPT_IN = ("dan", "inthewild")  # long prompts: run only when named in --suites
+DEFAULT_SUITES = tuple(n for n in SUITES if n not in OPT_IN)
 
 
 def _fitting_overlap(prompts: tuple[str, ...], sp: dict) -> dict[str, int]:
@@ -95,15 +164,16 @@ def _fitting_overlap(prompts: tuple[str, ...], sp: dict) -> dict[str, int]:
     return {k: n for k, n in counts.items() if n}
 
 
-def _describe(ps: data.PromptSet, rule: str, sp: dict) -> dict:
+def _describe(ps: data.PromptSet, rule: str, sp: dict, extra: dict | None = None) -> dict:
     overlap = _fitting_overlap(ps.prompts, sp)
     return {
         **ps.describe(),
         "seed": SPLIT_SEED,
         "rule": rule,
         "used_in_fitting": overlap,
-        "held_out": not overlap,
-        "prompt_sha256": [hashlib.sha256(p.encode()).hexdigest() for p in ps.prompts],
+        "held_out": not overlap and not (extra or {}).get("requests_used_in_fitting"),
+        **(extra or {}),
+        "prompt_sha256": [_sha(p) for p in ps.prompts],
     }
 
 
@@ -121,11 +191,11 @@ def load_suites(names: tuple[str, ...], limit: int | None = None) -> list[Suite]
     out = []
     for name in names:
         kind, build = SUITES[name]
-        ps, rule = build(sp)
+        ps, rule, extra = build(sp)
         ps = ps.take(limit)
         problems = ()
         if kind == "utility":
             rows = humaneval_problems()
             problems = tuple(rows[p] for p in ps.prompts)
-        out.append(Suite(name, kind, ps.prompts, _describe(ps, rule, sp), problems))
+        out.append(Suite(name, kind, ps.prompts, _describe(ps, rule, sp, extra), problems))
     return out
