@@ -93,6 +93,10 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
     essentially every weight) still changes the hash. bf16 makes it independent of the load dtype
     for checkpoints stored in bf16.
     """
+    from steer.packed import is_packed
+
+    if is_packed(model):  # its linear weights live only in oneDNN's layout: nothing true to hash
+        raise ModelError("cannot fingerprint a model whose linear weights are packed; fingerprint it before packing")
     cfg = model.config
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -109,16 +113,19 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
     )
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16):
-    """Load a local HF checkpoint directory (qwen2 or llama) and its tokenizer, in eval mode."""
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
+    """Load a local HF checkpoint directory (qwen2 or llama) and its tokenizer, in eval mode, with
+    ``steer.attention`` (SDPA prefill, fast single-token decode) unless another implementation is named."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from steer.attention import ATTENTION
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     cfg = AutoConfig.from_pretrained(path)
     architecture(cfg.model_type)  # refuse unsupported architectures before loading weights
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation or ATTENTION)
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:

@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from steer.attention import ATTENTION
 from steer.models import fingerprint
 from steer.vectors import SafetyVector
 
@@ -48,6 +49,7 @@ def make_model(kind: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
     cfg = _config(kind, vocab)
     model = (Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM)(cfg).eval().requires_grad_(False)
+    model.set_attn_implementation(ATTENTION)  # the attention load_model serves with
     model.generation_config.eos_token_id = None  # random models: let max_tokens end generation
     return model
 

@@ -3,9 +3,12 @@ sampling reproducibility, cancellation, and steering inside a shared batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_vector
+from transformers import DynamicCache
 
+from steer.attention import ATTENTION
 from steer.engine import Engine, Sequence
 from steer.hooks import SteeringRuntime
 from steer.types import SamplingParams
@@ -44,6 +47,31 @@ def test_greedy_matches_hf_generate_with_staggered_arrivals(tiny_model, tiny_tok
     assert [s.generated for s in seqs] == ref
     for s in seqs:
         assert s.finish_reason == ("stop" if s.generated[-1] == tiny_tokenizer.eos_token_id else "length")
+
+
+@pytest.mark.parametrize("pad", [0, 7])
+def test_served_attention_matches_sdpa(tiny_model, tiny_tokenizer, pad):
+    """steer.attention's single-token decode path gives SDPA's logits on a left-padded batch with a
+    KV cache (prefill goes through SDPA itself)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, len(tiny_tokenizer), (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    logits = {}
+    try:
+        for impl in ("sdpa", ATTENTION):
+            tiny_model.set_attn_implementation(impl)
+            cache, m, out = DynamicCache(config=tiny_model.config), mask, []
+            step = tiny_model(input_ids=ids, attention_mask=m, past_key_values=cache, use_cache=True)
+            for _ in range(4):
+                nxt = step.logits[:, -1:].argmax(-1)
+                m = torch.cat([m, torch.ones_like(nxt)], dim=1)
+                step = tiny_model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
+                out.append(step.logits[:, -1])
+            logits[impl] = torch.stack(out)
+    finally:
+        tiny_model.set_attn_implementation(ATTENTION)
+    torch.testing.assert_close(logits[ATTENTION], logits["sdpa"], rtol=1e-5, atol=1e-5)
 
 
 def test_steered_rows_in_shared_batch_match_running_alone(tiny_qwen, tiny_tokenizer):

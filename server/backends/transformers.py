@@ -25,6 +25,7 @@ from server.settings import Settings
 from steer.engine import Engine, Event, Sequence
 from steer.hooks import SteeringRuntime
 from steer.models import fingerprint, load_model
+from steer.packed import pack_linears, packing_unavailable
 from steer.vectors import SafetyVector, load_directory
 
 log = logging.getLogger("steer.server")
@@ -45,7 +46,29 @@ class TransformersBackend:
                  metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics
-        if model is None:
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._go = threading.Event()  # start() lets the loaded worker begin serving
+        self._jobs: dict[int, _Job] = {}  # seq id -> job
+        self._error: BaseException | None = None
+        # Every torch call (load, fingerprint, packing, forward passes) happens on this one thread.
+        # libgomp throttles its spin-waiting once more OpenMP threads exist than cores, so a second
+        # thread that has run parallel torch ops (e.g. loading in the main thread) makes every small
+        # op of the engine thread wait on a futex: measured 5-10x slower elementwise ops and ~50%
+        # slower decode steps on 2 cores.
+        self._thread = threading.Thread(target=self._main, args=(model, tokenizer, vectors), name="steer-engine",
+                                        daemon=True)
+        self._ready: queue.Queue = queue.Queue()
+        self._thread.start()
+        err = self._ready.get()
+        if err is not None:
+            self._thread.join()
+            raise err
+
+    def _setup(self, model, tokenizer, vectors) -> None:
+        settings = self.settings
+        loaded = model is None  # a model passed in (embedding, tests) is used exactly as given
+        if loaded:
             model, tokenizer, vectors = self._load(settings)
         self.model, self.tok = model, tokenizer
         self.model_name = settings.served_model_name or _model_name(settings)
@@ -55,12 +78,9 @@ class TransformersBackend:
         self.fingerprint = fingerprint(model)
         self.runtime = (SteeringRuntime(model, self.vectors.values(), model_fingerprint=self.fingerprint)
                         if self.vectors else None)
+        if loaded and settings.linear_weights == "packed":
+            self._pack()
         self.engine = Engine(model, tokenizer, self.runtime, max_batch_size=settings.max_batch_size)
-        self._inbox: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._jobs: dict[int, _Job] = {}  # seq id -> job
-        self._error: BaseException | None = None
 
     @staticmethod
     def _load(settings: Settings):
@@ -71,6 +91,14 @@ class TransformersBackend:
         vdir = settings.vectors or (str(SHIPPED_VECTORS) if not settings.model else None)
         vectors = load_directory(vdir) if vdir else []
         return model, tok, vectors
+
+    def _pack(self) -> None:
+        """Pack the linear weights (after the fingerprint: it reads the plain weights)."""
+        why = packing_unavailable(self.model)
+        if why is not None:
+            log.warning("linear weights stay plain: %s", why)
+            return
+        pack_linears(self.model)
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
@@ -97,7 +125,7 @@ class TransformersBackend:
         return self.fingerprint.to_dict()
 
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        return self._go.is_set() and self._thread.is_alive() and self._error is None
 
     # -- requests ----------------------------------------------------------------------------
     def prepare(self, inp, steering) -> Prepared:
@@ -155,19 +183,27 @@ class TransformersBackend:
 
     # -- worker ------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="steer-engine", daemon=True)
-        self._thread.start()
+        self._go.set()
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._go.set()
         self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._thread.join(timeout=30)
+
+    def _main(self, model, tokenizer, vectors) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            self._setup(model, tokenizer, vectors)
+        except BaseException as e:  # handed to the constructor, which raises it in the caller's thread
+            self._ready.put(e)
+            return
+        self._ready.put(None)
+        self._go.wait()
+        if not self._stop.is_set():
+            self._run()
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
         ctx = self.runtime if self.runtime is not None else _nullcontext()
         with ctx:
             while not self._stop.is_set():

@@ -1,0 +1,44 @@
+"""A CPU attention for serving: PyTorch SDPA for prefill, a grouped matmul-softmax for decode.
+
+Measured on the demo model (2 cores, bf16, 8 rows): SDPA's CPU flash kernel costs 12-16 ms of a
+75 ms decode step at 40 tokens of context and ~50 ms at 400, because one query row per head is the
+case it is slowest at. For a single query token the math is two small batched matmuls; doing them
+per key/value head with the query heads of its group stacked (no ``repeat_kv`` copy of the cache)
+cuts the decode step by 12-40% and gives the same tokens (``tests/test_engine.py`` checks the logits).
+
+Registered with transformers' attention and mask interfaces under ``ATTENTION`` so that any model
+loaded with ``attn_implementation=ATTENTION`` (``steer.models.load_model`` does) uses it; masks are
+built the SDPA way (boolean, ``True`` = attend, or ``None`` when nothing is masked).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "steer_cpu"
+
+
+def steer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, H, q, D), key/value (B, KVH, T, D) -> ((B, q, H, D), None)."""
+    if query.shape[2] != 1 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    b, h, _, d = query.shape
+    kvh = key.shape[1]
+    q = query.view(b, kvh, h // kvh, d)  # (B, KVH, G, D): the G query heads sharing each kv head
+    scores = torch.matmul(q, key.transpose(2, 3)) * (d**-0.5 if scaling is None else scaling)  # (B, KVH, G, T)
+    if attention_mask is not None:  # (B, 1, 1, T)
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # (B, KVH, G, D)
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, steer_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
