@@ -26,6 +26,7 @@ from steer.engine import Engine, Sequence
 from steer.extract import chat_prompt_ids
 from steer.hooks import SteeringRuntime
 from steer.models import load_model
+from steer.packed import pack_linears
 from steer.types import SamplingParams
 from steer.vectors import SafetyVector
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     model, tok = load_model(ensure_demo_model())
     rt = SteeringRuntime(model, [SafetyVector.load(ROOT / "vectors" / "refusal.json")])
+    pack_linears(model)  # as `steer serve` runs it; after the runtime's fingerprint check, which reads weights
     sp = splits()
     # half harmful (the gate opens, steering is applied), half benign
     prompts = [*sp["dev_harmful"].prompts[: ns.rows // 2], *sp["dev_hard_negatives"].prompts[: ns.rows - ns.rows // 2]]

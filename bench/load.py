@@ -27,14 +27,16 @@ from throughput import PROMPTS, start_server
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def _one(client: AsyncOpenAI, prompt: str, safety: dict | None, tokens: int) -> tuple[int, float, float]:
-    """One streamed request; ``safety`` None sends no safety field (for servers without it)."""
+async def _one(client: AsyncOpenAI, prompt: str, safety: dict | None, tokens: int, model: str,
+               body: dict | None) -> tuple[int, float, float]:
+    """One streamed request; ``safety`` None sends no safety field (for servers without it); ``body``
+    replaces the default extra fields ({"ignore_eos": true}) for servers that have no ignore_eos."""
     t0 = time.perf_counter()
     ttft, n = None, 0
+    extra = dict({"ignore_eos": True} if body is None else body, **({"safety": safety} if safety is not None else {}))
     stream = await client.chat.completions.create(
-        model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
-        temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True, **({"safety": safety} if safety is not None else {})},
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
+        temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=extra,
     )
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
@@ -44,10 +46,11 @@ async def _one(client: AsyncOpenAI, prompt: str, safety: dict | None, tokens: in
     return n, ttft or 0.0, time.perf_counter() - t0
 
 
-async def _load(port: int, safeties: list[dict | None], tokens: int) -> dict:
+async def _load(port: int, safeties: list[dict | None], tokens: int, *, model: str = "qwen2.5-coder-0.5b-instruct",
+                body: dict | None = None) -> dict:
     async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900) as client:
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*[_one(client, PROMPTS[i % len(PROMPTS)], s, tokens)
+        outs = await asyncio.gather(*[_one(client, PROMPTS[i % len(PROMPTS)], s, tokens, model, body)
                                       for i, s in enumerate(safeties)])
         wall = time.perf_counter() - t0
     lat = sorted(x[2] for x in outs)

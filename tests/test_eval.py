@@ -319,6 +319,73 @@ def test_failed_requests_are_counted_not_cached(tiny_tokenizer, tmp_path, capsys
     assert res["plots"] == []  # nothing to plot without rates
 
 
+def test_compare_overlays_earlier_runs(steered, fake, tmp_path, capsys, monkeypatch):
+    """--compare: two earlier runs (the steered app, and the vanilla server with two methods) drawn
+    on a third run's plot, one line per (run, method); the steered runs share model and host:port,
+    so their labels get the directory name."""
+    first, vanilla, third = tmp_path / "first", tmp_path / "vanilla", tmp_path / "third"
+    small = ["--suites", "harmbench", "aplomb", "--limit", "2"]
+    assert _eval(capsys, *_steered_args(steered, first, *small, "--strengths", "0,1"))[0] == 0
+    rc, _, err = _eval(
+        capsys, "--base-url", fake[0], "--out", str(vanilla), *small, "--method", "none", "self-reminder"
+    )
+    assert rc == 0, err
+    drawn: dict[str, list[dict]] = {}
+    real_plot = report.plot
+
+    def spy(lines, path, x_metric, y_metric):
+        drawn[path.name] = lines
+        return real_plot(lines, path, x_metric, y_metric)
+
+    monkeypatch.setattr(report, "plot", spy)
+    args = _steered_args(steered, third, *small, "--strengths", "0,1", "--compare", str(first), str(vanilla))
+    rc, stdout, err = _eval(capsys, *args)
+    assert rc == 0, err
+    assert stdout.strip() == str(third)
+    res = _check_results(third)
+    assert res["plots"] == ["unsafe_vs_overrefusal.png"]  # no humaneval in any run: no pass@1 plot
+    assert (third / "unsafe_vs_overrefusal.png").read_bytes()[:8] == PNG_MAGIC
+    host = steered.removeprefix("http://")
+    fake_host = fake[0].removeprefix("http://")
+    earlier = [json.loads((d / "results.json").read_text()) for d in (first, vanilla)]
+    st = res["settings"]
+    assert st["label"] == f"{MODEL} @ {host} (third)"
+    assert st["compare"] == [
+        {
+            "dir": str(d),
+            "label": label,
+            "base_url": r["endpoint"]["base_url"],
+            "model": r["endpoint"]["model"],
+            "command": r["command"],
+            "created": r["created"],
+        }
+        for d, r, label in zip(
+            (first, vanilla), earlier, (f"{MODEL} @ {host} (first)", f"fake @ {fake_host}"), strict=True
+        )
+    ]
+    md = (third / "results.md").read_text()
+    section = md[md.index("## Compared with") : md.index("## Plots")]
+    for c in st["compare"]:
+        assert f"`{c['label']}`: `{c['dir']}`" in section and c["created"] in section
+        assert f"`{c['command']}`" in section
+    # one line per (run, method), each through that run's own pooled points
+    lines = drawn["unsafe_vs_overrefusal.png"]
+    assert [ln["label"] for ln in lines] == [
+        f"{MODEL} @ {host} (third): none",
+        f"{MODEL} @ {host} (first): none",
+        f"fake @ {fake_host}: none",
+        f"fake @ {fake_host}: self-reminder",
+    ]
+    for ln, run in zip(lines, [res, earlier[0], earlier[1], earlier[1]], strict=True):
+        pooled = {(p["method"], p["strength"], p["metric"]): p for p in run["pooled"]}
+        want = [0.0, 1.0] if run is not earlier[1] else ["n/a"]
+        assert [s for s, _, _ in ln["points"]] == want
+        for s, x, y in ln["points"]:
+            assert x == pooled[(ln["method"], s, "over_refusal_rate")]
+            assert y == pooled[(ln["method"], s, "unsafe_rate")]
+    assert drawn["unsafe_vs_pass1.png"] == []
+
+
 # ---------------------------------------------------------------- a real server process
 
 
@@ -714,6 +781,47 @@ def test_wilson():
     assert report.wilson(0, 0) == (0.0, 1.0)
 
 
+def _point(method, strength, metric, rate):
+    return {"method": method, "strength": strength, "metric": metric, "rate": rate, "ci95": [0.0, 1.0]}
+
+
+def test_plot_series_one_line_per_run_and_method():
+    mine = [
+        _point("none", 0.0, "over_refusal_rate", 0.1),
+        _point("none", 0.0, "unsafe_rate", 0.9),
+        _point("none", 1.0, "over_refusal_rate", 0.3),
+        _point("none", 1.0, "unsafe_rate", 0.2),
+        _point("self-reminder", 0.0, "unsafe_rate", 0.5),  # no over-refusal point: no line
+    ]
+    theirs = [
+        _point("none", "n/a", "over_refusal_rate", 0.0),
+        _point("none", "n/a", "unsafe_rate", 0.4),
+        _point("none", "n/a", "pass@1", None),  # n = 0: left out
+    ]
+    x, y = "over_refusal_rate", "unsafe_rate"
+    alone = report.plot_series([("a", ["none", "self-reminder"], mine)], x, y)
+    assert [(ln["run"], ln["label"]) for ln in alone] == [("a", "none")]  # without --compare: as before
+    assert [(s, px["rate"], py["rate"]) for s, px, py in alone[0]["points"]] == [
+        (0.0, 0.1, 0.9),
+        (1.0, 0.3, 0.2),
+    ]
+    both = report.plot_series([("a", ["none", "self-reminder"], mine), ("b", ["none"], theirs)], x, y)
+    assert [ln["label"] for ln in both] == ["a: none", "b: none"]
+    assert [(s, px["rate"], py["rate"]) for s, px, py in both[1]["points"]] == [("n/a", 0.0, 0.4)]
+    assert report.plot_series([("b", ["none"], theirs)], "pass@1", y) == []
+
+
+def test_run_labels():
+    assert report.run_label({"base_url": "http://127.0.0.1:8000/v1", "model": "m"}) == "m @ 127.0.0.1:8000"
+    assert (
+        report.run_label({"base_url": "https://u:pw@api.example.com/v1", "model": "m"})
+        == "m @ api.example.com"
+    )
+    assert report.unique_labels(["a", "b"], ["x/1", "x/2"]) == ["a", "b"]
+    assert report.unique_labels(["a", "a", "b"], ["runs/new", "runs/old", "o"]) == ["a (new)", "a (old)", "b"]
+    assert report.unique_labels(["a", "a"], ["x/run", "y/run"]) == ["a (x/run)", "a (y/run)"]
+
+
 def test_cache_round_trip_and_torn_line(tmp_path):
     path = tmp_path / "c.jsonl"
     k = cache_key(a=1, b=[2, 3])
@@ -741,6 +849,28 @@ def test_config_defaults():
     )
 
 
+@pytest.fixture(scope="module")
+def compare_dirs(tmp_path_factory) -> Path:
+    """--compare candidates: a valid minimal results.json, and the bad kinds."""
+    root = tmp_path_factory.mktemp("compare")
+    good = {
+        "format_version": 1,
+        "endpoint": {"base_url": "http://h:1/v1", "model": "m"},
+        "pooled": [_point("none", 0.0, "unsafe_rate", 0.5)],
+    }
+    files = {
+        "good": json.dumps(good),
+        "corrupt": '{"format_version": 1, "pooled": [',
+        "v2": json.dumps({**good, "format_version": 2}),
+        "nopooled": json.dumps({k: v for k, v in good.items() if k != "pooled"}),
+    }
+    for name, text in files.items():
+        (root / name).mkdir()
+        (root / name / "results.json").write_text(text)
+    (root / "empty").mkdir()
+    return root
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -758,14 +888,27 @@ def test_config_defaults():
         (["--limit", "ten"], "--limit must be a whole number > 0"),
         (["--method", "reminder"], "unknown method 'reminder'; valid: none, self-reminder"),
         (["--base-url", "localhost:8000"], "not an http(s) URL"),
+        (["--compare", "{cmp}/missing"], "--compare {cmp}/missing: no such directory"),
+        (["--compare", "{cmp}/good", "{cmp}/empty"], "--compare {cmp}/empty: no results.json there"),
+        (["--compare", "{cmp}/corrupt"], "--compare {cmp}/corrupt/results.json is not valid JSON"),
+        (["--compare", "{cmp}/v2"], "format_version 2, expected 1"),
+        (["--compare", "{cmp}/nopooled"], "has no pooled results to plot"),
+        (["--compare", "{cmp}/good", "{cmp}/good/"], "--compare {cmp}/good/ is listed twice"),
+        (["--compare", "{out}"], "is this run's --out directory"),
     ],
 )
-def test_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+def test_bad_arguments_are_one_line(args, message, tmp_path, capsys, compare_dirs):
     port = _free_port()  # nothing listens there
+    fill = {"port": port, "cmp": compare_dirs, "out": tmp_path}
     rc, stdout, err = _eval(
-        capsys, "--base-url", f"http://127.0.0.1:{port}/v1", "--out", str(tmp_path), *args
+        capsys,
+        "--base-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--out",
+        str(tmp_path),
+        *(a.format(**fill) for a in args),
     )
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and stdout == "", err
-    assert lines[0].startswith("steer: error: ") and message.format(port=port) in lines[0], lines[0]
+    assert lines[0].startswith("steer: error: ") and message.format(**fill) in lines[0], lines[0]
     assert not list(tmp_path.iterdir())  # nothing written

@@ -2,6 +2,11 @@
 
     steer eval --base-url http://127.0.0.1:8000/v1 --out runs/demo [--suites harmbench aplomb humaneval]
                [--strengths 0,0.5,1,1.5,2] [--method none self-reminder] [--limit N] [--judge refusal|llm]
+               [--compare DIR [DIR ...]]
+
+``--compare`` draws earlier runs' pooled results (their results.json) on this run's plots, one line per
+run and method. A rerun with the same ``--out`` answers from its cache.jsonl, so adding ``--compare`` to
+a finished run's command redraws its plots without new answers (the endpoint is still checked).
 
 Modules: ``config`` (flags, validation), ``suites`` (recorded splits), ``endpoint`` (checks, the
 ``safety`` probe, requests), ``methods`` (client-side baselines), ``cache`` (resume), ``judges``,

