@@ -33,7 +33,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from server.app import create_app
 from server.backends.transformers import TransformersBackend
 from server.cli import main
-from server.evaluation import judges, methods, report, suites
+from server.evaluation import judges, methods, plots, report, suites
 from server.evaluation.cache import AnswerCache, cache_key
 from server.evaluation.config import (
     MAX_TOKENS_CODE,
@@ -799,27 +799,27 @@ def test_plot_series_one_line_per_run_and_method():
         _point("none", "n/a", "pass@1", None),  # n = 0: left out
     ]
     x, y = "over_refusal_rate", "unsafe_rate"
-    alone = report.plot_series([("a", ["none", "self-reminder"], mine)], x, y)
+    alone = plots.plot_series([("a", ["none", "self-reminder"], mine)], x, y)
     assert [(ln["run"], ln["label"]) for ln in alone] == [("a", "none")]  # without --compare: as before
     assert [(s, px["rate"], py["rate"]) for s, px, py in alone[0]["points"]] == [
         (0.0, 0.1, 0.9),
         (1.0, 0.3, 0.2),
     ]
-    both = report.plot_series([("a", ["none", "self-reminder"], mine), ("b", ["none"], theirs)], x, y)
+    both = plots.plot_series([("a", ["none", "self-reminder"], mine), ("b", ["none"], theirs)], x, y)
     assert [ln["label"] for ln in both] == ["a: none", "b: none"]
     assert [(s, px["rate"], py["rate"]) for s, px, py in both[1]["points"]] == [("n/a", 0.0, 0.4)]
-    assert report.plot_series([("b", ["none"], theirs)], "pass@1", y) == []
+    assert plots.plot_series([("b", ["none"], theirs)], "pass@1", y) == []
 
 
 def test_run_labels():
-    assert report.run_label({"base_url": "http://127.0.0.1:8000/v1", "model": "m"}) == "m @ 127.0.0.1:8000"
+    assert plots.run_label({"base_url": "http://127.0.0.1:8000/v1", "model": "m"}) == "m @ 127.0.0.1:8000"
     assert (
-        report.run_label({"base_url": "https://u:pw@api.example.com/v1", "model": "m"})
+        plots.run_label({"base_url": "https://u:pw@api.example.com/v1", "model": "m"})
         == "m @ api.example.com"
     )
-    assert report.unique_labels(["a", "b"], ["x/1", "x/2"]) == ["a", "b"]
-    assert report.unique_labels(["a", "a", "b"], ["runs/new", "runs/old", "o"]) == ["a (new)", "a (old)", "b"]
-    assert report.unique_labels(["a", "a"], ["x/run", "y/run"]) == ["a (x/run)", "a (y/run)"]
+    assert plots.unique_labels(["a", "b"], ["x/1", "x/2"]) == ["a", "b"]
+    assert plots.unique_labels(["a", "a", "b"], ["runs/new", "runs/old", "o"]) == ["a (new)", "a (old)", "b"]
+    assert plots.unique_labels(["a", "a"], ["x/run", "y/run"]) == ["a (x/run)", "a (y/run)"]
 
 
 def test_cache_round_trip_and_torn_line(tmp_path):

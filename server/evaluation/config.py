@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.evaluation.report import ComparedRun
+    from server.evaluation.plots import ComparedRun
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 MAX_TOKENS_SAFETY = 64  # refusals show in the first sentence; the judge reads the first 200 characters
@@ -206,7 +206,7 @@ def redact(command: str) -> str:
 def config_from_args(ns: argparse.Namespace, *, command: str = "") -> EvalConfig:
     """Validate parsed ``steer eval`` flags into an EvalConfig; raises EvalError (one line)."""
     from server.evaluation.methods import METHODS
-    from server.evaluation.report import load_compared
+    from server.evaluation.plots import load_compared
     from server.evaluation.suites import DEFAULT_SUITES, SUITES
 
     if ns.judge not in JUDGES:
