@@ -69,9 +69,10 @@ def _modes(c: int, port: int, vanilla_port: int) -> dict[str, tuple[int, list[di
     return modes
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """VmHWM (peak, including the transient while weights are packed at load) or VmRSS (now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -96,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                     port, safeties = modes[name]
                     res[name].append(asyncio.run(_load(port, safeties, ns.tokens)))
                     print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
-            rss = {"steer": _peak_rss_mib(steer_srv.pid), "vanilla": _peak_rss_mib(vanilla_srv.pid)}
+            rss = {"steer": _rss_mib(steer_srv.pid), "vanilla": _rss_mib(vanilla_srv.pid)}
+            rss_end = {"steer": _rss_mib(steer_srv.pid, "VmRSS"), "vanilla": _rss_mib(vanilla_srv.pid, "VmRSS")}
         finally:
             for srv in (steer_srv, vanilla_srv):
                 srv.terminate()
                 srv.wait()
     table = _summarise(results)
     out = {"command": "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "summary": table, "runs": results}
+           "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "rss_at_end_mib": rss_end, "summary": table, "runs": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
     print("| clients | mode | tok/s | ratio to vanilla (paired) | TTFT p50 s | latency p50 s | latency p99 s |")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         print("| {clients} | {mode} | {tok_per_s:.1f} | {ratio:.3f} | {ttft_p50:.2f} | {latency_p50:.2f} | "
               "{latency_p99:.2f} |".format(**row))
-    print(f"peak RSS MiB: steering server {rss['steer']:.0f}, vanilla server {rss['vanilla']:.0f}")
+    print(f"peak RSS MiB: steering server {rss['steer']:.0f}, vanilla server {rss['vanilla']:.0f}; at the end: "
+          f"{rss_end['steer']:.0f} and {rss_end['vanilla']:.0f}")
     return 0
 
 

@@ -21,8 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _mode(row: dict) -> str:
+    """servers.py names its all-distinct-strengths mode by the load (``steer K=8`` at 8 clients):
+    one line for all loads."""
+    return "steer, K = clients" if row["mode"] == f"steer K={row['clients']}" else row["mode"]
+
+
 def plot_by_clients(summary: list[dict], title: str, out: Path) -> Path:
     """Two panels (tok/s, p50 latency) against clients, one line per mode, medians over repeats."""
+    summary = [{**r, "mode": _mode(r)} for r in summary]
     modes = list(dict.fromkeys(r["mode"] for r in summary))
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in modes:

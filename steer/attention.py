@@ -1,10 +1,11 @@
 """A CPU attention for serving: PyTorch SDPA for prefill, a grouped matmul-softmax for decode.
 
-Measured on the demo model (2 cores, bf16, 8 rows): SDPA's CPU flash kernel costs 12-16 ms of a
-75 ms decode step at 40 tokens of context and ~50 ms at 400, because one query row per head is the
-case it is slowest at. For a single query token the math is two small batched matmuls; doing them
-per key/value head with the query heads of its group stacked (no ``repeat_kv`` copy of the cache)
-cuts the decode step by 12-40% and gives the same tokens (``tests/test_engine.py`` checks the logits).
+Measured on the demo model (2 cores, bf16, 8 rows): SDPA's CPU flash kernel makes a decode step
+12-16 ms slower at 40 tokens of context and ~40 ms slower at 400: one query row per head is the case
+it is slowest at. For a single query token the math is two small batched matmuls; doing them per
+key/value head with the query heads of its group stacked (no ``repeat_kv`` copy of the cache) gives
+SDPA's logits (``tests/test_engine.py``) and a 1.13x faster step at ~40 tokens of context
+(``bench/engine_speed.py``), more at longer contexts.
 
 Registered with transformers' attention and mask interfaces under ``ATTENTION`` so that any model
 loaded with ``attn_implementation=ATTENTION`` (``steer.models.load_model`` does) uses it; masks are

@@ -1,0 +1,66 @@
+"""How often the shipped vector's gate opens on each `steer eval` suite (the served path, no HTTP).
+
+Prefills each suite's first N prompts (the same prompts ``steer eval --limit N`` asks) through the
+serving engine with the shipped vector at strength 1 and reads each row's gate, exactly as
+``steer serve`` decides it. A closed gate means that request is answered by the vanilla model.
+Writes bench/results/gate_rates.json.
+
+    .venv/bin/python bench/gate_rates.py [--suites harmbench,dan,inthewild,aplomb] [--limit 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from server.evaluation.report import wilson
+from server.evaluation.suites import load_suites
+from steer.demo import ensure_demo_model
+from steer.engine import Engine, Sequence
+from steer.extract import chat_prompt_ids
+from steer.hooks import SteeringRuntime
+from steer.models import load_model
+from steer.packed import pack_linears
+from steer.types import SamplingParams
+from steer.vectors import SafetyVector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suites", default="harmbench,donotanswer,past_tense,future_tense,dan,inthewild,aplomb,humaneval")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gate_rates.json"))
+    ns = ap.parse_args(argv)
+    model, tok = load_model(ensure_demo_model())
+    vec = SafetyVector.load(ROOT / "vectors" / "refusal.json")
+    runtime = SteeringRuntime(model, [vec])
+    pack_linears(model)
+    rows = []
+    with runtime:
+        for suite in load_suites(tuple(ns.suites.split(",")), ns.limit):
+            engine = Engine(model, tok, runtime, max_batch_size=8)
+            seqs = [Sequence(chat_prompt_ids(tok, p), SamplingParams(max_tokens=1, temperature=0.0), vec.name, 1.0)
+                    for p in suite.prompts]
+            for s in seqs:
+                engine.add(s)
+            while engine.has_work():
+                engine.step()
+            opened = sum(bool(s.gate[vec.name]) for s in seqs)
+            rows.append({"suite": suite.name, "kind": suite.kind, "n": len(seqs), "gate_open": opened / len(seqs),
+                         "ci95": wilson(opened, len(seqs))})
+            print(f"  {suite.name}: gate open on {opened}/{len(seqs)}", flush=True)
+    out = {"command": "python bench/gate_rates.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "vector": vec.name, "limit": ns.limit, "rows": rows}
+    Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
+    print("| suite | kind | n | gate open | 95% CI |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['suite']} | {r['kind']} | {r['n']} | {r['gate_open']:.0%} | {r['ci95'][0]:.0%}-{r['ci95'][1]:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
