@@ -5,8 +5,10 @@ Two real ``steer serve`` processes stay up for the whole run: ``vanilla`` (no ve
 the default server (shipped vectors). Per concurrency C the modes are: vanilla; off (strength 0);
 K = 1, 8, 32 distinct strengths (K <= C); and, at C = 8, compare (every request also generates its
 baseline). Modes are interleaved per repeat. Peak RSS is each server's VmHWM after the run.
+``--aa`` makes the "vanilla" server a second, identical steering server: an A/A control for the bias
+between two server processes.
 
-    .venv/bin/python bench/load.py [--tokens 64] [--repeats 2]
+    .venv/bin/python bench/load.py [--tokens 64] [--repeats 2] [--concurrency 1,8,32] [--aa]
 """
 
 from __future__ import annotations
@@ -84,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--port", type=int, default=8133)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    ap.add_argument("--aa", action="store_true",
+                    help="A/A control: the 'vanilla' server is a second, identical steering server, so every "
+                         "ratio measures the bias between two server processes, not steering")
     ns = ap.parse_args(argv)
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as empty:
         steer_srv = start_server(ns.port, ["--max-batch-size", "32"])
-        vanilla_srv = start_server(ns.port + 1, ["--vectors", empty, "--default-strength", "0", "--max-batch-size", "32"])
+        vanilla_args = ["--max-batch-size", "32"] if ns.aa else ["--vectors", empty, "--default-strength", "0",
+                                                                  "--max-batch-size", "32"]
+        vanilla_srv = start_server(ns.port + 1, vanilla_args)
         try:
             for c in (int(x) for x in ns.concurrency.split(",")):
                 modes = _modes(c, ns.port, ns.port + 1)

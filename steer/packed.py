@@ -8,9 +8,11 @@ backend do. Measured on the demo model (2 cores, bf16): the linear layers of one
 70 to 48 ms (``bench/engine_speed.py``); prefill-sized inputs are no slower.
 
 Packing replaces each ``nn.Linear`` in the decoder (and the LM head) with a :class:`PackedLinear`.
-The plain weight of an untied linear is dropped, so memory stays the same; a weight tied to another
-module (the LM head tied to the token embedding) is kept for that module and the packed copy is the
-only extra memory. Anything that reads weights must run before packing: :func:`steer.models.fingerprint`
+The plain weight of an untied linear is dropped, so steady-state memory stays the same; a weight tied
+to another module (the LM head tied to the token embedding) is kept for that module and the packed
+copy is the only extra memory. While packing, the memory-mapped checkpoint pages it reads stay mapped
+until the last view of the file is gone, so the process's peak RSS (VmHWM) includes a transient of
+about the checkpoint's size. Anything that reads weights must run before packing: :func:`steer.models.fingerprint`
 refuses a packed model rather than hash a model with missing weights.
 """
 
