@@ -54,8 +54,8 @@ class Settings(BaseModel):
     linear_weights: Literal["packed", "plain"] = Field(
         "packed",
         description="CPU linear layers: 'packed' re-lays the weights out for oneDNN once at load (about 2x "
-        "faster matmuls at decode batch sizes, same memory; skipped with a warning where unsupported); "
-        "'plain' keeps torch's default layout.",
+        "faster matmuls at decode batch sizes; steady memory grows only by a packed copy of a tied LM head; "
+        "skipped with a warning where unsupported); 'plain' keeps torch's default layout.",
     )
     served_model_name: str | None = Field(
         None, description="Model name reported by /v1/models. Omitted: derived from the model path."
