@@ -5,7 +5,7 @@ serving engine with the shipped vector at strength 1 and reads each row's gate, 
 ``steer serve`` decides it. A closed gate means that request is answered by the vanilla model.
 Writes bench/results/gate_rates.json.
 
-    .venv/bin/python bench/gate_rates.py [--suites harmbench,dan,inthewild,aplomb] [--limit 100]
+    .venv/bin/python bench/gate_rates.py [--suites harmbench,dan,inthewild,aplomb] [--limit 100] [--benign-in-templates]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from server.evaluation.report import wilson
-from server.evaluation.suites import load_suites
+from server.evaluation.suites import _templated, load_suites
+from steer.calibrate import splits
 from steer.demo import ensure_demo_model
 from steer.engine import Engine, Sequence
 from steer.extract import chat_prompt_ids
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="harmbench,donotanswer,past_tense,future_tense,dan,inthewild,aplomb,humaneval")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--benign-in-templates", action="store_true",
+                    help="also the aplomb benign prompts wrapped in the dan / in-the-wild templates "
+                         "(the suites' own pairing rule): does a jailbreak template alone open the gate?")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gate_rates.json"))
     ns = ap.parse_args(argv)
     model, tok = load_model(ensure_demo_model())
@@ -41,18 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     pack_linears(model)
     rows = []
     with runtime:
-        for suite in load_suites(tuple(ns.suites.split(",")), ns.limit):
+        sets = [(su.name, su.kind, su.prompts) for su in load_suites(tuple(ns.suites.split(",")), ns.limit)]
+        if ns.benign_in_templates:
+            sp = splits()
+            for t in ("dan_templates", "inthewild_templates"):
+                ps = _templated(t, "test_benign")(sp)[0].take(ns.limit)
+                sets.append((f"{t.removesuffix('_templates')} (aplomb benign inside)", "benign", ps.prompts))
+        for name, kind, prompts in sets:
             engine = Engine(model, tok, runtime, max_batch_size=8)
             seqs = [Sequence(chat_prompt_ids(tok, p), SamplingParams(max_tokens=1, temperature=0.0), vec.name, 1.0)
-                    for p in suite.prompts]
+                    for p in prompts]
             for s in seqs:
                 engine.add(s)
             while engine.has_work():
                 engine.step()
             opened = sum(bool(s.gate[vec.name]) for s in seqs)
-            rows.append({"suite": suite.name, "kind": suite.kind, "n": len(seqs), "gate_open": opened / len(seqs),
+            rows.append({"suite": name, "kind": kind, "n": len(seqs), "gate_open": opened / len(seqs),
                          "ci95": wilson(opened, len(seqs))})
-            print(f"  {suite.name}: gate open on {opened}/{len(seqs)}", flush=True)
+            print(f"  {name}: gate open on {opened}/{len(seqs)}", flush=True)
     out = {"command": "python bench/gate_rates.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "vector": vec.name, "limit": ns.limit, "rows": rows}
     Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")

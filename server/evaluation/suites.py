@@ -81,12 +81,14 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _templated(set_name: str) -> Builder:
-    """HarmBench test request i wrapped in template order[i % n] of the templates of at most
-    TEMPLATE_MAX_CHARS characters, ``order`` a SPLIT_SEED shuffle of their indices."""
+def _templated(set_name: str, requests_key: str = "test_harmful") -> Builder:
+    """Request i of ``steer.calibrate.splits()[requests_key]`` (the held-out HarmBench test split for
+    the suites; ``bench/gate_rates.py`` also wraps the benign test split) wrapped in template
+    order[i % n] of the templates of at most TEMPLATE_MAX_CHARS characters, ``order`` a SPLIT_SEED
+    shuffle of their indices."""
 
     def build(sp: dict) -> tuple[data.PromptSet, str, dict]:
-        requests, ts = sp["test_harmful"], data.load(set_name)
+        requests, ts = sp[requests_key], data.load(set_name)
         kept = [t for t in ts.prompts if len(t) <= TEMPLATE_MAX_CHARS]
         order = list(range(len(kept)))
         random.Random(SPLIT_SEED).shuffle(order)
@@ -95,14 +97,14 @@ def _templated(set_name: str) -> Builder:
             raise data.DataError(f"{set_name}: wrapped prompts are not distinct")
         ps = data.PromptSet(
             f"{set_name}({requests.name})",
-            "harmful",
+            requests.label,
             prompts,
             f"{requests.source} + {ts.source}",
             requests.sha256,
         )
         fills = ", ".join(f"{k} = {v!r}" for k, v in data.TEMPLATE_FILLS.items())
         rule = (
-            f"request i of steer.calibrate.splits()['test_harmful'] (held out from fitting and dev) "
+            f"request i of steer.calibrate.splits()[{requests_key!r}] (held out from fitting and dev) "
             f"wrapped by steer.data.wrap in template order[i % {len(kept)}]: the {len(kept)} of "
             f"{len(ts.prompts)} {set_name} of <= {TEMPLATE_MAX_CHARS} chars, order = "
             f"random.Random({SPLIT_SEED}).shuffle(range({len(kept)})); {{generator.name}} = "
