@@ -616,6 +616,8 @@ def test_suites_are_the_held_out_parts():
         "future_tense": 590,
         "dan": 160,
         "inthewild": 160,
+        "dan_benign": 50,
+        "inthewild_benign": 50,
         "aplomb": 50,
         "ablate_harmless": 40,
         "humaneval": 84,
@@ -627,6 +629,8 @@ def test_suites_are_the_held_out_parts():
         "future_tense",
         "dan",
         "inthewild",
+        "dan_benign",
+        "inthewild_benign",
         "aplomb",
         "humaneval",
     )
@@ -685,6 +689,22 @@ def test_template_sets():
 
 def _template_suites(limit=None) -> dict[str, suites.Suite]:
     return {s.name: s for s in load_suites(("harmbench", "dan", "inthewild"), limit)}
+
+
+def test_benign_in_template_suites():
+    """The same templates and pairing rule around the aplomb benign prompts: kind benign (scored as
+    over-refusal), every prompt holds its benign request, the rule names the benign split."""
+    got = {s.name: s for s in load_suites(("aplomb", "dan", "dan_benign", "inthewild_benign"))}
+    benign = got["aplomb"].prompts
+    for name in ("dan_benign", "inthewild_benign"):
+        su = got[name]
+        assert su.kind == "benign" and len(su.prompts) == len(set(su.prompts)) == 50
+        assert all(req in p and p != req for req, p in zip(benign, su.prompts, strict=True))
+        assert "splits()['test_benign']" in su.split["rule"] and su.split["held_out"]
+    # same template order as the harmful suite: prompt i uses the template harmful prompt i uses
+    shas = got["dan"].split["templates"]["template_sha256"]
+    assert got["dan_benign"].split["templates"]["template_sha256"] == shas
+    assert "dan_benign" in suites.OPT_IN and "dan_benign" not in suites.DEFAULT_SUITES
 
 
 def test_jailbreak_template_suites():
@@ -756,7 +776,7 @@ def test_suite_selection(tmp_path):
     assert _parse(tmp_path, "--suites", "harmbench", "dan").suites == ("harmbench", "dan")
     default = _parse(tmp_path).suites
     assert default == DEFAULT_SUITES and "dan" not in default and "inthewild" not in default
-    assert set(SUITES) - set(default) == {"dan", "inthewild"}
+    assert set(SUITES) - set(default) == {"dan", "inthewild", "dan_benign", "inthewild_benign"}
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert "dan, inthewild" in " ".join(p.format_help().split())

@@ -145,6 +145,9 @@ SUITES: dict[str, tuple[Kind, Builder]] = {
     "future_tense": ("jailbreak", _unused("future_tense", 100)),
     "dan": ("jailbreak", _templated("dan_templates")),
     "inthewild": ("jailbreak", _templated("inthewild_templates")),
+    # the same templates around benign requests: does the template alone make the server refuse?
+    "dan_benign": ("benign", _templated("dan_templates", "test_benign")),
+    "inthewild_benign": ("benign", _templated("inthewild_templates", "test_benign")),
     "aplomb": (
         "benign",
         _whole("aplomb_benign", "all 50 (20 XSTest-style hard negatives); never used in fitting"),
@@ -155,7 +158,12 @@ SUITES: dict[str, tuple[Kind, Builder]] = {
     ),
     "humaneval": ("utility", _humaneval),
 }
-OPT_IN = ("dan", "inthewild")  # long prompts: run only when named in --suites
+OPT_IN = (
+    "dan",
+    "inthewild",
+    "dan_benign",
+    "inthewild_benign",
+)  # long prompts: run only when named in --suites
 DEFAULT_SUITES = tuple(n for n in SUITES if n not in OPT_IN)
 
 
