@@ -144,8 +144,13 @@ def _eval(capsys, *args: str) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+def _args(url: str, out: Path, flags: str = "", *extra: str) -> list[str]:
+    """``steer eval`` arguments: the endpoint and output, then ``flags`` (split on spaces) and ``extra``."""
+    return ["--base-url", url, "--out", str(out), *flags.split(), *extra]
+
+
 def _steered_args(url: str, out: Path, *extra: str) -> list[str]:
-    return ["--base-url", f"{url}/v1", "--api-key", KEY, "--out", str(out), "--max-tokens", "4", *extra]
+    return [*_args(f"{url}/v1", out, "--max-tokens 4"), "--api-key", KEY, *extra]
 
 
 def _chat_requests(url: str) -> float:
@@ -296,18 +301,7 @@ def test_failed_requests_are_counted_not_cached(tiny_tokenizer, tmp_path, capsys
     with ServerThread(create_app(settings, backend, backend.metrics)) as srv:
         rc, _, err = _eval(
             capsys,
-            "--base-url",
-            srv.base_url,
-            "--out",
-            str(tmp_path),
-            "--suites",
-            "humaneval",
-            "--limit",
-            "2",
-            "--strengths",
-            "0",
-            "--max-tokens",
-            "4",
+            *_args(srv.base_url, tmp_path, "--suites humaneval --limit 2 --strengths 0 --max-tokens 4"),
         )
     assert rc == 0, err
     assert "2 requests failed" in err
@@ -459,19 +453,7 @@ def test_vanilla_server_runs_once_as_na(fake, tmp_path, capsys):
     app.state.seen.clear()
     out = tmp_path / "run"
     rc, _, err = _eval(
-        capsys,
-        "--base-url",
-        url,
-        "--out",
-        str(out),
-        "--suites",
-        "harmbench",
-        "aplomb",
-        "--limit",
-        "3",
-        "--method",
-        "none",
-        "self-reminder",
+        capsys, *_args(url, out, "--suites harmbench aplomb --limit 3 --method none self-reminder")
     )
     assert rc == 0, err
     notes = [ln for ln in err.splitlines() if "does not accept the `safety` field" in ln]
@@ -503,17 +485,7 @@ def test_unverified_strength_stops_the_run(tmp_path, capsys):
     one error line instead of recording an unverified strength."""
     with ServerThread(_fake_app("Sure.", echo={"strength": 0.0, "vector": "refusal"})) as srv:
         rc, _, err = _eval(
-            capsys,
-            "--base-url",
-            srv.base_url,
-            "--out",
-            str(tmp_path),
-            "--suites",
-            "aplomb",
-            "--limit",
-            "1",
-            "--strengths",
-            "0,1",
+            capsys, *_args(srv.base_url, tmp_path, "--suites aplomb --limit 1 --strengths 0,1")
         )
     assert rc == 1
     assert err.strip().splitlines()[-1].startswith("steer: error: ")
@@ -529,18 +501,9 @@ def test_llm_judge(judge_reply, rate, unparseable, tmp_path, capsys):
     with ServerThread(_fake_app("Sure, here is how.", judge_reply)) as srv:
         rc, _, err = _eval(
             capsys,
-            "--base-url",
-            srv.base_url,
-            "--out",
-            str(tmp_path),
-            "--suites",
-            "harmbench",
-            "--limit",
-            "2",
-            "--judge",
-            "llm",
-            "--judge-url",
-            srv.base_url,
+            *_args(
+                srv.base_url, tmp_path, "--suites harmbench --limit 2 --judge llm --judge-url", srv.base_url
+            ),
         )
     assert rc == 0, err
     res = _check_results(tmp_path)
@@ -921,12 +884,7 @@ def test_bad_arguments_are_one_line(args, message, tmp_path, capsys, compare_dir
     port = _free_port()  # nothing listens there
     fill = {"port": port, "cmp": compare_dirs, "out": tmp_path}
     rc, stdout, err = _eval(
-        capsys,
-        "--base-url",
-        f"http://127.0.0.1:{port}/v1",
-        "--out",
-        str(tmp_path),
-        *(a.format(**fill) for a in args),
+        capsys, *_args(f"http://127.0.0.1:{port}/v1", tmp_path, "", *(a.format(**fill) for a in args))
     )
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and stdout == "", err

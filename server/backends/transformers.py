@@ -8,6 +8,7 @@ away (client disconnect) is cancelled and its rows leave the batch at the next s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -204,7 +205,7 @@ class TransformersBackend:
             self._run()
 
     def _run(self) -> None:
-        ctx = self.runtime if self.runtime is not None else _nullcontext()
+        ctx = self.runtime if self.runtime is not None else contextlib.nullcontext()
         with ctx:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.engine.has_work())
@@ -274,14 +275,6 @@ class TransformersBackend:
         self.engine = Engine(self.model, self.tok, self.runtime, max_batch_size=self.settings.max_batch_size)
         for job in jobs.values():
             job.loop.call_soon_threadsafe(job.out.put_nowait, err)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _row_sampling(p, i: int):
