@@ -51,11 +51,45 @@ class Settings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most sequences decoded in one forward batch.")
     max_model_len: int = Field(2048, ge=1, description="Most tokens (prompt + completion) per sequence.")
     max_n: int = Field(4, ge=1, description="Largest 'n' (choices per request) a request may ask for.")
-    linear_weights: Literal["packed", "plain"] = Field(
-        "packed",
-        description="CPU linear layers: 'packed' re-lays the weights out for oneDNN once at load (about 2x "
-        "faster matmuls at decode batch sizes; steady memory grows only by a packed copy of a tied LM head; "
-        "skipped with a warning where unsupported); 'plain' keeps torch's default layout.",
+    default_vector: str | None = Field(
+        None,
+        description="Vector used by requests that do not name one. Omitted: the only loaded vector; with "
+        "several loaded the server refuses to start until one is named.",
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Compute dtype of the model. 'auto' picks by the host CPU: bfloat16 where oneDNN has "
+        "bf16 kernels (AVX-512 BF16 / AMX), otherwise by a short measured probe (float32 on AVX2-only "
+        "hosts, where bf16 matmuls have no fast kernel).",
+    )
+    linear_weights: Literal["auto", "packed", "plain"] = Field(
+        "auto",
+        description="CPU linear layers: 'packed' re-lays the weights out for oneDNN once at load (faster "
+        "matmuls at decode batch sizes; steady memory grows only by a packed copy of a tied LM head); "
+        "'plain' keeps torch's layout; 'auto' packs where oneDNN supports the dtype and a short probe "
+        "says it is faster. An explicit 'packed' the host cannot do is a startup error.",
+    )
+    max_step_tokens: int = Field(
+        512,
+        ge=16,
+        description="Most prompt tokens one engine step prefills (chunked prefill). A long prompt is "
+        "prefilled in chunks between decode steps, so it never stalls the running streams for long.",
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=0,
+        description="Most requests waiting for a batch slot; beyond it a request is answered 429 with "
+        "Retry-After.",
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (bytes); larger is HTTP 413."
+    )
+    shutdown_timeout: float = Field(
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="On SIGTERM: seconds in-flight requests may still finish before they are cancelled "
+        "with an error and the server exits 0. A second SIGTERM or SIGINT exits at once.",
     )
     served_model_name: str | None = Field(
         None, description="Model name reported by /v1/models. Omitted: derived from the model path."

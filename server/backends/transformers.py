@@ -79,7 +79,7 @@ class TransformersBackend:
         self.fingerprint = fingerprint(model)
         self.runtime = (SteeringRuntime(model, self.vectors.values(), model_fingerprint=self.fingerprint)
                         if self.vectors else None)
-        if loaded and settings.linear_weights == "packed":
+        if loaded and settings.linear_weights in ("packed", "auto"):  # auto: replaced by the host choice
             self._pack()
         self.engine = Engine(model, tokenizer, self.runtime, max_batch_size=settings.max_batch_size)
 
