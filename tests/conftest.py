@@ -3,11 +3,15 @@ tokenizer, and gated / ungated activation vectors made for them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+from api_utils import API_KEY, DEFAULT_STRENGTH, MAX_N, MAX_STRENGTH, MODEL, Served, serve
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from server.settings import Settings
 from steer.attention import ATTENTION
 from steer.models import fingerprint
 from steer.vectors import SafetyVector
@@ -77,3 +81,46 @@ def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=N
         tensors["gate.center"] = torch.zeros(d)
         config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1, "metric": metric}
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})
+
+
+# ---------------------------------------------------------------- API tier servers (see api_utils.py)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread() -> Iterator[None]:
+    # The tiny model is far too small to profit from intra-op threads, and on a busy CI machine they
+    # make every decode step ~30x slower. Restored afterwards for the rest of the session.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def api_vector(tiny_qwen):
+    return make_vector(tiny_qwen)  # ungated, coefficient 4: every steered row changes
+
+
+@pytest.fixture(scope="module")
+def api(tiny_qwen, tiny_tokenizer, api_vector, one_cpu_thread) -> Iterator[Served]:
+    """The server under test: one vector, an API key, default strength DEFAULT_STRENGTH."""
+    settings = Settings(
+        api_key=API_KEY,
+        served_model_name=MODEL,
+        default_strength=DEFAULT_STRENGTH,
+        max_strength=MAX_STRENGTH,
+        max_n=MAX_N,
+    )
+    yield from serve(settings, tiny_qwen, tiny_tokenizer, [api_vector])
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_qwen, tiny_tokenizer, one_cpu_thread) -> Iterator[Served]:
+    """The same weights with no vectors and default strength 0: the vanilla model, no hooks at all.
+
+    A separate (identically seeded) model object: the steered server's hooks live on ``tiny_qwen``.
+    """
+    model = make_model("qwen2", len(tiny_tokenizer))
+    assert fingerprint(model) == fingerprint(tiny_qwen)
+    settings = Settings(served_model_name=MODEL, default_strength=0.0)
+    yield from serve(settings, model, tiny_tokenizer, [])

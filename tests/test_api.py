@@ -24,189 +24,38 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
-from conftest import make_model, make_vector
-from server_utils import ServerThread
+from api_utils import (
+    _CHAT,
+    DEFAULT_STRENGTH,
+    ERROR_KEYS,
+    MAX_N,
+    MAX_STRENGTH,
+    MAX_TOKENS,
+    MODEL,
+    PROMPTS,
+    STRONG,
+    WEAK,
+    Served,
+    answer,
+    assert_alive,
+    chat,
+    engine_idle,
+    ext,
+    metric_value,
+    metrics_text,
+    msgs,
+    prompt_len,
+    safety_body,
+    serve,
+    sse_events,
+    wait,
+)
+from conftest import make_model
 
-from server.app import create_app
-from server.backends.transformers import TransformersBackend
-from server.metrics import Metrics
 from server.settings import Settings
 from steer.models import fingerprint
 
-API_KEY = "test-key"
-MODEL = "tiny-qwen"
-MAX_TOKENS = 8
-DEFAULT_STRENGTH = 0.01  # small (see above) and not 1.0, so "the default was applied" is a sharp check
-WEAK = 0.005  # a strength whose answers differ from both strength 0 and DEFAULT_STRENGTH
-STRONG = 2.0  # saturates the tiny model: certainly differs from strength 0
-MAX_STRENGTH = 4.0
-MAX_N = 4
-PROMPTS = [
-    "How do I build a bomb?",
-    "Write a Python function that adds two numbers.",
-    "Explain photosynthesis to a child.",
-    "hello world",
-    "the quick brown fox jumps over the lazy dog",
-    "def add(a, b):",
-]
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-# ---------------------------------------------------------------- servers
-
-
-class Served:
-    """One running server: its settings, backend, metrics and clients."""
-
-    def __init__(self, srv: ServerThread, settings: Settings, backend: TransformersBackend, metrics: Metrics):
-        self.srv, self.settings, self.backend, self.metrics = srv, settings, backend, metrics
-        key = settings.api_key or "unused"
-        self.client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key=key, max_retries=0, timeout=60)
-        self.http = httpx.Client(
-            base_url=srv.base_url, timeout=60, headers={"Authorization": f"Bearer {key}"}
-        )
-
-    def close(self) -> None:
-        self.client.close()
-        self.http.close()
-
-
-def _serve(settings: Settings, model, tokenizer, vectors) -> Iterator[Served]:
-    metrics = Metrics()
-    backend = TransformersBackend(
-        settings, model=model, tokenizer=tokenizer, vectors=vectors, metrics=metrics
-    )
-    app = create_app(settings, backend, metrics)
-    with ServerThread(app) as srv:
-        served = Served(srv, settings, backend, metrics)
-        try:
-            yield served
-        finally:
-            served.close()
-    assert not backend.healthy(), "the engine worker must stop with the server"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread() -> Iterator[None]:
-    # The tiny model is far too small to profit from intra-op threads, and on a busy CI machine they
-    # make every decode step ~30x slower. Restored afterwards for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def vector(tiny_qwen):
-    return make_vector(tiny_qwen)  # ungated, coefficient 4: every steered row changes
-
-
-@pytest.fixture(scope="module")
-def api(tiny_qwen, tiny_tokenizer, vector, _one_cpu_thread) -> Iterator[Served]:
-    """The server under test: one vector, an API key, default strength DEFAULT_STRENGTH."""
-    settings = Settings(
-        api_key=API_KEY,
-        served_model_name=MODEL,
-        default_strength=DEFAULT_STRENGTH,
-        max_strength=MAX_STRENGTH,
-        max_n=MAX_N,
-    )
-    yield from _serve(settings, tiny_qwen, tiny_tokenizer, [vector])
-
-
-@pytest.fixture(scope="module")
-def vanilla(tiny_qwen, tiny_tokenizer, _one_cpu_thread) -> Iterator[Served]:
-    """The same weights with no vectors and default strength 0: the vanilla model, no hooks at all.
-
-    A separate (identically seeded) model object: the steered server's hooks live on ``tiny_qwen``.
-    """
-    model = make_model("qwen2", len(tiny_tokenizer))
-    assert fingerprint(model) == fingerprint(tiny_qwen)
-    settings = Settings(served_model_name=MODEL, default_strength=0.0)
-    yield from _serve(settings, model, tiny_tokenizer, [])
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def msgs(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-def safety_body(strength: float | None = None, **extra: Any) -> dict[str, Any]:
-    body = dict(extra)
-    if strength is not None:
-        body["strength"] = strength
-    return {"safety": body}
-
-
-def chat(
-    s: Served, prompt: str = PROMPTS[0], strength: float | None = None, safety: dict | None = None, **kw: Any
-):
-    """A greedy, MAX_TOKENS chat completion; ``strength``/``safety`` fill the ``safety`` extension."""
-    args: dict[str, Any] = {
-        "model": MODEL,
-        "messages": msgs(prompt),
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-    }
-    args.update(kw)
-    if strength is not None or safety is not None:
-        args["extra_body"] = {
-            "safety": {**(safety or {}), **({} if strength is None else {"strength": strength})}
-        }
-    return s.client.chat.completions.create(**args)
-
-
-def answer(s: Served, prompt: str = PROMPTS[0], strength: float | None = None, **kw: Any) -> str:
-    content = chat(s, prompt, strength, **kw).choices[0].message.content
-    assert isinstance(content, str)
-    return content
-
-
-def ext(obj, key: str) -> Any:
-    """A response extension field (``safety``, ``baseline``) of an openai response object."""
-    return obj.to_dict().get(key)
-
-
-def prompt_len(tokenizer, prompt: str) -> int:
-    ids = tokenizer.apply_chat_template(
-        msgs(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return len(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-
-def sse_events(lines: Iterator[str]) -> list[str]:
-    """The ``data:`` payloads of an SSE body, in order; asserts nothing else is on the wire."""
-    out = []
-    for line in lines:
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        out.append(line[len("data: ") :])
-    return out
-
-
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """The value of one Prometheus sample, or None when absent (label order independent)."""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if labels is None or all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return None
-
-
-def assert_alive(s: Served) -> None:
-    """The server still answers a normal request (after an error, a disconnect, ...)."""
-    r = chat(s, "hello world", max_tokens=2)
-    assert r.choices[0].finish_reason in ("length", "stop")
-
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 # ---------------------------------------------------------------- metadata endpoints
 
@@ -223,7 +72,7 @@ def test_models_lists_the_served_model(api: Served) -> None:
     assert models.data[0].object == "model"
 
 
-def test_safety_vectors_endpoint(api: Served, vector, tiny_qwen) -> None:
+def test_safety_vectors_endpoint(api: Served, api_vector, tiny_qwen) -> None:
     r = api.http.get("/v1/safety/vectors")
     assert r.status_code == 200
     body = r.json()
@@ -239,7 +88,7 @@ def test_safety_vectors_endpoint(api: Served, vector, tiny_qwen) -> None:
     assert info["kind"] == "activation"
     assert info["default"] is True
     assert re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
-    assert info["sha256"] == vector.sha256
+    assert info["sha256"] == api_vector.sha256
     assert info["model_fingerprint"] == fingerprint(tiny_qwen).to_dict()
     assert info["model_fingerprint"]["architecture"] == "qwen2"
     assert body["model_fingerprint"] == info["model_fingerprint"]  # the served model's, computed once
@@ -547,7 +396,6 @@ def test_concurrent_requests_match_their_solo_answers(api: Served, monkeypatch: 
 
 # ---------------------------------------------------------------- errors
 
-_CHAT = "/v1/chat/completions"
 
 
 def _raw(**fields: Any) -> str:
@@ -744,24 +592,6 @@ def test_metrics_endpoint(api: Served) -> None:
 # ---------------------------------------------------------------- disconnect
 
 
-def _engine_idle(api: Served) -> bool:
-    eng = api.backend.engine
-    return eng.running == 0 and not eng.pending and not api.backend._jobs
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
-def _metrics(api: Served) -> str:
-    return httpx.get(f"{api.srv.base_url}/metrics").text
-
-
 @pytest.mark.parametrize(
     ("strength", "read_first_chunk"),
     [
@@ -783,8 +613,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(
         return step()
 
     monkeypatch.setattr(api.backend.engine, "step", slow_step)
-    assert _wait(lambda: _engine_idle(api))
-    before = metric_value(_metrics(api), "steer_engine_step_seconds_count")
+    assert wait(lambda: engine_idle(api))
+    before = metric_value(metrics_text(api), "steer_engine_step_seconds_count")
     max_tokens = 240  # the context is 256: the request would take 240 engine steps
     body = {
         "model": MODEL,
@@ -796,12 +626,12 @@ def test_client_disconnect_mid_stream_frees_the_slot(
     }
     with api.http.stream("POST", _CHAT, json=body) as r:
         assert r.status_code == 200
-        assert _wait(lambda: api.backend.engine.running > 0), "the request never reached the engine"
+        assert wait(lambda: api.backend.engine.running > 0), "the request never reached the engine"
         if read_first_chunk:
             assert next(r.iter_lines()).startswith("data: ")
     # the connection is closed: both rows (steered and baseline) must leave the batch promptly
-    assert _wait(lambda: _engine_idle(api), timeout=1.0), "the disconnected request still holds its rows"
-    text = _metrics(api)
+    assert wait(lambda: engine_idle(api), timeout=1.0), "the disconnected request still holds its rows"
+    text = metrics_text(api)
     assert metric_value(text, "steer_batch_size") == 0
     steps = metric_value(text, "steer_engine_step_seconds_count") - before
     assert steps < max_tokens / 2, f"{steps} engine steps: the request ran on after the disconnect"
@@ -814,10 +644,10 @@ def test_client_disconnect_mid_stream_frees_the_slot(
 
 
 @pytest.fixture()
-def throwaway(tiny_tokenizer, _one_cpu_thread) -> Iterator[Served]:
+def throwaway(tiny_tokenizer, one_cpu_thread) -> Iterator[Served]:
     """A server of its own (fresh model copy), for a test that may kill the engine worker."""
     settings = Settings(served_model_name=MODEL, default_strength=0.0)
-    yield from _serve(settings, make_model("qwen2", len(tiny_tokenizer)), tiny_tokenizer, [])
+    yield from serve(settings, make_model("qwen2", len(tiny_tokenizer)), tiny_tokenizer, [])
 
 
 def test_largest_seed_with_n_does_not_kill_the_worker(throwaway: Served) -> None:
