@@ -123,7 +123,7 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
             param="model", code="model_not_found",
         )
     inp, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
-    prepared = backend.prepare(inp, spec)
+    prepared = await backend.prepare(inp, spec)
     meta = r.ResponseMeta.new(kind, backend.model_name)
     vkind = backend.vector_kinds().get(spec.vector)
     safety = r.safety_info(spec, vkind)

@@ -6,6 +6,7 @@ clients expect 400, not FastAPI's 422), and a traceback is logged, never sent.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,14 @@ SERVER_ERROR = "server_error"
 INVALID_JSON_MESSAGE = "request body is not valid JSON"
 # The first element of a FastAPI validation loc says where the value came from, not which field it is.
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+# The id of the request being served (set by the app's request-id middleware); errors and logs quote it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("steer_request_id", default=None)
+
+
+def current_request_id() -> str:
+    return REQUEST_ID.get() or "unknown"
 
 
 class APIError(Exception):

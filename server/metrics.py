@@ -39,6 +39,10 @@ class Metrics:
             "steer_gate", "Steered rows by gate decision", ["vector", "fired"], registry=r
         )
         self.batch_size = Gauge("steer_batch_size", "Rows in the running batch", registry=r)
+        self.running_rows = Gauge("steer_running_rows", "Rows being prefilled or decoded now", registry=r)
+        self.queued_requests = Gauge(
+            "steer_queued_requests", "Requests accepted and waiting for a batch slot", registry=r
+        )
         self.step_seconds = Histogram(
             "steer_engine_step_seconds", "Engine step time", buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10), registry=r
         )

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class TransformersBackend:
         self._thread = threading.Thread(target=self._main, args=(model, tokenizer, vectors), name="steer-engine",
                                         daemon=True)
         self._ready: queue.Queue = queue.Queue()
+        # Tokenizing (chat templates of long prompts) must not block the event loop. One thread, so the
+        # encoding tokenizer is only ever used from one thread (the engine thread decodes with its own copy).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-tokenize")
         self._thread.start()
         err = self._ready.get()
         if err is not None:
@@ -129,7 +133,11 @@ class TransformersBackend:
         return self._go.is_set() and self._thread.is_alive() and self._error is None
 
     # -- requests ----------------------------------------------------------------------------
-    def prepare(self, inp, steering) -> Prepared:
+    async def prepare(self, inp, steering) -> Prepared:
+        """Tokenize off the event loop, on the one thread that owns the encoding tokenizer."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prepare, inp, steering)
+
+    def _prepare(self, inp, steering) -> Prepared:
         if inp.messages is not None:
             msgs = [{"role": m.role, "content": m.content} for m in inp.messages]
             try:
