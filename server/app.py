@@ -3,24 +3,42 @@ hand them to the backend, and turn its row events back into OpenAI bodies or SSE
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import backends
 from server import protocol as p
 from server import responses as r
 from server.backends.base import Backend, Prepared
-from server.errors import APIError, install_error_handlers, sse_error_line
+from server.errors import (
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    APIError,
+    BodyTooLarge,
+    current_request_id,
+    error_body,
+    install_error_handlers,
+    sse_error_line,
+)
 from server.metrics import Metrics, strength_bucket
 from server.settings import Settings
 
 log = logging.getLogger("steer.server")
+T = TypeVar("T")
+# nginx's "client closed request": what a non-streaming request whose client left is counted as.
+CLIENT_CLOSED = 499
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class StartupError(RuntimeError):
@@ -36,6 +54,9 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
             "no safety vectors are loaded, so the default strength cannot be applied: "
             "pass --vectors DIR, or --default-strength 0 to serve the unsteered model"
         )
+    # Backends settle their default vector at setup; asking here makes one that would only decide on the
+    # first request (and raise VectorError there) fail at startup instead.
+    backend.default_vector()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -48,14 +69,19 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
     app = FastAPI(title="steer: safety steering server", lifespan=lifespan)
     app.state.backend, app.state.settings, app.state.metrics = backend, settings, metrics
     install_error_handlers(app)
-    _install_metrics_middleware(app, metrics)
+    # add_middleware wraps what is there, so the last added runs first: the id is set before anything
+    # can fail, and the metrics see the body limit's 413s.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     auth = _auth_dependency(settings)
 
     @app.get("/health")
     async def health():
-        if backend.healthy():
-            return {"status": "ok"}
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        kernels = backend.runtime_info()["kernels"]
+        body = {"status": "ok" if backend.healthy() else backend.status(),
+                "kernels": {k: kernels[k] for k in ("dtype", "linear_weights")}}
+        return body if backend.healthy() else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -65,7 +91,8 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
     async def models():
         return {
             "object": "list",
-            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "steer"}],
+            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "steer",
+                      "max_model_len": backend.max_model_len, "steer": backend.runtime_info()}],
         }
 
     @app.get("/v1/safety/vectors", dependencies=[Depends(auth)])
@@ -84,12 +111,12 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
         }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(req: p.ChatCompletionRequest):
-        return await _complete(backend, settings, metrics, req, "chat")
+    async def chat(req: p.ChatCompletionRequest, request: Request):
+        return await _complete(backend, settings, metrics, req, "chat", request)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(req: p.CompletionRequest):
-        return await _complete(backend, settings, metrics, req, "text")
+    async def completions(req: p.CompletionRequest, request: Request):
+        return await _complete(backend, settings, metrics, req, "text", request)
 
     return app
 
@@ -106,17 +133,134 @@ def _auth_dependency(settings: Settings):
     return check
 
 
-def _install_metrics_middleware(app: FastAPI, metrics: Metrics) -> None:
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        if path.startswith("/v1/") or path in ("/health",):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+# ---------------------------------------------------------------- middleware (pure ASGI: streaming bodies
+# pass through untouched, and the route's receive() still reports the client's disconnect)
 
 
-async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req, kind: r.Kind):
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it is a short safe token (it is echoed and logged), else a new id."""
+    given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID_RE.fullmatch(given) else "req-" + secrets.token_hex(12)
+
+
+class RequestIdMiddleware:
+    """Each request gets an id: in ``REQUEST_ID`` and ``request.state.request_id`` for errors and logs,
+    and in the X-Request-Id header of its response (the 500 handler, which Starlette runs outside every
+    middleware, sets the header itself)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(raw=list(message.get("headers", [])))
+                headers[REQUEST_ID_HEADER] = rid
+                message = {**message, "headers": headers.raw}
+            await send(message)
+
+        token = REQUEST_ID.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's path template; one label for every unmatched path, so that hostile URLs
+    cannot grow the number of series."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "other"
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status (Prometheus' own scrapes are not counted)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            status.append(500)  # what the outermost error handler will answer (if nothing was sent yet)
+            raise
+        finally:
+            if status:
+                self.metrics.requests.labels(route_label(scope), str(status[0])).inc()
+
+
+def _content_length(scope: Scope) -> int | None:
+    try:
+        return int(Headers(scope=scope)["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+class BodyLimitMiddleware:
+    """HTTP 413 for a body over ``limit`` bytes: at once from Content-Length, else counted as the chunks
+    of a chunked upload arrive. Nothing is buffered here (the route reads at most limit + one chunk)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.limit:
+            await self._refuse(BodyTooLarge(self.limit), scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # FastAPI re-raises it as the 413 envelope (an HTTPException)
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_started)
+        except BodyTooLarge as e:
+            if started:
+                raise
+            await self._refuse(e, scope, receive, send)  # read outside a route (none handled it)
+
+    @staticmethod
+    async def _refuse(err: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(error_body(err.detail), status_code=err.status_code)
+        await response(scope, receive, send)
+
+
+# ---------------------------------------------------------------- completions
+
+
+async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req, kind: r.Kind, request: Request):
     if req.model is not None and req.model != backend.model_name:
         raise APIError(
             404, f"model {req.model!r} is not served here; served: {backend.model_name}",
@@ -135,7 +279,7 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
     if req.stream:
         gen = _stream(backend, metrics, prepared, meta, safety, req.include_usage, endpoint)
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await _collect(backend, metrics, prepared, meta, safety, endpoint)
+    return await _collect(backend, metrics, prepared, meta, safety, endpoint, request)
 
 
 class _Rows:
@@ -160,14 +304,52 @@ class _Rows:
         return r.Usage(prompt, sum(self.tokens[(i, baseline)] for i in range(n)))
 
 
-async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint: str):
-    t0 = time.perf_counter()
-    n, rows, first = prepared.inp.n, _Rows(prepared.inp.n), None
+class ClientDisconnected(Exception):
+    """The client went away before its non-streaming answer was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # FastAPI has read the whole body before the route runs, so receive() now blocks until the client
+    # disconnects: nothing is taken from the body.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, unless the client disconnects first: then ``work`` is cancelled (closing the
+    backend's generator frees its rows) and ClientDisconnected is raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (watcher, task):
+            t.cancel()  # a no-op on a finished task
+        await asyncio.wait((task, watcher))  # the generator's cleanup has run before we go on
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _gather(backend: Backend, prepared: Prepared, rows: _Rows, t0: float) -> float | None:
+    """Every event of a request into ``rows``; returns the time to the first steered token."""
+    first = None
     async with aclosing(backend.generate(prepared)) as events:
         async for ev in events:
             if first is None and not ev.baseline:
                 first = time.perf_counter() - t0
             rows.add(ev)
+    return first
+
+
+async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint: str, request: Request):
+    t0 = time.perf_counter()
+    n, rows = prepared.inp.n, _Rows(prepared.inp.n)
+    try:
+        first = await _unless_disconnected(request, _gather(backend, prepared, rows, t0))
+    except ClientDisconnected:
+        log.info("request %s: client disconnected, generation cancelled", current_request_id())
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the metrics count it
     usage = rows.usage(len(prepared.prompt_ids), n, False)
     baseline = None
     if prepared.steering.compare:

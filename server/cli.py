@@ -17,11 +17,10 @@ def _command(ns: argparse.Namespace) -> str:
     return " ".join(["steer", *ns.argv])
 
 
-def _cmd_serve(ns: argparse.Namespace) -> None:
-    import uvicorn
-
+def _cmd_serve(ns: argparse.Namespace) -> int:
     from server.app import StartupError, create_app
     from server.backends import UnknownBackend
+    from server.runner import serve
     from server.settings import SettingsError, settings_from_args
 
     try:
@@ -30,7 +29,7 @@ def _cmd_serve(ns: argparse.Namespace) -> None:
     except (SettingsError, StartupError, UnknownBackend) as e:
         raise CLIError(str(e)) from None
     print(f"steer: serving {app.state.backend.model_name} on http://{settings.host}:{settings.port}", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    return serve(app, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout)
 
 
 def _cmd_demo_model(ns: argparse.Namespace) -> None:
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     ns.argv = argv
     try:
-        ns.fn(ns)
+        code = ns.fn(ns)
     except CLIError as e:
         print(f"steer: error: {e}", file=sys.stderr)
         return 1
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"steer: error: {e}", file=sys.stderr)
             return 1
         raise
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

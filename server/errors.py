@@ -1,7 +1,8 @@
 """One error envelope for every failure: ``{"error": {"message", "type", "param", "code"}}``.
 
 Exceptions map to the envelope by type, never by message text. Validation failures are 400 (OpenAI
-clients expect 400, not FastAPI's 422), and a traceback is logged, never sent.
+clients expect 400, not FastAPI's 422), and a traceback is logged, never sent: a 5xx body is a generic
+message with the request id, and the log line with the detail carries the same id.
 """
 
 from __future__ import annotations
@@ -30,8 +31,30 @@ _LOC_SOURCES = ("body", "query", "path", "header", "cookie")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("steer_request_id", default=None)
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
 def current_request_id() -> str:
     return REQUEST_ID.get() or "unknown"
+
+
+def request_id_of(request: Request) -> str:
+    """The id the middleware gave ``request`` (the contextvar is already reset where Starlette's
+    outermost middleware runs the 500 handler, the request's state is not)."""
+    return getattr(request.state, "request_id", None) or current_request_id()
+
+
+def with_request_id(message: str, rid: str) -> str:
+    """A 5xx message always carries the request id, so a user's report can be matched to the log."""
+    return message if rid in message else f"{message} (request id {rid})"
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """The request body is over ``--max-request-bytes``. An HTTPException because FastAPI re-raises those
+    when they come out of reading the body (any other error there becomes a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit} bytes (the server's --max-request-bytes)")
 
 
 class APIError(Exception):
@@ -68,7 +91,10 @@ def error_body(
 
 def sse_error_line(err: APIError) -> str:
     """One Server-Sent Events line reporting a failure after the stream has started."""
-    return f"data: {json.dumps(err.body())}\n\n"
+    body = err.body()
+    if err.status_code >= 500:
+        body["error"]["message"] = with_request_id(err.message, current_request_id())
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def validation_error_to_api_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -117,7 +143,10 @@ def _json_response(
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return _json_response(exc.status_code, exc.body(), exc.headers)
+    body = exc.body()
+    if exc.status_code >= 500:
+        body["error"]["message"] = with_request_id(exc.message, request_id_of(request))
+    return _json_response(exc.status_code, body, exc.headers)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -131,13 +160,20 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     message = str(exc.detail)
     if exc.status_code in (404, 405):  # say which route, the bare "Not Found" helps nobody
         message = f"{message}: {request.method} {request.url.path}"
-    kind = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
+    kind = INVALID_REQUEST
+    if exc.status_code >= 500:
+        kind, message = SERVER_ERROR, with_request_id(message, request_id_of(request))
     return _json_response(exc.status_code, error_body(message, type=kind), exc.headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _json_response(500, error_body("internal error", type=SERVER_ERROR))
+    # The detail (paths, values, library internals) goes to the log only; the client gets the id to
+    # quote, which finds the log line.
+    rid = request_id_of(request)
+    logger.error("request %s: unhandled error on %s %s", rid, request.method, request.url.path, exc_info=exc)
+    body = error_body(f"internal error (request id {rid})", type=SERVER_ERROR)
+    # Starlette sends this response from outside every middleware, so the id header is set here.
+    return _json_response(500, body, {REQUEST_ID_HEADER: rid})
 
 
 def install_error_handlers(app: FastAPI) -> None:

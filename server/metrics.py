@@ -20,7 +20,10 @@ def strength_bucket(strength: float) -> str:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("steer_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        # endpoint: the route's path template, "other" for every unmatched path (bounded series)
+        self.requests = Counter(
+            "steer_requests", "HTTP requests by route and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("steer_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("steer_completion_tokens", "Completion tokens generated", registry=r)
         self.latency = Histogram(

@@ -8,6 +8,7 @@ implement is a 400 naming it: silently ignoring it would change the answer's mea
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -22,6 +23,24 @@ Role = Literal["system", "user", "assistant", "developer", "tool"]
 
 # strict=True: "1.5" and true are not numbers; allow_inf_nan=False: Python's json accepts NaN/Infinity.
 _NUMBER: dict[str, Any] = {"strict": True, "allow_inf_nan": False}
+
+# Error messages quote a rejected value; bounded in length and depth (a 1 MB or 900-deep JSON value must
+# not come back whole, nor recurse).
+_QUOTE = reprlib.Repr()  # Python 3.11's Repr takes no constructor arguments
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 60, 60
+
+
+def _text(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode. JSON's ``"\\ud800"`` escape decodes to a lone surrogate, which the
+    tokenizer cannot encode: refuse it here with a 400 naming the field, not deep in the backend."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{what} is not valid Unicode: lone surrogate {value[e.start]!r} at index {e.start}"
+            ) from None
+    return value
 
 
 # ---------------------------------------------------------------- request models
@@ -57,9 +76,10 @@ class ChatMessageIn(BaseModel):
                 return ""
             raise ValueError("content is required")
         if isinstance(value, str):
-            return value
+            return _text(value, "content")
         if isinstance(value, list):
-            return "\n".join(_text_part(part) for part in value)  # vLLM joins text parts the same way
+            # vLLM joins text parts the same way
+            return _text("\n".join(_text_part(part) for part in value), "content")
         raise ValueError("content must be a string or a list of text content parts")
 
     @field_validator("tool_calls")
@@ -106,7 +126,7 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
 def _reject_unsupported(value: Any, info: ValidationInfo) -> Any:
     name = info.field_name or "field"
     if not _NEUTRAL[name](value):
-        raise ValueError(f"not supported by this server (got {value!r})")
+        raise ValueError(f"not supported by this server (got {_QUOTE.repr(value)})")
     return value
 
 
@@ -146,7 +166,7 @@ class _SamplingRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
-        return tuple(stops)
+        return tuple(_text(s, "a stop sequence") for s in stops)
 
     @property
     def include_usage(self) -> bool:
@@ -206,7 +226,7 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must be a string (token-id prompts are not supported)")
         if not value:
             raise ValueError("prompt must not be empty")
-        return value
+        return _text(value, "prompt")
 
 
 # ---------------------------------------------------------------- conversion to engine types

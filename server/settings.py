@@ -77,7 +77,7 @@ class Settings(BaseModel):
     )
     max_queued_requests: int = Field(
         256,
-        ge=0,
+        ge=1,
         description="Most requests waiting for a batch slot; beyond it a request is answered 429 with "
         "Retry-After.",
     )

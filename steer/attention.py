@@ -33,7 +33,10 @@ def steer_attention(module, query, key, value, attention_mask, scaling=None, dro
     scores = torch.matmul(q, key.transpose(2, 3)) * (d**-0.5 if scaling is None else scaling)  # (B, KVH, G, T)
     if attention_mask is not None:  # (B, 1, 1, T)
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
+            # the dtype's lowest finite value, not -inf: a query row that sees no key at all (left padding
+            # in a one-column prefill chunk) then averages the values instead of turning NaN, which would
+            # poison the KV cache for every later query (SDPA returns zeros for such rows)
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)

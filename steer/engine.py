@@ -1,24 +1,40 @@
 """A continuous-batching generation engine for transformers causal LMs with per-row steering.
 
-One owner (a single thread) calls ``step()`` in a loop. Each step either prefills the sequences that
-arrived since the last step (as one left-padded batch) and merges them into the running batch, or
-decodes one token for every running sequence. Sequences leave the batch as soon as they finish or are
-cancelled, so a disconnected client frees its slot at once. Every row carries its own sampling
-settings, stop conditions, vector and strength; steering inputs are set on the runtime's
-``RowSteering`` before each forward pass.
+One owner (a single thread) calls ``step()`` in a loop. Each step decodes one token for every running
+row and, when prompts are waiting, prefills one chunk of them: at most ``max_step_tokens`` prompt
+tokens (padding included, scaled to the layers the chunk runs), so a long prompt arriving stalls the
+running streams for one chunk at a time, never for its whole prefill. New sequences are prefilled
+together as one left-padded group; when the group's prefill is done it joins the running batch.
+Sequences leave as soon as they finish or are cancelled, so a disconnected client frees its slot at
+once. Every row carries its own sampling settings, stop conditions, vector and strength.
+
+Gated vectors: a row is steered only if its prompt's residual at the gate layer passes the gate, and
+then at every position of the prompt. With chunked prefill the decision must be known before any
+position is steered, so a group's prefill runs in phases split at the gate layers: layers ``[0, g)``
+over every chunk, then the gate, then layers ``[g, L)`` over every chunk (the hidden states at layer
+``g`` are kept in between). The total work is one prefill, whatever the chunking.
+
+Per row, per token, the work is O(1): text is detokenized incrementally and stop strings are matched
+on the new text only. A failure in one row's sampling or text handling ends that row alone, with
+finish reason ``"error"``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from steer.hooks import SteeringRuntime
+from steer.detok import IncrementalDetokenizer, StopMatcher
+from steer.forward import LayerRunner, attention_mask, positions
+from steer.hooks import SteeringRuntime, gate_columns
 from steer.types import SamplingParams
+
+log = logging.getLogger("steer.engine")
 
 
 @dataclass
@@ -29,11 +45,12 @@ class Sequence:
     strength: float = 0.0
     id: int = field(default_factory=itertools.count().__next__)
     generated: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already handed out
     finish_reason: str | None = None
     gate: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
     rng: torch.Generator | None = None
+    error: str | None = None  # what failed, when finish_reason == "error" (for the log, not the client)
+    text: _Text | None = None
 
 
 @dataclass(frozen=True)
@@ -41,40 +58,33 @@ class Event:
     seq_id: int
     text: str  # new text since the previous event of this sequence
     n_tokens: int  # tokens generated so far
-    finish_reason: str | None  # "stop" | "length" | "cancelled" | None while running
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | "error" | None while running
 
 
-class _Batch:
-    """Running rows: their sequences, left-padded attention mask (B, T) and KV cache."""
+class _Text:
+    """A row's text so far: incremental detokenization, then stop-string matching on the new text."""
 
-    def __init__(self, seqs: list[Sequence], mask: torch.Tensor, cache: DynamicCache):
-        self.seqs, self.mask, self.cache = seqs, mask, cache
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(stops)
 
-    def select(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, dtype=torch.long)
-        self.seqs = [self.seqs[i] for i in keep]
-        self.mask = self.mask[idx]
-        for layer in self.cache.layers:
+    def push(self, token: int) -> tuple[str, bool]:
+        """(text that may be handed out now, whether a stop string ended the answer)."""
+        return self.stops.push(self.detok.push(token))
+
+    def finish(self) -> tuple[str, bool]:
+        """At the end of the answer (EOS or length): everything still held back."""
+        text, stopped = self.stops.push(self.detok.flush())
+        return (text, True) if stopped else (text + self.stops.flush(), False)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def _select_cache(cache: DynamicCache, idx: torch.Tensor) -> None:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        # drop leading columns that are padding for every remaining row
-        valid_cols = self.mask.any(dim=0).nonzero()
-        first = int(valid_cols[0]) if len(valid_cols) else self.mask.shape[1]
-        if first > 0:
-            self._crop_left(first)
-
-    def _crop_left(self, n: int) -> None:
-        self.mask = self.mask[:, n:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[..., n:, :], layer.values[..., n:, :]
-
-    def merge(self, other: _Batch) -> None:
-        t_self, t_other = self.mask.shape[1], other.mask.shape[1]
-        width = max(t_self, t_other)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
-        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
-            a.keys = torch.cat([_left_pad(a.keys, width, dim=-2), _left_pad(b.keys, width, dim=-2)])
-            a.values = torch.cat([_left_pad(a.values, width, dim=-2), _left_pad(b.values, width, dim=-2)])
-        self.seqs += other.seqs
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
@@ -86,13 +96,80 @@ def _left_pad(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+class _Batch:
+    """Running rows: their sequences, left-padded padding mask (B, T) and KV cache."""
+
+    def __init__(self, seqs: list[Sequence], mask: torch.Tensor, cache: DynamicCache):
+        self.seqs, self.mask, self.cache = seqs, mask, cache
+
+    def select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.mask = self.mask[idx]
+        _select_cache(self.cache, idx)
+        # drop leading columns that are padding for every remaining row
+        valid_cols = self.mask.any(dim=0).nonzero()
+        first = int(valid_cols[0]) if len(valid_cols) else self.mask.shape[1]
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def merge(self, other: _Batch) -> None:
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
+            a.keys = torch.cat([_left_pad(a.keys, width, dim=-2), _left_pad(b.keys, width, dim=-2)])
+            a.values = torch.cat([_left_pad(a.values, width, dim=-2), _left_pad(b.values, width, dim=-2)])
+        self.seqs += other.seqs
+
+
+class _Prefill:
+    """A group of new sequences being prefilled chunk by chunk, phase by phase.
+
+    ``phases`` are layer ranges covering [0, L), split at the gate layers the group needs. ``hidden``
+    (B, T, d) is the input of the current phase's first layer when that is not the embedding;
+    ``outs`` collects the current phase's chunk outputs for the next phase."""
+
+    def __init__(self, seqs: list[Sequence], pad_id: int, cache: DynamicCache, phases: list[tuple[int, int]]):
+        width = max(len(s.prompt_ids) for s in seqs)
+        self.ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        self.pad = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            self.pad[i, width - len(s.prompt_ids) :] = 1
+        self.pos = positions(self.pad)
+        self.seqs, self.cache, self.phases = seqs, cache, phases
+        self.phase, self.col = 0, 0
+        self.hidden: torch.Tensor | None = None
+        self.outs: list[torch.Tensor] = []
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.ids, self.pad, self.pos = self.ids[idx], self.pad[idx], self.pos[idx]
+        self.hidden = None if self.hidden is None else self.hidden[idx]
+        self.outs = [o[idx] for o in self.outs]
+        _select_cache(self.cache, idx)
+
+
+# ---------------------------------------------------------------------------- engine
+
+
 class Engine:
-    def __init__(self, model, tokenizer, runtime: SteeringRuntime | None = None, *, max_batch_size: int = 16):
+    def __init__(self, model, tokenizer, runtime: SteeringRuntime | None = None, *, max_batch_size: int = 16,
+                 max_step_tokens: int = 256):
         self.model, self.tok, self.runtime = model, tokenizer, runtime
-        self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
-        self.max_batch_size = max_batch_size
+        self.runner = LayerRunner(model)
+        self.lm_head = model.get_output_embeddings()
+        self.max_batch_size, self.max_step_tokens = max_batch_size, max_step_tokens
         self.pending: deque[Sequence] = deque()
         self.batch: _Batch | None = None
+        self.prefill: _Prefill | None = None
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -100,133 +177,189 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         if seq.sampling.max_tokens is None or seq.sampling.max_tokens < 1:
             raise ValueError("max_tokens must be resolved to a positive int before a sequence is added")
+        if not seq.prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
         if seq.sampling.seed is not None:
             seq.rng = torch.Generator().manual_seed(seq.sampling.seed)
+        seq.text = _Text(self.tok, seq.sampling.stop)
         self.pending.append(seq)
 
     def cancel(self, seq_id: int) -> None:
-        for s in itertools.chain(self.pending, self.batch.seqs if self.batch else ()):
+        for s in self._all_seqs():
             if s.id == seq_id:
                 s.cancelled = True
 
     @property
     def running(self) -> int:
-        return len(self.batch.seqs) if self.batch else 0
+        """Rows holding a batch slot: decoding, or being prefilled."""
+        return (len(self.batch.seqs) if self.batch else 0) + (len(self.prefill.seqs) if self.prefill else 0)
 
     def has_work(self) -> bool:
         return bool(self.pending) or self.running > 0
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Prefill newly arrived sequences if there is room, otherwise decode one token for all rows."""
-        events = self._drop_cancelled_pending()
-        room = self.max_batch_size - self.running
-        if self.pending and room > 0:
-            new = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
-            events += self._prefill(new)
-        elif self.batch:
+        """Decode one token for every running row, then prefill one chunk of waiting prompts."""
+        events = self._drop_cancelled()
+        if self.batch is not None:
             events += self._decode()
+        if self.prefill is None and self.pending and self.running < self.max_batch_size:
+            self.prefill = self._new_prefill()
+        if self.prefill is not None:
+            events += self._prefill_chunk()
         return events
 
-    # -- internals ---------------------------------------------------------------------------
-    def _drop_cancelled_pending(self) -> list[Event]:
-        gone = [s for s in self.pending if s.cancelled]
-        for s in gone:
-            self.pending.remove(s)
-        return [Event(s.id, "", 0, "cancelled") for s in gone]
+    # -- scheduling --------------------------------------------------------------------------
+    def _all_seqs(self):
+        return itertools.chain(self.pending, self.batch.seqs if self.batch else (),
+                               self.prefill.seqs if self.prefill else ())
 
-    def _prefill(self, seqs: list[Sequence]) -> list[Event]:
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids) :] = 1
-        new = _Batch(seqs, mask, DynamicCache(config=self.model.config))
-        logits = self._forward(new, ids, prefill=True)
+    def _drop_cancelled(self) -> list[Event]:
+        gone = [s for s in self._all_seqs() if s.cancelled]
+        if not gone:
+            return []
+        for s in gone:
+            s.finish_reason = "cancelled"
+        self.pending = deque(s for s in self.pending if not s.cancelled)
+        for holder in ("batch", "prefill"):
+            group = getattr(self, holder)
+            if group is not None and any(s.cancelled for s in group.seqs):
+                keep = [i for i, s in enumerate(group.seqs) if not s.cancelled]
+                if keep:
+                    group.select(keep)
+                else:
+                    setattr(self, holder, None)
+        return [Event(s.id, "", len(s.generated), "cancelled") for s in gone]
+
+    def _new_prefill(self) -> _Prefill:
+        room = self.max_batch_size - self.running
+        seqs = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+        return _Prefill(seqs, self.pad_id, DynamicCache(config=self.model.config), self._phases(seqs))
+
+    def _phases(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Layer ranges covering the decoder, split at the gate layers these rows need."""
+        n = self.runner.num_layers
+        cuts = sorted({g for g in self._gates_needed(seqs)} - {0, n})
+        bounds = [0, *cuts, n]
+        return list(itertools.pairwise(bounds))
+
+    def _gates_needed(self, seqs: list[Sequence]) -> set[int]:
+        if self.runtime is None:
+            return set()
+        st = self.runtime.steerers
+        return {st[s.vector].gate_layer for s in seqs
+                if s.strength > 0 and s.vector in st and st[s.vector].gate_layer is not None}
+
+    # -- forward passes ----------------------------------------------------------------------
+    def _decode(self) -> list[Event]:
+        b = self.batch
+        b.mask = torch.cat([b.mask, torch.ones((len(b.seqs), 1), dtype=b.mask.dtype)], dim=1)
+        width = b.mask.shape[1]
+        ids = torch.tensor([[s.generated[-1]] for s in b.seqs], dtype=torch.long)
+        pos = (b.mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)  # (B, 1)
+        self._set_steering(b.seqs)
+        h = self.runner.run(self.runner.embed(ids), 0, self.runner.num_layers, positions=pos,
+                            mask=attention_mask(b.mask, width - 1, 1), cache=b.cache)
+        return self._advance(b.seqs, self._logits(h[:, -1]))
+
+    def _prefill_chunk(self) -> list[Event]:
+        """Run one chunk of the prefill group through its current phase; finish the group at the end."""
+        p = self.prefill
+        start, stop = p.phases[p.phase]
+        B, T = len(p.seqs), p.width
+        cols = max(1, self.max_step_tokens * self.runner.num_layers // (B * max(1, stop - start)))
+        c0, c1 = p.col, min(T, p.col + cols)
+        h = p.hidden[:, c0:c1] if p.hidden is not None else self.runner.embed(p.ids[:, c0:c1])
+        self._set_steering(p.seqs)
+        h = self.runner.run(h, start, stop, positions=p.pos[:, c0:c1], mask=attention_mask(p.pad[:, :c1], c0, c1 - c0),
+                            cache=p.cache)
+        p.col = c1
+        if stop < self.runner.num_layers:
+            p.outs.append(h)
+        if c1 < T:
+            return []
+        if stop < self.runner.num_layers:  # the phase is done: its output feeds the next one
+            p.hidden, p.outs, p.phase, p.col = torch.cat(p.outs, dim=1), [], p.phase + 1, 0
+            self._decide_gates(p, stop)
+            return []
+        self.prefill = None
+        new = _Batch(p.seqs, p.pad, p.cache)
         if self.batch is None:
             self.batch = new
         else:
             self.batch.merge(new)
-        return self._advance(new.seqs, logits)
+        return self._advance(new.seqs, self._logits(h[:, -1]))
 
-    def _decode(self) -> list[Event]:
-        b = self.batch
-        last = torch.tensor([[s.generated[-1]] for s in b.seqs], dtype=torch.long)
-        logits = self._forward(b, last, prefill=False)
-        return self._advance(b.seqs, logits)
+    def _decide_gates(self, p: _Prefill, layer: int) -> None:
+        """Gate decisions of the vectors gated at ``layer``, from its input residuals (p.hidden)."""
+        lens = p.pad.sum(dim=1)
+        for name, st in (self.runtime.steerers.items() if self.runtime else ()):
+            if st.gate_layer != layer:
+                continue
+            rows = [i for i, s in enumerate(p.seqs) if s.vector == name and s.strength > 0]
+            if not rows:
+                continue
+            idx = torch.tensor(rows)
+            col = gate_columns(p.width, st.gate_position, lens[idx])
+            fired = (st.gate_scores(p.hidden[idx, col]) > st.gate_threshold).tolist()
+            for i, f in zip(rows, fired, strict=True):
+                p.seqs[i].gate[name] = float(f)
 
-    def _forward(self, b: _Batch, ids: torch.Tensor, *, prefill: bool) -> torch.Tensor:
-        """Run ids (B, t) through the model, extending b.mask and b.cache; returns (B, V) last logits."""
-        if not prefill:
-            b.mask = torch.cat([b.mask, torch.ones((len(b.seqs), 1), dtype=b.mask.dtype)], dim=1)
-        # position of each new token = number of real tokens before it in its row
-        pos = (b.mask.cumsum(dim=1) - 1).clamp_min(0)[:, -ids.shape[1] :]
-        self._set_steering(b.seqs, prefill, b.mask.sum(dim=1) if prefill else None)
-        # The decoder, then the LM head on each row's last position only: a prefill never needs the
-        # logits of its prompt positions (151936 x 896 per token on the demo model). The (B, d) slice is
-        # made contiguous: a strided 3-D input sends matmul down a bmm path that copies the head weight.
-        out = self.decoder(input_ids=ids, attention_mask=b.mask, position_ids=pos, past_key_values=b.cache,
-                           use_cache=True)
-        if prefill and self.runtime is not None:
-            for name, g in self.runtime.rows.gate_out.items():
-                for s, v in zip(b.seqs, g.tolist(), strict=True):
-                    s.gate[name] = v
-        return self.lm_head(out.last_hidden_state[:, -1, :].contiguous()).float()
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        """(B, d) last-position residuals -> (B, V) float logits. Only the last position goes through
+        the LM head (151936 x 896 per token on the demo model), as a contiguous 2-D input: a strided 3-D
+        one sends matmul down a bmm path that copies the head weight."""
+        return self.lm_head(self.runner.norm(h_last).contiguous()).float()
 
-    def _set_steering(self, seqs: list[Sequence], prefill: bool, prompt_lens: torch.Tensor | None) -> None:
+    def _set_steering(self, seqs: list[Sequence]) -> None:
+        """Per-row strengths, and gates where decided, for the forward pass about to run."""
         if self.runtime is None:
             return
         rows = self.runtime.rows
-        rows.reset(prefill=prefill, prompt_lens=prompt_lens)
-        for name in self.runtime.steerers:
+        rows.reset()
+        for name, st in self.runtime.steerers.items():
             s = torch.tensor([q.strength if q.vector == name else 0.0 for q in seqs])
             if bool(s.any()):
                 rows.strength[name] = s
-                if not prefill:
+                if st.gate_layer is not None:
                     rows.gate[name] = torch.tensor([q.gate.get(name, 0.0) for q in seqs])
 
+    # -- tokens and text ---------------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
-        events = []
-        for s, row in zip(seqs, logits, strict=True):
-            tok = _sample(row, s.sampling, s.rng)
-            s.generated.append(tok)
-            events.append(self._emit(s, tok))
-        finished = {s.id for s in self.batch.seqs if s.finish_reason or s.cancelled}
-        if finished:
-            keep = [i for i, s in enumerate(self.batch.seqs) if s.id not in finished]
+        events = [self._next_token(s, row) for s, row in zip(seqs, logits, strict=True)]
+        done = [i for i, s in enumerate(self.batch.seqs) if s.finish_reason]
+        if done:
+            keep = [i for i, s in enumerate(self.batch.seqs) if not s.finish_reason]
             if keep:
                 self.batch.select(keep)
             else:
                 self.batch = None
         return events
 
+    def _next_token(self, s: Sequence, logits: torch.Tensor) -> Event:
+        """Sample, detokenize and check stop conditions for one row; a failure ends this row only."""
+        try:
+            tok = _sample(logits, s.sampling, s.rng)
+            s.generated.append(tok)
+            return self._emit(s, tok)
+        except Exception as e:  # noqa: BLE001 - isolate the row; the caller reports it
+            log.exception("row %d failed", s.id)
+            s.finish_reason, s.error = "error", f"{type(e).__name__}: {e}"
+            return Event(s.id, "", len(s.generated), "error")
+
     def _emit(self, s: Sequence, tok: int) -> Event:
-        if s.cancelled:
-            s.finish_reason = "cancelled"
-            return Event(s.id, "", len(s.generated), "cancelled")
-        hit_eos = tok in self.eos_ids and not s.sampling.ignore_eos
-        ids = s.generated[:-1] if hit_eos else s.generated
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        stop_at = _find_stop(text, s.sampling.stop, s.emitted)
-        if stop_at is not None:
-            text, s.finish_reason = text[:stop_at], "stop"
-        elif hit_eos:
+        if tok in self.eos_ids and not s.sampling.ignore_eos:
+            text, stopped = s.text.finish()
             s.finish_reason = "stop"
-        elif len(s.generated) >= s.sampling.max_tokens:
-            s.finish_reason = "length"
-        if s.finish_reason is None:
-            # hold back an incomplete UTF-8 character and anything that may start a stop string
-            hold = max((len(x) - 1 for x in s.sampling.stop), default=0)
-            safe = len(text.rstrip("\ufffd")) - hold
-            text = text[: max(safe, s.emitted)]
-        delta, s.emitted = text[s.emitted :], max(len(text), s.emitted)
-        return Event(s.id, delta, len(s.generated), s.finish_reason)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
-    hits = [i for x in stops if (i := text.find(x, max(0, emitted - len(x)))) >= 0]
-    return min(hits) if hits else None
+        else:
+            text, stopped = s.text.push(tok)
+            if stopped:
+                s.finish_reason = "stop"
+            elif len(s.generated) >= s.sampling.max_tokens:
+                text2, stopped = s.text.finish()
+                text += text2
+                s.finish_reason = "stop" if stopped else "length"
+        return Event(s.id, text, len(s.generated), s.finish_reason)
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:

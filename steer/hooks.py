@@ -19,18 +19,22 @@ from steer.vectors import SafetyVector, VectorError
 
 
 class RowSteering:
-    """Steering inputs (and gate outputs) of the forward pass about to run. Shapes are (B,)."""
+    """Steering inputs of the forward pass about to run. Shapes are (B,).
+
+    ``gate`` holds the gate decision (0/1) per row of every gated vector that has one. The engine
+    decides gates before it steers any position (``steer.engine``); a caller that runs a whole prompt
+    in one plain forward pass can leave ``gate`` empty and let the gate layer's hook decide from this
+    pass's own residuals (at ``gate_position`` from each row's end, given ``prompt_lens`` when the
+    batch is left-padded).
+    """
 
     def __init__(self) -> None:
         self.strength: dict[str, torch.Tensor] = {}
-        self.gate: dict[str, torch.Tensor] = {}  # decode: per-row gate from prefill
-        self.prefill = False  # prefill passes compute gates at the last position
-        self.gate_out: dict[str, torch.Tensor] = {}  # prefill: gates computed in this pass
-        self.prompt_lens: torch.Tensor | None = None  # prefill: real (unpadded) prompt length per row
+        self.gate: dict[str, torch.Tensor] = {}
+        self.prompt_lens: torch.Tensor | None = None  # real (unpadded) prompt length per row
 
-    def reset(self, *, prefill: bool, prompt_lens: torch.Tensor | None = None) -> None:
-        self.strength, self.gate, self.gate_out, self.prefill = {}, {}, {}, prefill
-        self.prompt_lens = prompt_lens
+    def reset(self, *, prompt_lens: torch.Tensor | None = None) -> None:
+        self.strength, self.gate, self.prompt_lens = {}, {}, prompt_lens
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -96,27 +100,31 @@ class ActivationSteerer:
             if s is None or not bool(s.any()):
                 return None
             h = _hidden_arg(args, kwargs)  # (B, T, d)
-            if layer == self.gate_layer and rows.prefill:
-                rows.gate_out[self.name] = (self.gate_scores(_gate_rows(h, self.gate_position, rows)) >
-                                            self.gate_threshold).float()
+            if layer == self.gate_layer and self.name not in rows.gate:  # one-pass caller: decide here
+                picked = _gate_rows(h, self.gate_position, rows.prompt_lens)
+                rows.gate[self.name] = (self.gate_scores(picked) > self.gate_threshold).float()
             if r is None:
                 return None
             k = s.float()
             if self.gate_layer is not None:
-                k = k * (rows.gate_out[self.name] if rows.prefill else rows.gate[self.name])
+                k = k * rows.gate[self.name]
             k = (k * coef).to(h.dtype)  # (B,)
             return _replace_hidden(args, kwargs, h + k[:, None, None] * r)
 
         return hook
 
 
-def _gate_rows(h: torch.Tensor, offset: int, rows: RowSteering) -> torch.Tensor:
+def _gate_rows(h: torch.Tensor, offset: int, prompt_lens: torch.Tensor | None) -> torch.Tensor:
     """(B, T, d) left-padded prefill residuals -> (B, d) at ``offset`` from each row's end, clamped to
     the row's first real token so a prompt shorter than the offset never reads padding."""
     B, T, _ = h.shape
-    lens = rows.prompt_lens if rows.prompt_lens is not None else torch.full((B,), T)
-    idx = T + torch.maximum(torch.full((B,), offset), -lens)
-    return h[torch.arange(B), idx]
+    lens = prompt_lens if prompt_lens is not None else torch.full((B,), T)
+    return h[torch.arange(B), gate_columns(T, offset, lens)]
+
+
+def gate_columns(width: int, offset: int, lens: torch.Tensor) -> torch.Tensor:
+    """Column of each row's gate position in a left-padded batch of ``width`` columns (see _gate_rows)."""
+    return width + torch.maximum(torch.full_like(lens, offset), -lens)
 
 
 class SteeringRuntime:

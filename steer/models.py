@@ -113,18 +113,26 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
     )
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
-    """Load a local HF checkpoint directory (qwen2 or llama) and its tokenizer, in eval mode, with
-    ``steer.attention`` (SDPA prefill, fast single-token decode) unless another implementation is named."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from steer.attention import ATTENTION
+def load_config(path: str | Path):
+    """The config of a local HF checkpoint directory of a supported architecture (else ModelError)."""
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     cfg = AutoConfig.from_pretrained(path)
     architecture(cfg.model_type)  # refuse unsupported architectures before loading weights
+    return cfg
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
+    """Load a local HF checkpoint directory (qwen2 or llama) and its tokenizer, in eval mode, with
+    ``steer.attention`` (SDPA prefill, fast single-token decode) unless another implementation is named."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steer.attention import ATTENTION
+
+    load_config(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation or ATTENTION)
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)

@@ -45,17 +45,13 @@ class PackedLinear(nn.Module):
 
 
 def packing_unavailable(model: nn.Module) -> str | None:
-    """Why this model cannot be packed here, or None if it can."""
-    if not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN (mkldnn)"
+    """Why this model cannot be packed here, or None if it can (the host check is steer.hardware's)."""
+    from steer import hardware  # looked up per call: tests monkeypatch hardware.detect
+
     p = next(model.parameters())
     if p.device.type != "cpu":
         return f"the model is on {p.device.type}, packing is for CPU"
-    if p.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU has no bf16 support in oneDNN"
-    if p.dtype not in (torch.bfloat16, torch.float32):
-        return f"dtype {p.dtype} is not packed (bf16 and float32 are)"
-    return None
+    return hardware.packing_supported(p.dtype)
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from steer.models import ModelFingerprint
 
@@ -41,6 +42,10 @@ class SafetyVector:
     tensors: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)  # runtime settings, kind-specific
     provenance: dict = field(default_factory=dict)  # method, data sets, splits, command, metrics
+    # (the tensors and versions it was computed from, sha256): see the sha256 property
+    _sha256: tuple[list[tuple[str, torch.Tensor, int]], str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,24 +104,68 @@ class SafetyVector:
             raise VectorError(f"cannot read vector manifest {mpath}: {e}") from None
         if m.get("format_version") != FORMAT_VERSION:
             raise VectorError(f"{mpath}: unsupported format_version {m.get('format_version')}")
-        if hashlib.sha256(blob).hexdigest() != m["tensors_sha256"]:
+        if hashlib.sha256(blob).hexdigest() != m.get("tensors_sha256"):
             raise VectorError(f"{tpath}: sha256 does not match its manifest (file changed or corrupt)")
         return cls(
             name=m["name"],
             kind=m["kind"],
             model=ModelFingerprint.from_dict(m["model"]),
-            tensors=load_file(tpath),
+            tensors=_tensors_from(blob, tpath),  # the bytes just hashed: a file swapped since is not read
             config=m.get("config", {}),
             provenance=m.get("provenance", {}),
         )
 
     @property
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        for k in sorted(self.tensors):
-            h.update(k.encode())
-            h.update(self.tensors[k].float().numpy().tobytes())
-        return h.hexdigest()
+        """Hash of the tensor names and float32 values. Computed once (/v1/safety/vectors reports it on
+        every request) and again only when a tensor was replaced, added, removed or changed in place."""
+        state = [(k, t, _version(t)) for k, t in sorted(self.tensors.items())]
+        if self._sha256 is None or not _same_tensors(self._sha256[0], state):
+            self._sha256 = (state, _hash_tensors(self.tensors))
+        return self._sha256[1]
+
+
+def _same_tensors(a: list[tuple[str, torch.Tensor, int]], b: list[tuple[str, torch.Tensor, int]]) -> bool:
+    # Identity, not value: the cached state holds the tensors themselves, so an id cannot be reused.
+    return len(a) == len(b) and all(
+        ka == kb and ta is tb and va == vb for (ka, ta, va), (kb, tb, vb) in zip(a, b, strict=True)
+    )
+
+
+def _version(t: torch.Tensor) -> int:
+    """torch's in-place modification counter; inference tensors have none (they cannot be changed
+    outside inference mode, so identity alone stands for them)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tensors_from(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load(blob)
+    except Exception as e:  # safetensors raises its own error types for a malformed header
+        raise VectorError(f"{path}: not a valid safetensors file: {e}") from None
+
+
+def choose_default(names: Iterable[str], requested: str | None) -> str | None:
+    """The vector for requests that name none. Never a silent pick among several: an explicit choice
+    must exist, and with several loaded one must be made (``--default-vector``)."""
+    loaded = sorted(names)
+    shown = ", ".join(loaded) or "none"
+    if requested is not None:
+        if requested not in loaded:
+            raise VectorError(f"--default-vector {requested!r} is not a loaded vector; loaded: {shown}")
+        return requested
+    if len(loaded) > 1:
+        raise VectorError(f"several vectors are loaded ({shown}): pass --default-vector NAME to choose the "
+                          "one requests without safety.vector get")
+    return loaded[0] if loaded else None
 
 
 def load_directory(directory: str | Path) -> list[SafetyVector]:

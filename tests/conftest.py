@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from server.settings import Settings
+from steer import hardware
 from steer.attention import ATTENTION
 from steer.models import fingerprint
 from steer.vectors import SafetyVector
@@ -81,6 +82,34 @@ def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=N
         tensors["gate.center"] = torch.zeros(d)
         config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1, "metric": metric}
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})
+
+
+# ---------------------------------------------------------------- host kinds
+
+# The two CPU kinds CI can land on, as steer.hardware describes them. Forcing one (monkeypatching
+# hardware.detect) changes every kernel decision; it cannot give the hardware instructions it lacks, so
+# a forced AVX-512 host can only run its bf16-packed kernels where the real CPU has oneDNN bf16.
+HOSTS = {
+    "avx512": hardware.HostCaps(
+        cpu_model="AMD EPYC (forced AVX-512)", flags=("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl",
+                                                      "avx512_bf16"),
+        flags_known=True, torch_capability="AVX512", mkldnn=True, mkldnn_bf16=True, threads=2, cpus=2),
+    "avx2": hardware.HostCaps(
+        cpu_model="AMD EPYC (forced AVX2)", flags=("avx2", "fma"), flags_known=True, torch_capability="AVX2",
+        mkldnn=True, mkldnn_bf16=False, threads=2, cpus=2),
+}
+REAL_ONEDNN_BF16 = hardware.detect().onednn_bf16
+
+
+@pytest.fixture()
+def force_host(monkeypatch):
+    """force_host("avx2" | "avx512"): every kernel decision from now on sees that host kind."""
+
+    def force(kind: str) -> hardware.HostCaps:
+        monkeypatch.setattr(hardware, "detect", lambda: HOSTS[kind])
+        return HOSTS[kind]
+
+    return force
 
 
 # ---------------------------------------------------------------- API tier servers (see api_utils.py)

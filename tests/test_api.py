@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from api_utils import (
     _CHAT,
     DEFAULT_STRENGTH,
@@ -63,13 +64,16 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 def test_health_is_public_and_ok(api: Served) -> None:
     r = httpx.get(f"{api.srv.base_url}/health")  # no Authorization header
     assert r.status_code == 200
-    assert r.json() == {"status": "ok"}
+    assert r.json() == {"status": "ok", "kernels": {"dtype": "float32", "linear_weights": "plain"}}
 
 
-def test_models_lists_the_served_model(api: Served) -> None:
+def test_models_lists_the_served_model_and_its_kernels(api: Served) -> None:
     models = api.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].object == "model"
+    steer = models.data[0].to_dict()["steer"]
+    assert steer["kernels"]["dtype"] == "float32" and steer["kernels"]["how"] == "given"
+    assert steer["host"]["onednn_bf16"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_safety_vectors_endpoint(api: Served, api_vector, tiny_qwen) -> None:

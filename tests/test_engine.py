@@ -35,14 +35,16 @@ def _run(engine: Engine, seqs: list[Sequence], stagger: int = 0) -> list[Sequenc
     return seqs
 
 
-def test_greedy_matches_hf_generate_with_staggered_arrivals(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("budget", [8, 10_000], ids=["chunked-prefill", "one-shot-prefill"])
+def test_greedy_matches_hf_generate_with_staggered_arrivals(tiny_model, tiny_tokenizer, budget):
     prompts = _prompts(6, len(tiny_tokenizer))
     ref = [
         tiny_model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0,
                             eos_token_id=tiny_tokenizer.eos_token_id)[0, len(p):].tolist()
         for p in prompts
     ]
-    engine = Engine(tiny_model, tiny_tokenizer, max_batch_size=4)  # < 6: some rows wait for a slot
+    # < 6 rows: some wait for a slot; budget 8 on 4 layers: a group of 3 rows prefills 2-3 columns per step
+    engine = Engine(tiny_model, tiny_tokenizer, max_batch_size=4, max_step_tokens=budget)
     seqs = _run(engine, [Sequence(p, GREEDY) for p in prompts], stagger=3)
     assert [s.generated for s in seqs] == ref
     for s in seqs:
@@ -136,14 +138,108 @@ def test_cancel_frees_the_slot(tiny_qwen, tiny_tokenizer):
     assert short.finish_reason == "length" and steps < 10
 
 
-def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_tokenizer):
+@pytest.mark.parametrize("budget", [8, 10_000], ids=["chunked-prefill", "one-shot-prefill"])
+def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_tokenizer, budget):
     """A short prompt batched with a long one is gated exactly as when it runs alone."""
     vec = make_vector(tiny_qwen, gate=(1, 0.0))
     vec.config["gate"]["position"] = -3
     rt = SteeringRuntime(tiny_qwen, [vec])
     prompts = [[7, 8], list(range(10, 40)), [50, 51, 52, 53]]
     with rt:
-        together = _run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0) for p in prompts])
+        together = _run(Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=budget),
+                        [Sequence(p, GREEDY, "refusal", 1.0) for p in prompts])
         alone = [_run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0)])[0] for p in prompts]
     assert [s.gate for s in together] == [s.gate for s in alone]
     assert [s.generated for s in together] == [s.generated for s in alone]
+
+
+def _one_pass_reference(model, rt: SteeringRuntime, prompt: list[int], strength: float, n: int) -> tuple[list[int], float]:
+    """Greedy tokens the old way: the whole (growing) sequence through one plain forward pass per token,
+    the gate decided by the hooks themselves on the first pass."""
+    ids, gate = list(prompt), None
+    for _ in range(n):
+        rt.rows.reset()
+        rt.rows.strength["refusal"] = torch.tensor([strength])
+        if gate is not None:
+            rt.rows.gate["refusal"] = gate
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        gate = rt.rows.gate["refusal"]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):], float(gate[0])
+
+
+@pytest.mark.parametrize("budget", [4, 8, 10_000])
+def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, tiny_tokenizer, budget):
+    """Chunked prefill splits at the gate layer (layers below it over every chunk, the gate, then the
+    rest): every row is steered at every prompt position exactly when its gate fires, as in one pass."""
+    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0))
+    prompts = _prompts(6, len(tiny_tokenizer))
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    with rt:
+        ref = [_one_pass_reference(tiny_qwen, rt, p, 1.0, 6) for p in prompts]
+        seqs = _run(Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=budget),
+                    [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0), "refusal", 1.0) for p in prompts])
+    gates = [g for _, g in ref]
+    assert 0 < sum(gates) < len(gates), "the gate must fire on some prompts and not others"
+    assert [s.gate["refusal"] for s in seqs] == gates
+    assert [s.generated for s in seqs] == [toks for toks, _ in ref]
+
+
+def test_running_rows_decode_while_a_long_prompt_prefills(tiny_qwen, tiny_tokenizer):
+    """A long prompt arriving is prefilled a chunk per step; the running rows get a token every step."""
+    eng = Engine(tiny_qwen, tiny_tokenizer, max_batch_size=4, max_step_tokens=16)
+    running = [Sequence(p, SamplingParams(max_tokens=200, temperature=0.0)) for p in _prompts(2, 300)]
+    for s in running:
+        eng.add(s)
+    while eng.prefill is not None or eng.pending:
+        eng.step()
+    long = Sequence(list(range(5, 205)), SamplingParams(max_tokens=3, temperature=0.0))  # 200 tokens
+    eng.add(long)
+    steps = 0
+    while not long.generated:
+        events = eng.step()
+        steps += 1
+        assert {e.seq_id for e in events} >= {s.id for s in running}, "a running row missed a step"
+    assert steps >= 200 // 16, f"the 200-token prompt was prefilled in {steps} steps"
+
+
+def test_cancel_during_chunked_prefill_drops_only_that_row(tiny_qwen, tiny_tokenizer):
+    eng = Engine(tiny_qwen, tiny_tokenizer, max_step_tokens=8)
+    a, b = (Sequence(list(range(5, 45)), SamplingParams(max_tokens=4, temperature=0.0)) for _ in range(2))
+    eng.add(a)
+    eng.add(b)
+    eng.step()
+    assert eng.prefill is not None and len(eng.prefill.seqs) == 2
+    eng.cancel(a.id)
+    events = eng.step()
+    assert [e.finish_reason for e in events if e.seq_id == a.id] == ["cancelled"]
+    while eng.has_work():
+        eng.step()
+    alone = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(list(range(5, 45)), SamplingParams(max_tokens=4, temperature=0.0))])
+    assert b.generated == alone[0].generated and b.finish_reason == "length"
+
+
+def test_a_failing_row_ends_alone(tiny_qwen, tiny_tokenizer, monkeypatch):
+    """A row whose text handling raises (a tokenizer error) finishes with "error"; its batch goes on."""
+    prompts = _prompts(3, len(tiny_tokenizer))
+    eng = Engine(tiny_qwen, tiny_tokenizer)
+    seqs = [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in prompts]
+    for s in seqs:
+        eng.add(s)
+    eng.step()  # prefill: every row has its _Text now
+    bad = seqs[1]
+
+    def broken(token):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+    monkeypatch.setattr(bad.text, "push", broken)
+    finish = {}
+    while eng.has_work():
+        for ev in eng.step():
+            if ev.finish_reason:
+                finish[ev.seq_id] = ev.finish_reason
+    assert finish[bad.id] == "error" and "injected" in bad.error
+    assert finish[seqs[0].id] == finish[seqs[2].id] == "length"
+    ok = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0))
+                                                  for p in (prompts[0], prompts[2])])
+    assert [seqs[0].generated, seqs[2].generated] == [s.generated for s in ok]

@@ -17,7 +17,7 @@ def _ids(n_rows: int, length: int = 10, vocab: int = 300, seed: int = 0) -> torc
 def _forward(model, rt: SteeringRuntime | None, ids: torch.Tensor, strengths: list[float], name="refusal"):
     """Full-prompt (prefill) forward; returns (logits, hidden_states)."""
     if rt is not None:
-        rt.rows.reset(prefill=True)
+        rt.rows.reset()
         rt.rows.strength[name] = torch.tensor(strengths)
     return model(input_ids=ids, output_hidden_states=True)
 
@@ -99,7 +99,7 @@ def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen, metric):
     rt = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, thr), metric=metric)])
     with rt:
         steered = _forward(tiny_qwen, rt, ids, [2.0] * 6).logits
-        fired = rt.rows.gate_out["refusal"]
+        fired = rt.rows.gate["refusal"]
     assert torch.equal(fired, (scores > thr).float())
     assert 0 < int(fired.sum()) < 6
     for i in range(6):
@@ -120,10 +120,8 @@ def test_gate_after_steered_layer_is_refused(tiny_qwen):
 
 
 def test_gate_position_is_clamped_to_each_rows_prompt():
-    from steer.hooks import RowSteering, _gate_rows
+    from steer.hooks import _gate_rows
 
     h = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1)  # value = row * 6 + column
-    rows = RowSteering()
-    rows.reset(prefill=True, prompt_lens=torch.tensor([2, 6]))  # row 0 is left-padded by 4
-    picked = _gate_rows(h, -5, rows)[:, 0]
+    picked = _gate_rows(h, -5, torch.tensor([2, 6]))[:, 0]  # row 0 is left-padded by 4
     assert picked.tolist() == [4.0, 7.0]  # row 0: its first real token (col 4); row 1: col 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_vector
+from conftest import HOSTS, REAL_ONEDNN_BF16, make_model, make_vector
 from torch import nn
 
 from server.backends.transformers import TransformersBackend
 from server.settings import Settings
 from steer.engine import Engine, Sequence
+from steer.hardware import HardwareError
 from steer.models import ModelError, fingerprint
 from steer.packed import PackedLinear, pack_linears, packing_unavailable
 from steer.types import SamplingParams
@@ -23,10 +24,12 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_matches_linear(dtype, bias):
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("no oneDNN bf16 on this CPU")
     torch.manual_seed(0)
     lin = nn.Linear(96, 160, bias=bias).to(dtype)
+    if dtype == torch.bfloat16 and not REAL_ONEDNN_BF16:  # an AVX2 host: oneDNN refuses, loudly
+        with pytest.raises(RuntimeError, match="bf16"):
+            PackedLinear(lin)
+        return
     packed = PackedLinear(lin)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for shape in [(1, 96), (8, 96), (3, 17, 96)]:  # decode rows, a batch, a prefill (B, T, d)
@@ -64,15 +67,53 @@ def test_packed_model_cannot_be_fingerprinted(tiny_tokenizer):
         fingerprint(model)
 
 
-@pytest.mark.parametrize("setting", ["packed", "plain"])
-def test_server_packs_the_model_it_loads(setting, tmp_path, tiny_tokenizer):
+def _saved_tiny(tmp_path, tiny_tokenizer):
     model = make_model("qwen2", len(tiny_tokenizer))
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    vec = make_vector(model)
-    vec.save(tmp_path / "v")
-    backend = TransformersBackend(Settings(model=str(tmp_path / "m"), vectors=str(tmp_path / "v"),
-                                           linear_weights=setting))
-    packed = isinstance(backend.model.lm_head, PackedLinear)
-    assert packed == (setting == "packed")
-    assert backend.fingerprint == fingerprint(model)  # taken before packing: vectors still match
+    make_vector(model).save(tmp_path / "v")
+    return model, str(tmp_path / "m"), str(tmp_path / "v")
+
+
+@pytest.mark.parametrize("host", ["avx2", "avx512"])
+@pytest.mark.parametrize("setting", ["auto", "packed", "plain"])
+def test_server_chooses_kernels_for_the_host(setting, host, tmp_path, tiny_tokenizer, force_host):
+    """Both CPU kinds on every CI host: an AVX2 host serves float32 (bf16 matmuls have no fast kernel
+    there), an AVX-512 bf16 host serves bfloat16, packed unless told otherwise. Where the real CPU lacks
+    oneDNN bf16, a forced AVX-512 host gets the same choice and oneDNN then refuses to pack."""
+    model, mdir, vdir = _saved_tiny(tmp_path, tiny_tokenizer)
+    force_host(host)
+    settings = Settings(model=mdir, vectors=vdir, linear_weights=setting)
+    if host == "avx512" and setting != "plain" and not REAL_ONEDNN_BF16:
+        with pytest.raises(RuntimeError, match="bf16"):
+            TransformersBackend(settings)
+        return
+    backend = TransformersBackend(settings)
+    try:
+        kernels = backend.runtime_info()["kernels"]
+        dtype = str(next(backend.model.parameters()).dtype).removeprefix("torch.")
+        packed = isinstance(backend.model.lm_head, PackedLinear)
+        assert (kernels["dtype"], kernels["linear_weights"]) == (dtype, "packed" if packed else "plain")
+        if setting != "auto":
+            assert packed == (setting == "packed")
+        if host == "avx512":  # capability decides: bf16, packed unless told otherwise
+            assert dtype == "bfloat16" and kernels["how"] in ("capability", "setting")
+        elif setting == "packed":  # bf16 cannot be packed on an AVX2 host: float32, by capability
+            assert dtype == "float32" and kernels["how"] == "capability"
+        else:  # measured on this machine's real CPU: the fastest candidate wins, bf16 is never packed
+            scores = {k: v["score"] for k, v in kernels["probe"].items()}
+            assert kernels["how"] == "probe" and f"{dtype}+{kernels['linear_weights']}" == min(scores, key=scores.get)
+            assert "bfloat16+packed" not in scores
+        assert backend.fingerprint == fingerprint(model)  # taken before packing: vectors still match
+        assert backend.runtime_info()["host"]["cpu_model"] == HOSTS[host].cpu_model
+    finally:
+        backend.start()
+        backend.shutdown()
+
+
+def test_explicit_packed_bf16_on_an_avx2_host_is_a_one_line_error(tmp_path, tiny_tokenizer, force_host):
+    _, mdir, vdir = _saved_tiny(tmp_path, tiny_tokenizer)
+    force_host("avx2")
+    with pytest.raises(HardwareError) as err:
+        TransformersBackend(Settings(model=mdir, vectors=vdir, dtype="bfloat16", linear_weights="packed"))
+    assert "\n" not in str(err.value) and "linear_weights=plain" in str(err.value)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_model, make_vector
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import steer.vectors
 from steer import data
 from steer.extract import chat_prompt_ids, fit_linear_probe, linear_scores, residuals
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import ModelError, architecture, fingerprint, load_model
-from steer.vectors import SafetyVector, VectorError, load_directory
+from steer.vectors import SafetyVector, VectorError, choose_default, load_directory
 
 
 def test_round_trip(tmp_path, tiny_model):
@@ -40,6 +44,76 @@ def test_tampered_tensors_are_refused(tmp_path, tiny_qwen):
     tfile.write_bytes(bytes(blob))
     with pytest.raises(VectorError, match="sha256"):
         SafetyVector.load(manifest)
+
+
+def test_tensors_are_loaded_from_the_bytes_that_were_hashed(tmp_path, tiny_qwen, monkeypatch):
+    """A tensor file swapped right after it was read (and hashed) must not be what gets loaded."""
+    vec = make_vector(tiny_qwen)
+    manifest = vec.save(tmp_path / "v")
+    tfile = tmp_path / "v" / "refusal.safetensors"
+    make_vector(tiny_qwen, seed=7).save(tmp_path / "swap")  # a valid file with other values
+    real_read, reads = Path.read_bytes, []
+
+    def read_then_swap(self: Path) -> bytes:
+        blob = real_read(self)
+        if self == tfile:
+            reads.append(self)
+            shutil.copyfile(tmp_path / "swap" / "refusal.safetensors", tfile)
+        return blob
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_swap)
+    back = SafetyVector.load(manifest)
+    assert len(reads) == 1
+    assert back.tensors.keys() == vec.tensors.keys()
+    assert all(torch.equal(back.tensors[k], vec.tensors[k]) for k in vec.tensors)
+
+
+def test_sha256_is_computed_once_and_follows_changes(tiny_qwen, monkeypatch):
+    calls = []
+
+    class CountingHashlib:
+        @staticmethod
+        def sha256(*args):
+            calls.append(1)
+            return hashlib.sha256(*args)
+
+    monkeypatch.setattr(steer.vectors, "hashlib", CountingHashlib)
+    vec = make_vector(tiny_qwen)
+    first = [vec.sha256 for _ in range(5)]
+    assert len(set(first)) == 1 and len(calls) == 1
+
+    def fresh(v: SafetyVector) -> str:  # the hash of a new vector with equal values (nothing cached)
+        return SafetyVector(v.name, v.kind, v.model, {k: t.clone() for k, t in v.tensors.items()}).sha256
+
+    assert fresh(vec) == first[0]
+    vec.tensors["layers.1"].mul_(2)  # changed in place
+    assert vec.sha256 != first[0] and vec.sha256 == fresh(vec)
+    vec.tensors["layers.2"] = torch.zeros_like(vec.tensors["layers.2"])  # replaced
+    assert vec.sha256 == fresh(vec)
+    scaled = vec.scaled(3.0)
+    assert scaled.sha256 == fresh(scaled) != vec.sha256
+
+
+@pytest.mark.parametrize(
+    ("names", "requested", "expected"),
+    [(["refusal"], None, "refusal"), (["b", "a"], "b", "b"), ([], None, None), (["only"], "only", "only")],
+)
+def test_choose_default(names, requested, expected):
+    assert choose_default(names, requested) == expected
+
+
+@pytest.mark.parametrize(
+    ("names", "requested", "error"),
+    [
+        (["refusal", "other"], "nope", "--default-vector 'nope' is not a loaded vector; loaded: other, refusal"),
+        ([], "refusal", "--default-vector 'refusal' is not a loaded vector; loaded: none"),
+        (["refusal", "other"], None, "several vectors are loaded (other, refusal): pass --default-vector NAME"),
+    ],
+)
+def test_choose_default_refuses_to_guess(names, requested, error):
+    with pytest.raises(VectorError) as info:
+        choose_default(names, requested)
+    assert str(info.value).startswith(error) and "\n" not in str(info.value)
 
 
 def test_fingerprint_mismatch_is_refused(tiny_tokenizer):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +45,25 @@ class Backend(Protocol):
 
     def generate(self, req: Prepared) -> AsyncIterator[RowEvent]: ...
 
+    def runtime_info(self) -> dict:
+        """{"kernels": {"dtype", "linear_weights", "how", "reason", ...}, "host": {...}}"""
+        ...
+
     def start(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
     def healthy(self) -> bool: ...
+
+    def status(self) -> str:
+        """serving | starting | draining | failed | stopped"""
+        ...
+
+    # graceful shutdown (server.runner): stop admitting, wait for in-flight work, fail the rest
+    on_fatal: Callable[[], None] | None
+
+    def begin_shutdown(self) -> None: ...
+
+    def inflight(self) -> int: ...
+
+    def abort_all(self, message: str) -> None: ...

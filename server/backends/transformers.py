@@ -1,19 +1,29 @@
 """The embedded backend: one worker thread owns a transformers model and a continuous-batching Engine.
 
-Requests arrive on a thread-safe queue; the worker admits them into the running batch between decode
+Requests arrive on a thread-safe queue; the worker admits them into the running batch between engine
 steps and sends each row's events back to the request's asyncio queue. A request whose consumer goes
 away (client disconnect) is cancelled and its rows leave the batch at the next step.
+
+Failures, from the smallest blast radius up (README "Failures"):
+- a row's sampling or text handling fails: that row's request fails (500), nothing else;
+- a forward pass fails: the requests in the batch fail (503), waiting ones are kept, the engine is
+  rebuilt; ``MAX_STEP_FAILURES`` failed steps in a row count as a worker fault;
+- anything else in the worker (admission bookkeeping, delivery, a bug): a worker fault. Every pending
+  and in-flight request fails at once with 503, every later one too, ``/health`` says 503, and
+  ``on_fatal`` is called: ``steer serve`` then exits non-zero so that a supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import copy
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,18 +31,17 @@ from pathlib import Path
 import torch
 
 from server.backends.base import Prepared, RowEvent
-from server.errors import APIError
+from server.errors import SERVER_ERROR, APIError, current_request_id
 from server.metrics import Metrics
 from server.settings import Settings
+from steer import serving
 from steer.engine import Engine, Event, Sequence
-from steer.hooks import SteeringRuntime
-from steer.models import fingerprint, load_model
-from steer.packed import pack_linears, packing_unavailable
-from steer.vectors import SafetyVector, load_directory
+from steer.vectors import SafetyVector, choose_default, load_directory
 
 log = logging.getLogger("steer.server")
 
 SHIPPED_VECTORS = Path(__file__).resolve().parents[2] / "vectors"
+MAX_STEP_FAILURES = 3  # failed forward passes in a row before the worker is declared broken
 
 
 @dataclass
@@ -40,7 +49,20 @@ class _Job:
     rows: list[tuple[int, bool, Sequence]]  # (choice index, baseline?, sequence)
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    request_id: str
     remaining: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Sent to a request instead of an event: fail it with this status and message."""
+
+    status: int
+    message: str
+
+
+class _Stopped(Exception):
+    """Raised on the worker thread by a stop request, to leave the loop through its one exit."""
 
 
 class TransformersBackend:
@@ -48,11 +70,19 @@ class TransformersBackend:
                  metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.on_fatal: Callable[[], None] | None = None  # called (from the worker) after a worker fault
         self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # admission vs. failure/shutdown: no job slips past either
+        self._state = "starting"  # starting | serving | draining | failed | stopped
         self._stop = threading.Event()
         self._go = threading.Event()  # start() lets the loaded worker begin serving
-        self._jobs: dict[int, _Job] = {}  # seq id -> job
-        self._error: BaseException | None = None
+        self._jobs: dict[int, _Job] = {}  # seq id -> job (worker thread only)
+        self._inflight: set[int] = set()  # ids of jobs not finished (event loop thread only)
+        self._queued = 0  # requests waiting for a batch slot (written by the worker)
+        self._step_failures = 0
+        # Tokenizing (chat templates of long prompts) must not block the event loop. One thread, so the
+        # encoding tokenizer is only ever used from one thread (the engine thread decodes with its own copy).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-tokenize")
         # Every torch call (load, fingerprint, packing, forward passes) happens on this one thread.
         # libgomp throttles its spin-waiting once more OpenMP threads exist than cores, so a second
         # thread that has run parallel torch ops (e.g. loading in the main thread) makes every small
@@ -61,9 +91,6 @@ class TransformersBackend:
         self._thread = threading.Thread(target=self._main, args=(model, tokenizer, vectors), name="steer-engine",
                                         daemon=True)
         self._ready: queue.Queue = queue.Queue()
-        # Tokenizing (chat templates of long prompts) must not block the event loop. One thread, so the
-        # encoding tokenizer is only ever used from one thread (the engine thread decodes with its own copy).
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-tokenize")
         self._thread.start()
         err = self._ready.get()
         if err is not None:
@@ -72,45 +99,35 @@ class TransformersBackend:
 
     def _setup(self, model, tokenizer, vectors) -> None:
         settings = self.settings
-        loaded = model is None  # a model passed in (embedding, tests) is used exactly as given
-        if loaded:
-            model, tokenizer, vectors = self._load(settings)
-        self.model, self.tok = model, tokenizer
+        path = None
+        if model is None:  # a model passed in (embedding, tests) is used exactly as given
+            from steer.demo import ensure_demo_model
+
+            path = Path(settings.model) if settings.model else ensure_demo_model()
+            vdir = settings.vectors or (str(SHIPPED_VECTORS) if not settings.model else None)
+            vectors = load_directory(vdir) if vdir else []
+        # checked before the model loads: a wrong --default-vector fails in a moment
+        self._default_vector = choose_default([v.name for v in vectors or []], settings.default_vector)
+        served = serving.build(path, vectors, dtype=settings.dtype, linear_weights=settings.linear_weights,
+                               model=model, tokenizer=tokenizer)
+        self.served, self.model, self.tok = served, served.model, served.tokenizer
         self.model_name = settings.served_model_name or _model_name(settings)
-        ctx = getattr(model.config, "max_position_embeddings", settings.max_model_len)
+        ctx = getattr(self.model.config, "max_position_embeddings", settings.max_model_len)
         self.max_model_len = min(settings.max_model_len, int(ctx))
-        self.vectors = {v.name: v for v in (vectors or [])}
-        self.fingerprint = fingerprint(model)
-        self.runtime = (SteeringRuntime(model, self.vectors.values(), model_fingerprint=self.fingerprint)
-                        if self.vectors else None)
-        if loaded and settings.linear_weights in ("packed", "auto"):  # auto: replaced by the host choice
-            self._pack()
-        self.engine = Engine(model, tokenizer, self.runtime, max_batch_size=settings.max_batch_size)
+        self.vectors, self.fingerprint, self.runtime = served.vectors, served.fingerprint, served.runtime
+        self._engine_tok = copy.deepcopy(self.tok)  # the engine thread's own tokenizer (decoding)
+        self.engine = self._new_engine()
 
-    @staticmethod
-    def _load(settings: Settings):
-        from steer.demo import ensure_demo_model
-
-        path = Path(settings.model) if settings.model else ensure_demo_model()
-        model, tok = load_model(path)
-        vdir = settings.vectors or (str(SHIPPED_VECTORS) if not settings.model else None)
-        vectors = load_directory(vdir) if vdir else []
-        return model, tok, vectors
-
-    def _pack(self) -> None:
-        """Pack the linear weights (after the fingerprint: it reads the plain weights)."""
-        why = packing_unavailable(self.model)
-        if why is not None:
-            log.warning("linear weights stay plain: %s", why)
-            return
-        pack_linears(self.model)
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, self._engine_tok, self.runtime, max_batch_size=self.settings.max_batch_size,
+                      max_step_tokens=self.settings.max_step_tokens)
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
         return {n: v.kind for n, v in self.vectors.items()}
 
     def default_vector(self) -> str | None:
-        return next(iter(sorted(self.vectors)), None)
+        return self._default_vector
 
     def vectors_info(self) -> list[dict]:
         return [
@@ -129,13 +146,25 @@ class TransformersBackend:
     def model_fingerprint(self) -> dict:
         return self.fingerprint.to_dict()
 
+    def runtime_info(self) -> dict:
+        """What the model runs with on this host (reported on /health and /v1/models)."""
+        return {"kernels": self.served.kernels, "host": self.served.host}
+
     def healthy(self) -> bool:
-        return self._go.is_set() and self._thread.is_alive() and self._error is None
+        return self._state == "serving" and self._thread.is_alive()
+
+    def status(self) -> str:
+        """serving | starting | draining | failed | stopped"""
+        if self._state == "serving" and not self._thread.is_alive():
+            return "failed"
+        return self._state
 
     # -- requests ----------------------------------------------------------------------------
     async def prepare(self, inp, steering) -> Prepared:
         """Tokenize off the event loop, on the one thread that owns the encoding tokenizer."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._prepare, inp, steering)
+        ctx = contextvars.copy_context()  # the request id, for anything logged while tokenizing
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, ctx.run, self._prepare, inp,
+                                                                steering)
 
     def _prepare(self, inp, steering) -> Prepared:
         if inp.messages is not None:
@@ -166,40 +195,85 @@ class TransformersBackend:
         return Prepared(tuple(ids), inp, steering)
 
     async def generate(self, req: Prepared) -> AsyncIterator[RowEvent]:
-        if not self.healthy():
-            raise APIError(503, "the model worker is not running", type="server_error")
+        job = self._job(req)
+        by_id = {s.id: (i, b) for i, b, s in job.rows}
+        self._submit(job)
+        self._inflight.add(id(job))
+        try:
+            while job.remaining:
+                item = await job.out.get()
+                if isinstance(item, _Failure):
+                    raise APIError(item.status, item.message, type=SERVER_ERROR)
+                if item.finish_reason == "error":
+                    raise APIError(500, f"internal error while generating (request id {job.request_id})",
+                                   type=SERVER_ERROR)
+                i, b = by_id[item.seq_id]
+                if item.finish_reason is not None:
+                    job.remaining.discard(item.seq_id)
+                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason)
+        finally:
+            self._inflight.discard(id(job))
+            if job.remaining:  # consumer left early or a row failed: free the other rows
+                self._inbox.put(("cancel", list(job.remaining)))
+
+    def _job(self, req: Prepared) -> _Job:
         rows = []
         for i in range(req.inp.n):
             twins = [(False, req.steering.strength)] + ([(True, 0.0)] if req.steering.compare else [])
             for baseline, strength in twins:
                 seq = Sequence(list(req.prompt_ids), _row_sampling(req.inp.sampling, i), req.steering.vector, strength)
                 rows.append((i, baseline, seq))
-        job = _Job(rows, asyncio.get_running_loop(), asyncio.Queue(), {s.id for _, _, s in rows})
-        self._inbox.put(job)
-        by_id = {s.id: (i, b) for i, b, s in rows}
-        try:
-            while job.remaining:
-                item = await job.out.get()
-                if isinstance(item, BaseException):
-                    raise APIError(500, f"generation failed: {item}", type="server_error")
-                i, b = by_id[item.seq_id]
-                if item.finish_reason is not None:
-                    job.remaining.discard(item.seq_id)
-                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason)
-        finally:
-            if job.remaining:  # consumer left early: free the rows
-                self._inbox.put(("cancel", list(job.remaining)))
+        return _Job(rows, asyncio.get_running_loop(), asyncio.Queue(), current_request_id(),
+                    {s.id for _, _, s in rows})
 
-    # -- worker ------------------------------------------------------------------------------
+    def _submit(self, job: _Job) -> None:
+        """Queue a job for the worker, or refuse it: 503 unless serving, 429 when the queue is full."""
+        with self._lock:
+            if not self.healthy():
+                raise self._unavailable(job.request_id)
+            if self._inbox.qsize() + self._queued >= self.settings.max_queued_requests:
+                raise APIError(429, f"the server is at capacity ({self._queued} requests waiting); retry shortly",
+                               type=SERVER_ERROR, code="queue_full", headers={"Retry-After": "1"})
+            self._inbox.put(job)
+
+    def _unavailable(self, request_id: str) -> APIError:
+        why = {"draining": "the server is shutting down", "starting": "the server is starting"}.get(
+            self._state, "the model worker is not running")
+        return APIError(503, f"{why} (request id {request_id})", type=SERVER_ERROR)
+
+    # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        with self._lock:
+            if self._state == "starting":
+                self._state = "serving"
         self._go.set()
 
+    def begin_shutdown(self) -> None:
+        """Stop admitting requests (503, /health 503); requests already accepted go on."""
+        with self._lock:
+            if self._state in ("serving", "starting"):
+                self._state = "draining"
+
+    def inflight(self) -> int:
+        """Requests accepted and not finished (call on the event loop thread)."""
+        return len(self._inflight)
+
+    def abort_all(self, message: str) -> None:
+        """Fail every accepted request with 503 ``message`` (graceful shutdown's deadline)."""
+        self._inbox.put(("abort", message))
+
     def shutdown(self) -> None:
+        self.begin_shutdown()
         self._stop.set()
         self._go.set()
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            if self._state != "failed":
+                self._state = "stopped"
 
+    # -- worker ------------------------------------------------------------------------------
     def _main(self, model, tokenizer, vectors) -> None:
         torch.set_grad_enabled(False)
         try:
@@ -209,39 +283,58 @@ class TransformersBackend:
             return
         self._ready.put(None)
         self._go.wait()
-        if not self._stop.is_set():
-            self._run()
+        if self._stop.is_set():
+            return
+        try:
+            with self.runtime if self.runtime is not None else contextlib.nullcontext():
+                self._run()
+        except _Stopped:
+            pass
+        except BaseException as e:  # a worker fault: nothing may hang, and the operator must know
+            log.critical("the model worker failed; failing every request", exc_info=e)
+            self._die()
+        finally:
+            self._fail_everything(_Failure(503, "the server is shutting down"))
 
     def _run(self) -> None:
-        ctx = self.runtime if self.runtime is not None else contextlib.nullcontext()
-        with ctx:
-            while not self._stop.is_set():
-                self._drain_inbox(block=not self.engine.has_work())
-                if not self.engine.has_work():
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    events = self.engine.step()
-                    if self.metrics:
-                        self.metrics.observe_step(self.engine.running, time.perf_counter() - t0)
-                except Exception as e:  # fail every in-flight request loudly, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(e)
-                    continue
-                for ev in events:
-                    self._deliver(ev)
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.engine.has_work())
+            if self.engine.has_work():
+                self._step()
+            self._observe()
+
+    def _step(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            events = self.engine.step()
+            if self.metrics:
+                self.metrics.observe_step(self.engine.running, time.perf_counter() - t0)
+        except Exception:
+            self._step_failures += 1
+            log.exception("engine step failed (%d in a row)", self._step_failures)
+            if self._step_failures >= MAX_STEP_FAILURES:
+                raise
+            self._fail_running()
+            return
+        self._step_failures = 0
+        for ev in events:
+            self._deliver(ev)
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
-        while item is not None:
-            if isinstance(item, tuple):
+        while True:
+            if item is None:
+                raise _Stopped
+            if isinstance(item, _Job):
+                self._admit(item)
+            elif item[0] == "cancel":
                 for sid in item[1]:
                     self.engine.cancel(sid)
-            else:
-                self._admit(item)
+            elif item[0] == "abort":
+                self._fail_everything(_Failure(503, item[1]))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -252,11 +345,11 @@ class TransformersBackend:
         try:
             for _, _, seq in job.rows:
                 self.engine.add(seq)
-        except Exception as e:
-            log.exception("could not admit a request")
+        except Exception:
+            log.exception("could not admit request %s", job.request_id)
             for _, _, seq in job.rows:
                 self.engine.cancel(seq.id)
-            job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            self._send(job, _Failure(500, f"internal error (request id {job.request_id})"))
             return
         for _, _, seq in job.rows:
             self._jobs[seq.id] = job
@@ -267,9 +360,21 @@ class TransformersBackend:
             return
         if ev.finish_reason is not None:
             del self._jobs[ev.seq_id]
-            if self.metrics and ev.finish_reason != "cancelled":
+            if ev.finish_reason == "error":
+                seq = next(s for _, _, s in job.rows if s.id == ev.seq_id)
+                log.error("request %s: a row failed: %s", job.request_id, seq.error)
+            elif self.metrics and ev.finish_reason != "cancelled":
                 self.metrics.gate(self._gate_value(job, ev.seq_id))
-        job.loop.call_soon_threadsafe(job.out.put_nowait, ev)
+        self._send(job, ev)
+
+    def _send(self, job: _Job, item) -> None:
+        """Hand an event or failure to the job's event loop; a closed loop means nobody listens."""
+        try:
+            job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+        except RuntimeError:  # the loop is closed: cancel what is left of the job
+            for _, _, s in job.rows:
+                self._jobs.pop(s.id, None)
+                self.engine.cancel(s.id)
 
     def _gate_value(self, job: _Job, seq_id: int):
         for _, baseline, s in job.rows:
@@ -277,12 +382,55 @@ class TransformersBackend:
                 return s.vector, bool(s.gate.get(s.vector, 1.0))
         return None
 
-    def _fail_all(self, err: Exception) -> None:
-        jobs = {id(j): j for j in self._jobs.values()}
+    def _observe(self) -> None:
+        """Running rows and waiting requests, for /metrics and the 429 check."""
+        pending = {id(self._jobs.get(s.id)) for s in self.engine.pending}
+        self._queued = len(pending)
+        if self.metrics:
+            self.metrics.running_rows.set(self.engine.running)
+            self.metrics.queued_requests.set(self._queued + self._inbox.qsize())
+
+    def _fail_running(self) -> None:
+        """After a failed forward pass: fail the requests with rows in the batch, keep the waiting ones."""
+        waiting = list(self.engine.pending)
+        waiting_ids = {s.id for s in waiting}
+        failed = {id(j): j for sid, j in self._jobs.items() if sid not in waiting_ids}
+        for j in failed.values():
+            for _, _, s in j.rows:
+                self._jobs.pop(s.id, None)
+                waiting_ids.discard(s.id)
+            self._send(j, _Failure(503, f"the model failed while generating (request id {j.request_id}); retry"))
+        self.engine = self._new_engine()
+        for s in waiting:
+            if s.id in waiting_ids:
+                self.engine.add(s)
+
+    def _fail_everything(self, failure: _Failure) -> None:
+        """Fail every accepted request (admitted or still in the inbox) and empty the engine."""
+        with self._lock:
+            jobs = {id(j): j for j in self._jobs.values()}
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Job):
+                    jobs[id(item)] = item
         self._jobs.clear()
-        self.engine = Engine(self.model, self.tok, self.runtime, max_batch_size=self.settings.max_batch_size)
-        for job in jobs.values():
-            job.loop.call_soon_threadsafe(job.out.put_nowait, err)
+        for j in jobs.values():
+            self._send(j, replace(failure, message=f"{failure.message} (request id {j.request_id})"))
+        if hasattr(self, "engine"):
+            self.engine = self._new_engine()
+
+    def _die(self) -> None:
+        with self._lock:
+            self._state = "failed"
+        self._fail_everything(_Failure(503, "the model worker failed"))
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal()
+            except Exception:  # noqa: BLE001 - the worker is already down; log and go
+                log.exception("on_fatal callback failed")
 
 
 def _row_sampling(p, i: int):

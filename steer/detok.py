@@ -1,0 +1,177 @@
+"""Incremental detokenization and stop-string matching in O(1) work per generated token.
+
+``IncrementalDetokenizer`` turns token ids into text pieces; ``StopMatcher`` cuts that text at the first
+stop string. For every token sequence ``ids``::
+
+    "".join(d.push(t) for t in ids) + d.flush() == tokenizer.decode(ids, skip_special_tokens=skip)
+
+and for every text cut into any pieces, the concatenated output of a ``StopMatcher`` is the text cut
+where a stop string is first completed (see ``StopMatcher``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import tokenizers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+REPLACEMENT = "\ufffd"  # what decode() makes of an incomplete UTF-8 sequence
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a SentencePiece byte-fallback token
+Decode = Callable[[list[int]], str]
+
+
+class IncrementalDetokenizer:
+    """Decodes one generated sequence token by token, with a window of O(1) tokens per ``push``.
+
+    The prefix/read-offset algorithm of vLLM and ``tokenizers.decoders.DecodeStream``: decode a short
+    window of ids, the "context" tokens whose text was already handed out plus the "pending" tokens
+    after them, and hand out what the pending tokens add. Text is only handed out once it no longer ends
+    in U+FFFD, i.e. once a multi-byte character split over several tokens is complete; a push that
+    leaves it incomplete (or adds no text) returns "" and its token stays pending. A run of byte-fallback
+    tokens (<0xE4><0xB8><0x96>) is held until a token of another kind ends it (or ``flush``): the
+    ByteFallback decoder turns the *whole* run into U+FFFDs as soon as any of it is invalid UTF-8, so even
+    a valid start of the run is not final before then. After a hand-out the
+    pending tokens become the next context, so the window is the last piece's tokens plus the pending
+    ones. A context (rather than decoding new tokens alone) keeps decoders that treat the first token
+    specially (Metaspace / SentencePiece strip its leading space) right. Special tokens skipped by decode
+    are dropped before the window and cost nothing.
+
+    On a tokenizers-backed ("fast") tokenizer the window goes straight to the Rust decode, which is what
+    ``tokenizer.decode`` runs; any other tokenizer is called through its own ``decode`` on the window.
+    Tokenizers whose decode applies ``clean_up_tokenization_spaces`` are refused with ``ValueError``:
+    that cleanup rewrites text across piece boundaries (" ." -> "."), so use full decoding for them.
+
+    Worst case: a run of k consecutive tokens that each leave the text ending in U+FFFD (garbage bytes),
+    that add no text (ids outside the vocabulary) or that are byte-fallback tokens keeps k tokens
+    pending: O(k) per push in that run.
+
+    Not thread-safe; one instance per sequence.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | Any, *, skip_special_tokens: bool = True):
+        self._decode, self._skip, self._token = _decoder(tokenizer, skip_special_tokens)
+        self._ids: list[int] = []  # window: context ids, then pending ids
+        self._start = 0  # window[:start] is context, window[start:] pending
+        self._prefix = ""  # decode(window[:start]), already handed out
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it completes ("" while a character is incomplete)."""
+        if token_id in self._skip:
+            return ""
+        self._ids.append(token_id)
+        if self._token is not None and _BYTE.fullmatch(self._token(token_id) or ""):
+            return ""  # a byte-fallback run decodes all-or-nothing: wait for its end
+        text = self._decode(self._ids)
+        if len(text) <= len(self._prefix) or text.endswith(REPLACEMENT):
+            return ""
+        piece = self._piece(text)
+        self._ids = self._ids[self._start :]
+        self._start = len(self._ids)
+        self._prefix = self._decode(self._ids)
+        return piece
+
+    def flush(self) -> str:
+        """End of the sequence: the text still held back, as ``tokenizer.decode`` renders it.
+
+        That is a trailing incomplete UTF-8 sequence as U+FFFD (or, on byte-fallback tokenizers, one
+        U+FFFD per byte token of an invalid run), or a genuine trailing U+FFFD character. Call it once,
+        after the last push.
+        """
+        if self._start == len(self._ids):
+            return ""
+        text = self._decode(self._ids)
+        piece = self._piece(text) if len(text) > len(self._prefix) else ""
+        self._ids, self._start, self._prefix = [], 0, ""
+        return piece
+
+    def _piece(self, text: str) -> str:
+        if not text.startswith(self._prefix):
+            raise RuntimeError(f"decode of a longer window changed text already handed out: {self._prefix!r} "
+                               f"-> {text!r}; this tokenizer cannot be decoded incrementally")
+        return text[len(self._prefix) :]
+
+
+def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[int], str | None] | None]:
+    """The window decode for ``tok`` (equal to ``tok.decode``), the ids it skips at no cost, and the
+    id -> token lookup that spots byte-fallback tokens (None where the decoder has no byte fallback)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    standard = (isinstance(tok, PreTrainedTokenizerFast) and type(tok).decode is PreTrainedTokenizerBase.decode
+                and type(tok)._decode is PreTrainedTokenizerFast._decode)
+    if isinstance(backend, tokenizers.Tokenizer) and standard:
+        # TokenizersBackend._decode = backend decode + cleanup, which it skips for BPE models unless forced
+        forced = getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+        if tok.clean_up_tokenization_spaces and (type(backend.model).__name__ != "BPE" or forced):
+            raise ValueError(_CLEANUP)
+        special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        fallback = backend.decoder is not None and b'"ByteFallback"' in backend.decoder.__getstate__()
+        return (partial(backend.decode, skip_special_tokens=skip), special if skip else frozenset(),
+                backend.id_to_token if fallback else None)
+    if getattr(tok, "clean_up_tokenization_spaces", False):
+        raise ValueError(_CLEANUP)
+    # transformers' Python tokenizers skip exactly all_special_ids
+    special = frozenset(getattr(tok, "all_special_ids", ())) if skip else frozenset()
+    return partial(tok.decode, skip_special_tokens=skip), special, getattr(tok, "convert_ids_to_tokens", None)
+
+
+_CLEANUP = ("tokenizer.decode applies clean_up_tokenization_spaces, which rewrites text across token "
+            "boundaries; it cannot be decoded incrementally (decode the whole sequence instead)")
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string; the stop string itself is never emitted (OpenAI).
+
+    ``push(piece)`` returns ``(text, hit)``: the text that may be emitted now and whether a stop string
+    was completed. Without a hit it holds back only the longest tail of the text that is a proper prefix
+    of some stop string (at most ``max(len(stop)) - 1`` characters). On a hit it returns everything before
+    the stop and ``True``, and the matcher is finished: later pushes return ``("", True)`` and ``flush()``
+    returns "". ``flush()`` at the end of generation (length / EOS) returns the held-back text.
+
+    Semantics: the output is the text cut at the start of the stop occurrence that is *completed first*
+    (smallest end; of those ending at the same place, the earliest start), whatever the pieces are. That
+    equals the earliest occurrence when no stop string contains another one; when one does (stops "abcd"
+    and "c"), streaming cannot wait for the longer one, so "abc|d" stops at "ab".
+
+    Each push searches only the held tail plus the new piece: O(len(piece) + max stop length) per stop.
+    Pieces from ``IncrementalDetokenizer.push`` never end in an incomplete character, so no U+FFFD rule is
+    needed here.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(stops)
+        if not all(self.stops):
+            raise ValueError("stop strings must not be empty")
+        self._tail = ""
+        self.finished = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if self.finished:
+            return "", True
+        text = self._tail + piece
+        first: tuple[int, int] | None = None  # (end, start) of the first completed stop
+        for s in self.stops:
+            i = text.find(s)
+            if i >= 0 and (first is None or (i + len(s), i) < first):
+                first = (i + len(s), i)
+        if first is not None:
+            self._tail, self.finished = "", True
+            return text[: first[1]], True
+        cut = len(text) - self._held(text)
+        self._tail = text[cut:]
+        return text[:cut], False
+
+    def flush(self) -> str:
+        tail, self._tail = self._tail, ""
+        return tail
+
+    def _held(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        longest = max((len(s) for s in self.stops), default=1)
+        for n in range(min(longest - 1, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(len(s) > n and s.startswith(tail) for s in self.stops):
+                return n
+        return 0

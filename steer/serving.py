@@ -1,0 +1,72 @@
+"""One way to build a served model: kernels chosen for the host, load, fingerprint, vectors, packing.
+
+The order matters and lives only here: the kernel choice (compute dtype, packed or plain linear
+weights) comes first because it decides the load dtype; the fingerprint is taken before packing
+(it reads the plain weights, and vectors are checked against it); packing comes last. The server, the
+extractor and the benchmarks all build their model through :func:`build`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from steer import hardware
+from steer.hooks import SteeringRuntime
+from steer.models import ModelFingerprint, fingerprint, load_config, load_model
+from steer.packed import is_packed, pack_linears
+from steer.vectors import SafetyVector
+
+log = logging.getLogger("steer.serving")
+
+
+@dataclass
+class ServedModel:
+    model: nn.Module
+    tokenizer: object
+    fingerprint: ModelFingerprint
+    vectors: dict[str, SafetyVector]
+    runtime: SteeringRuntime | None  # hooks for the activation vectors (installed by ``with runtime:``)
+    kernels: dict  # what the model runs with: dtype, linear weights, how they were chosen and why
+    host: dict  # steer.hardware.HostCaps.to_dict()
+
+
+def choose_kernels(path: str | Path, *, dtype: str = "auto", linear_weights: str = "auto",
+                   probe: bool = True) -> hardware.KernelChoice:
+    """The kernels to load ``path`` with on this host (one log line says which and why)."""
+    cfg = load_config(path)
+    choice = hardware.choose(hardware.detect(), dtype=dtype, linear_weights=linear_weights,
+                             hidden_size=int(cfg.hidden_size), intermediate_size=int(cfg.intermediate_size),
+                             probe=probe)
+    log.info(choice.summary())
+    return choice
+
+
+def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = None, *, dtype: str = "auto",
+          linear_weights: str = "auto", model: nn.Module | None = None, tokenizer=None) -> ServedModel:
+    """Load ``path`` with the kernels this host runs fastest (or as set), or take ``model`` exactly as
+    given (tests, embedding), then fingerprint it, check and attach ``vectors``, and pack if chosen.
+
+    Raises hardware.HardwareError for a kernel setting the host cannot run, VectorError for a vector
+    made for other weights, ModelError for an unsupported checkpoint."""
+    choice = None
+    if model is None:
+        choice = choose_kernels(path, dtype=dtype, linear_weights=linear_weights)
+        model, tokenizer = load_model(path, dtype=choice.dtype)
+    fp = fingerprint(model)
+    by_name = {v.name: v for v in vectors or []}
+    runtime = SteeringRuntime(model, by_name.values(), model_fingerprint=fp) if by_name else None
+    if choice is not None and choice.packed:
+        pack_linears(model)
+    return ServedModel(model, tokenizer, fp, by_name, runtime, _kernels(model, choice), hardware.detect().to_dict())
+
+
+def _kernels(model: nn.Module, choice: hardware.KernelChoice | None) -> dict:
+    if choice is not None:
+        return choice.to_dict()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    weights = "packed" if is_packed(model) else "plain"
+    return {"dtype": dtype, "linear_weights": weights, "how": "given", "reason": "model passed in as built"}
