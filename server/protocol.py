@@ -246,11 +246,11 @@ def resolve(
         raise APIError(400, f"n must be at most {settings.max_n}, got {req.n}", param="n")
     sampling = sampling_params(req, settings)
     steering = steering_spec(req.safety, settings, vectors, default_vector)
-    n = req.n or 1
+    n, param = req.n or 1, req.requested_max_tokens()[1]
     if isinstance(req, ChatCompletionRequest):
         messages = tuple(ChatMessage(role=m.role, content=m.content) for m in req.messages)
-        return GenerationInput(messages=messages, sampling=sampling, n=n), steering
-    return GenerationInput(prompt=req.prompt, sampling=sampling, n=n), steering
+        return GenerationInput(messages=messages, sampling=sampling, n=n, max_tokens_param=param), steering
+    return GenerationInput(prompt=req.prompt, sampling=sampling, n=n, max_tokens_param=param), steering
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Settings) -> SamplingParams:

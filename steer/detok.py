@@ -29,31 +29,31 @@ class IncrementalDetokenizer:
 
     The prefix/read-offset algorithm of vLLM and ``tokenizers.decoders.DecodeStream``: decode a short
     window of ids, the "context" tokens whose text was already handed out plus the "pending" tokens
-    after them, and hand out what the pending tokens add. Text is only handed out once it no longer ends
-    in U+FFFD, i.e. once a multi-byte character split over several tokens is complete; a push that
-    leaves it incomplete (or adds no text) returns "" and its token stays pending. A run of byte-fallback
-    tokens (<0xE4><0xB8><0x96>) is held until a token of another kind ends it (or ``flush``): the
-    ByteFallback decoder turns the *whole* run into U+FFFDs as soon as any of it is invalid UTF-8, so even
-    a valid start of the run is not final before then. After a hand-out the
-    pending tokens become the next context, so the window is the last piece's tokens plus the pending
-    ones. A context (rather than decoding new tokens alone) keeps decoders that treat the first token
-    specially (Metaspace / SentencePiece strip its leading space) right. Special tokens skipped by decode
-    are dropped before the window and cost nothing.
+    after them, and hand out what the pending tokens add. After a hand-out the pending tokens become the
+    next context, so the window is the last piece's tokens plus the pending ones. Decoding with a context
+    rather than the new tokens alone keeps decoders that treat the first token specially (Metaspace /
+    SentencePiece strip its leading space) right. Special tokens that decode skips and ids outside the
+    vocabulary are dropped before the window and cost nothing.
+
+    Text is handed out only once it is final. A push returns "" and its token stays pending while the
+    text ends in U+FFFD (a multi-byte character split over several tokens is incomplete), while the
+    token adds no text, and while it extends a run of byte-fallback tokens (<0xE4><0xB8><0x96>): the
+    ByteFallback decoder turns the *whole* run into U+FFFDs as soon as any of it is invalid UTF-8, so
+    even a valid start of the run is final only once a token of another kind ends it.
 
     On a tokenizers-backed ("fast") tokenizer the window goes straight to the Rust decode, which is what
     ``tokenizer.decode`` runs; any other tokenizer is called through its own ``decode`` on the window.
     Tokenizers whose decode applies ``clean_up_tokenization_spaces`` are refused with ``ValueError``:
     that cleanup rewrites text across piece boundaries (" ." -> "."), so use full decoding for them.
 
-    Worst case: a run of k consecutive tokens that each leave the text ending in U+FFFD (garbage bytes),
-    that add no text (ids outside the vocabulary) or that are byte-fallback tokens keeps k tokens
-    pending: O(k) per push in that run.
+    Worst case: a run of k consecutive tokens that each leave the text ending in U+FFFD (garbage bytes)
+    or add no text, or of k byte-fallback tokens, keeps k tokens pending: O(k) per push in that run.
 
     Not thread-safe; one instance per sequence.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | Any, *, skip_special_tokens: bool = True):
-        self._decode, self._skip, self._token = _decoder(tokenizer, skip_special_tokens)
+        self._decode, self._skip, self._token, self._fallback = _decoder(tokenizer, skip_special_tokens)
         self._ids: list[int] = []  # window: context ids, then pending ids
         self._start = 0  # window[:start] is context, window[start:] pending
         self._prefix = ""  # decode(window[:start]), already handed out
@@ -62,8 +62,11 @@ class IncrementalDetokenizer:
         """Add one token; returns the text it completes ("" while a character is incomplete)."""
         if token_id in self._skip:
             return ""
+        token = self._token(token_id) if self._token is not None else ""
+        if token is None:
+            return ""  # not in the vocabulary (a model's padded embedding rows): decode drops it too
         self._ids.append(token_id)
-        if self._token is not None and _BYTE.fullmatch(self._token(token_id) or ""):
+        if self._fallback and _BYTE.fullmatch(token):
             return ""  # a byte-fallback run decodes all-or-nothing: wait for its end
         text = self._decode(self._ids)
         if len(text) <= len(self._prefix) or text.endswith(REPLACEMENT):
@@ -95,9 +98,9 @@ class IncrementalDetokenizer:
         return text[len(self._prefix) :]
 
 
-def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[int], str | None] | None]:
-    """The window decode for ``tok`` (equal to ``tok.decode``), the ids it skips at no cost, and the
-    id -> token lookup that spots byte-fallback tokens (None where the decoder has no byte fallback)."""
+def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[int], str | None] | None, bool]:
+    """For ``tok``: the window decode (equal to ``tok.decode``), the special ids it skips, its id -> token
+    lookup (None for ids it drops), and whether its decoder may have byte fallback."""
     backend = getattr(tok, "backend_tokenizer", None)
     standard = (isinstance(tok, PreTrainedTokenizerFast) and type(tok).decode is PreTrainedTokenizerBase.decode
                 and type(tok)._decode is PreTrainedTokenizerFast._decode)
@@ -109,12 +112,12 @@ def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[in
         special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         fallback = backend.decoder is not None and b'"ByteFallback"' in backend.decoder.__getstate__()
         return (partial(backend.decode, skip_special_tokens=skip), special if skip else frozenset(),
-                backend.id_to_token if fallback else None)
+                backend.id_to_token, fallback)
     if getattr(tok, "clean_up_tokenization_spaces", False):
         raise ValueError(_CLEANUP)
     # transformers' Python tokenizers skip exactly all_special_ids
     special = frozenset(getattr(tok, "all_special_ids", ())) if skip else frozenset()
-    return partial(tok.decode, skip_special_tokens=skip), special, getattr(tok, "convert_ids_to_tokens", None)
+    return partial(tok.decode, skip_special_tokens=skip), special, getattr(tok, "convert_ids_to_tokens", None), True
 
 
 _CLEANUP = ("tokenizer.decode applies clean_up_tokenization_spaces, which rewrites text across token "
@@ -131,47 +134,57 @@ class StopMatcher:
     returns "". ``flush()`` at the end of generation (length / EOS) returns the held-back text.
 
     Semantics: the output is the text cut at the start of the stop occurrence that is *completed first*
-    (smallest end; of those ending at the same place, the earliest start), whatever the pieces are. That
-    equals the earliest occurrence when no stop string contains another one; when one does (stops "abcd"
-    and "c"), streaming cannot wait for the longer one, so "abc|d" stops at "ab".
+    (smallest end; of those ending at the same place, the longest), whatever the pieces are. That equals
+    the earliest occurrence when no stop string contains another one; when one does (stops "abcd" and
+    "c"), streaming cannot wait for the longer one, so "abc|d" stops at "ab".
 
-    Each push searches only the held tail plus the new piece: O(len(piece) + max stop length) per stop.
-    Pieces from ``IncrementalDetokenizer.push`` never end in an incomplete character, so no U+FFFD rule is
-    needed here.
+    One Knuth-Morris-Pratt automaton per stop string, fed each new character once: O(len(piece)) steps
+    per stop string per push, amortized, whatever the stop strings' length. Pieces from
+    ``IncrementalDetokenizer.push`` never end in an incomplete character, so no U+FFFD rule is needed here.
     """
 
     def __init__(self, stops: Iterable[str]):
         self.stops = tuple(stops)
         if not all(self.stops):
             raise ValueError("stop strings must not be empty")
-        self._tail = ""
+        self._fail = [_failure(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)  # per stop: longest suffix of the text that is its prefix
+        self._tail = ""  # text held back: its last max(self._matched) characters
         self.finished = False
 
     def push(self, piece: str) -> tuple[str, bool]:
         if self.finished:
             return "", True
-        text = self._tail + piece
-        first: tuple[int, int] | None = None  # (end, start) of the first completed stop
-        for s in self.stops:
-            i = text.find(s)
-            if i >= 0 and (first is None or (i + len(s), i) < first):
-                first = (i + len(s), i)
-        if first is not None:
-            self._tail, self.finished = "", True
-            return text[: first[1]], True
-        cut = len(text) - self._held(text)
+        base, text = len(self._tail), self._tail + piece
+        for j, c in enumerate(piece):
+            done = 0  # length of the longest stop string completed by this character
+            for n, (s, fail) in enumerate(zip(self.stops, self._fail, strict=True)):
+                k = self._matched[n]
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                k = k + 1 if s[k] == c else 0
+                if k == len(s):
+                    done, k = max(done, k), fail[k - 1]
+                self._matched[n] = k
+            if done:
+                self._tail, self.finished = "", True
+                return text[: base + j + 1 - done], True
+        cut = len(text) - max(self._matched, default=0)
         self._tail = text[cut:]
         return text[:cut], False
 
     def flush(self) -> str:
+        """The text held back (call at the end of generation); "" after a hit."""
         tail, self._tail = self._tail, ""
         return tail
 
-    def _held(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-        longest = max((len(s) for s in self.stops), default=1)
-        for n in range(min(longest - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(len(s) > n and s.startswith(tail) for s in self.stops):
-                return n
-        return 0
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper prefix of s[:i+1] that is a suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        k = k + 1 if s[i] == s[k] else 0
+        fail[i] = k
+    return fail

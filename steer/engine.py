@@ -369,7 +369,8 @@ def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the top token
+        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
+        keep[0] = True  # the top token, whatever top_p (a subnormal top_p is 0 in float32)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=rng))
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings (OpenAI semantics)."""
 
     max_tokens: int | None = None  # None: the rest of the context (resolved by the backend)
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW means greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -19,7 +21,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: a temperature this small is argmax in effect, and dividing float32 logits by it
+        # overflows to NaN probabilities.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -45,3 +49,4 @@ class GenerationInput:
     prompt: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
+    max_tokens_param: str = "max_tokens"  # the request field max_tokens came from (for error messages)

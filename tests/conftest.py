@@ -84,6 +84,15 @@ def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=N
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny qwen2 and its tokenizer saved as a checkpoint directory (for `steer serve --model`)."""
+    d = tmp_path_factory.mktemp("tiny")
+    make_model("qwen2", len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
 # ---------------------------------------------------------------- host kinds
 
 # The two CPU kinds CI can land on, as steer.hardware describes them. Forcing one (monkeypatching

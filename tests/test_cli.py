@@ -7,20 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_model
 
 
 def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
                           timeout=120, env=env)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    make_model("qwen2", len(tiny_tokenizer)).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.mark.parametrize(

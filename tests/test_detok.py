@@ -129,8 +129,9 @@ def check_stream(tok, ids: list[int], skip: bool = True, view=None) -> None:
         piece = det.push(t)
         assert isinstance(piece, str) and not piece.endswith("\ufffd")
         out += piece
-        if t not in skipped:
-            in_byte_run = bool(re.fullmatch(r"<0x..>", tok.convert_ids_to_tokens(t) or ""))
+        token = tok.convert_ids_to_tokens(t)
+        if t not in skipped and token is not None:  # decode drops both
+            in_byte_run = bool(re.fullmatch(r"<0x..>", token))
         now = tok.decode(ids[:k], skip_special_tokens=skip)
         assert now.startswith(out)
         if not now.endswith("\ufffd") and not in_byte_run:
@@ -209,9 +210,8 @@ def test_decode_work_per_token_does_not_grow_with_position():
     per_push = _decoded_per_push(det, ids)
     assert max(per_push) <= 16
     assert per_push[-n:] == per_push[n : 2 * n]
-    view = DecodeOnly(tok)  # the generic path too (where special tokens do enter the window)
-    det = IncrementalDetokenizer(view)
-    assert max(_decoded_per_push(det, ids)) <= 24
+    det = IncrementalDetokenizer(DecodeOnly(tok))  # the generic path: the same windows
+    assert _decoded_per_push(det, ids) == per_push
 
 
 def test_skipped_special_tokens_cost_nothing():
@@ -268,9 +268,9 @@ def test_qwen_tokenizer():
 
 # ---------------------------------------------------------------- StopMatcher
 
-STOP_TEXT = st.text(st.sampled_from(list("abc \n") + ["é", "🙂"]), max_size=40)
-STOPS = st.lists(st.text(st.sampled_from(list("abc \n") + ["é", "🙂"]), min_size=1, max_size=5),
-                 min_size=1, max_size=4)
+STOP_CHARS = st.sampled_from(["a", "b", "\n", "é", "🙂"])  # few characters: many overlapping matches
+STOP_TEXT = st.text(STOP_CHARS, max_size=40)
+STOPS = st.lists(st.text(STOP_CHARS, min_size=1, max_size=5), min_size=1, max_size=4)
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -337,6 +337,7 @@ def test_stop_matcher_examples():
     assert m.push("ab") == ("", False)  # "ab" may start "abcd"
     assert m.push("c") == ("ab", True)  # "c" completes first; the stop itself is never emitted
     assert m.push("d") == ("", True) and m.flush() == "" and m.finished
+    assert StopMatcher(["c", "bc"]).push("abcd") == ("a", True)  # both end at "c": cut before the longer
     m = StopMatcher(["\n\n", "END"])
     assert m.push("one\n") == ("one", False)
     assert m.push("two EN") == ("\ntwo ", False)

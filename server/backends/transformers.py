@@ -76,7 +76,8 @@ class TransformersBackend:
         self._state = "starting"  # starting | serving | draining | failed | stopped
         self._stop = threading.Event()
         self._go = threading.Event()  # start() lets the loaded worker begin serving
-        self._jobs: dict[int, _Job] = {}  # seq id -> job (worker thread only)
+        self._jobs: dict[int, _Job] = {}  # seq id -> job, rows not finished (worker thread only)
+        self._live: dict[int, _Job] = {}  # id(job) -> every job the worker took and has not finished
         self._inflight: set[int] = set()  # ids of jobs not finished (event loop thread only)
         self._queued = 0  # requests waiting for a batch slot (written by the worker)
         self._step_failures = 0
@@ -186,11 +187,12 @@ class TransformersBackend:
         if inp.sampling.max_tokens is None:  # omitted: the rest of the context, as vLLM does
             inp = replace(inp, sampling=replace(inp.sampling, max_tokens=budget))
         elif inp.sampling.max_tokens > budget:
+            name = inp.max_tokens_param
             raise APIError(
                 400,
-                f"max_tokens={inp.sampling.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                f"{name}={inp.sampling.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
                 f"context length {self.max_model_len}",
-                param="max_tokens",
+                param=name,
             )
         return Prepared(tuple(ids), inp, steering)
 
@@ -329,6 +331,7 @@ class TransformersBackend:
             if item is None:
                 raise _Stopped
             if isinstance(item, _Job):
+                self._live[id(item)] = item  # from here on a worker fault fails it: never lost
                 self._admit(item)
             elif item[0] == "cancel":
                 for sid in item[1]:
@@ -342,24 +345,21 @@ class TransformersBackend:
 
     def _admit(self, job: _Job) -> None:
         """Hand a job's rows to the engine; a job that cannot be admitted fails alone."""
+        for _, _, seq in job.rows:
+            self._jobs[seq.id] = job
         try:
             for _, _, seq in job.rows:
                 self.engine.add(seq)
         except Exception:
             log.exception("could not admit request %s", job.request_id)
-            for _, _, seq in job.rows:
-                self.engine.cancel(seq.id)
-            self._send(job, _Failure(500, f"internal error (request id {job.request_id})"))
-            return
-        for _, _, seq in job.rows:
-            self._jobs[seq.id] = job
+            self._fail_job(job, _Failure(500, "internal error"))
 
     def _deliver(self, ev: Event) -> None:
         job = self._jobs.get(ev.seq_id)
         if job is None:
             return
         if ev.finish_reason is not None:
-            del self._jobs[ev.seq_id]
+            self._finish_row(job, ev.seq_id)
             if ev.finish_reason == "error":
                 seq = next(s for _, _, s in job.rows if s.id == ev.seq_id)
                 log.error("request %s: a row failed: %s", job.request_id, seq.error)
@@ -367,14 +367,28 @@ class TransformersBackend:
                 self.metrics.gate(self._gate_value(job, ev.seq_id))
         self._send(job, ev)
 
+    def _finish_row(self, job: _Job, seq_id: int) -> None:
+        del self._jobs[seq_id]
+        if not any(s.id in self._jobs for _, _, s in job.rows):
+            self._live.pop(id(job), None)
+
     def _send(self, job: _Job, item) -> None:
         """Hand an event or failure to the job's event loop; a closed loop means nobody listens."""
         try:
             job.loop.call_soon_threadsafe(job.out.put_nowait, item)
         except RuntimeError:  # the loop is closed: cancel what is left of the job
-            for _, _, s in job.rows:
-                self._jobs.pop(s.id, None)
+            self._forget(job)
+
+    def _forget(self, job: _Job, *, cancel: bool = True) -> None:
+        """Drop a job from the worker's books (and cancel its rows in the engine)."""
+        self._live.pop(id(job), None)
+        for _, _, s in job.rows:
+            if self._jobs.pop(s.id, None) is not None and cancel:
                 self.engine.cancel(s.id)
+
+    def _fail_job(self, job: _Job, failure: _Failure, *, cancel: bool = True) -> None:
+        self._forget(job, cancel=cancel)
+        self._send(job, replace(failure, message=f"{failure.message} (request id {job.request_id})"))
 
     def _gate_value(self, job: _Job, seq_id: int):
         for _, baseline, s in job.rows:
@@ -384,41 +398,35 @@ class TransformersBackend:
 
     def _observe(self) -> None:
         """Running rows and waiting requests, for /metrics and the 429 check."""
-        pending = {id(self._jobs.get(s.id)) for s in self.engine.pending}
-        self._queued = len(pending)
+        self._queued = len({id(self._jobs.get(s.id)) for s in self.engine.pending})
         if self.metrics:
             self.metrics.running_rows.set(self.engine.running)
             self.metrics.queued_requests.set(self._queued + self._inbox.qsize())
 
     def _fail_running(self) -> None:
         """After a failed forward pass: fail the requests with rows in the batch, keep the waiting ones."""
-        waiting = list(self.engine.pending)
-        waiting_ids = {s.id for s in waiting}
-        failed = {id(j): j for sid, j in self._jobs.items() if sid not in waiting_ids}
-        for j in failed.values():
-            for _, _, s in j.rows:
-                self._jobs.pop(s.id, None)
-                waiting_ids.discard(s.id)
-            self._send(j, _Failure(503, f"the model failed while generating (request id {j.request_id}); retry"))
+        waiting = {s.id: s for s in self.engine.pending}
+        failed = [j for j in self._live.values() if any(s.id not in waiting for _, _, s in j.rows)]
+        for job in failed:
+            self._fail_job(job, _Failure(503, "the model failed while generating; retry"))
         self.engine = self._new_engine()
-        for s in waiting:
-            if s.id in waiting_ids:
-                self.engine.add(s)
+        for sid, seq in waiting.items():
+            if sid in self._jobs:
+                self.engine.add(seq)
 
     def _fail_everything(self, failure: _Failure) -> None:
-        """Fail every accepted request (admitted or still in the inbox) and empty the engine."""
+        """Fail every accepted request (taken by the worker or still in the inbox), empty the engine."""
         with self._lock:
-            jobs = {id(j): j for j in self._jobs.values()}
             while True:
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if isinstance(item, _Job):
-                    jobs[id(item)] = item
+                    self._live[id(item)] = item
+        for job in list(self._live.values()):  # the engine may be what broke: it is not touched
+            self._fail_job(job, failure, cancel=False)
         self._jobs.clear()
-        for j in jobs.values():
-            self._send(j, replace(failure, message=f"{failure.message} (request id {j.request_id})"))
         if hasattr(self, "engine"):
             self.engine = self._new_engine()
 
