@@ -11,6 +11,7 @@ where a stop string is first completed (see ``StopMatcher``).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -19,6 +20,7 @@ from typing import Any
 import tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+log = logging.getLogger("steer.detok")
 REPLACEMENT = "\ufffd"  # what decode() makes of an incomplete UTF-8 sequence
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a SentencePiece byte-fallback token
 Decode = Callable[[list[int]], str]
@@ -188,3 +190,39 @@ def _failure(s: str) -> list[int]:
         k = k + 1 if s[i] == s[k] else 0
         fail[i] = k
     return fail
+
+
+class FullDetokenizer:
+    """The fallback for tokenizers :class:`IncrementalDetokenizer` refuses: ``push``/``flush`` with the
+    same contract, by decoding the whole sequence each time (O(n) per token)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | Any, *, skip_special_tokens: bool = True):
+        self._tok, self._skip = tokenizer, skip_special_tokens
+        self._ids: list[int] = []
+        self._out = 0  # characters handed out
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
+        end = len(text.rstrip(REPLACEMENT))
+        piece, self._out = text[self._out : end], max(self._out, end)
+        return piece
+
+    def flush(self) -> str:
+        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
+        piece, self._out = text[self._out :], len(text)
+        return piece
+
+
+def detokenizer(tokenizer: PreTrainedTokenizerBase | Any) -> IncrementalDetokenizer | FullDetokenizer:
+    """An incremental detokenizer where the tokenizer allows one, else full decoding (logged once)."""
+    try:
+        return IncrementalDetokenizer(tokenizer)
+    except ValueError as e:
+        if id(tokenizer) not in _WARNED:
+            _WARNED.add(id(tokenizer))
+            log.warning("decoding every answer in full at each token (O(n) per token): %s", e)
+        return FullDetokenizer(tokenizer)
+
+
+_WARNED: set[int] = set()

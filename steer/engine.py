@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from steer.detok import IncrementalDetokenizer, StopMatcher
+from steer.detok import StopMatcher, detokenizer
 from steer.forward import LayerRunner, attention_mask, positions
 from steer.hooks import SteeringRuntime, gate_columns
 from steer.types import SamplingParams
@@ -65,7 +65,7 @@ class _Text:
     """A row's text so far: incremental detokenization, then stop-string matching on the new text."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = detokenizer(tokenizer)
         self.stops = StopMatcher(stops)
 
     def push(self, token: int) -> tuple[str, bool]:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from steer.detok import IncrementalDetokenizer, StopMatcher
+from steer.detok import FullDetokenizer, IncrementalDetokenizer, StopMatcher, detokenizer
 
 PROPS = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -230,6 +230,10 @@ def test_cleanup_that_rewrites_across_tokens_is_refused():
     assert fast.decode([1, 2]) == "a."  # the backend says "a ." and the cleanup joins it
     with pytest.raises(ValueError, match="clean_up_tokenization_spaces"):
         IncrementalDetokenizer(fast)
+    det = detokenizer(fast)  # what the engine uses: full decoding, with the same contract
+    assert isinstance(det, FullDetokenizer)
+    ids = [1, 3, 2, 1, 2]
+    assert "".join(det.push(t) for t in ids) + det.flush() == fast.decode(ids, skip_special_tokens=True)
     with pytest.raises(ValueError, match="clean_up_tokenization_spaces"):
         IncrementalDetokenizer(DecodeOnly(build("metaspace"), clean_up_tokenization_spaces=True))
     # transformers ignores the flag on BPE models, so such a tokenizer is accepted and exact
