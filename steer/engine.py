@@ -326,7 +326,8 @@ class Engine:
 
     # -- tokens and text ---------------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
-        events = [self._next_token(s, row) for s, row in zip(seqs, logits, strict=True)]
+        best = logits.argmax(dim=-1).tolist()  # every greedy row at once (one pass over (B, V))
+        events = [self._next_token(s, row, b) for s, row, b in zip(seqs, logits, best, strict=True)]
         done = [i for i, s in enumerate(self.batch.seqs) if s.finish_reason]
         if done:
             keep = [i for i, s in enumerate(self.batch.seqs) if not s.finish_reason]
@@ -336,10 +337,10 @@ class Engine:
                 self.batch = None
         return events
 
-    def _next_token(self, s: Sequence, logits: torch.Tensor) -> Event:
+    def _next_token(self, s: Sequence, logits: torch.Tensor, best: int) -> Event:
         """Sample, detokenize and check stop conditions for one row; a failure ends this row only."""
         try:
-            tok = _sample(logits, s.sampling, s.rng)
+            tok = best if s.sampling.greedy else _sample(logits, s.sampling, s.rng)
             s.generated.append(tok)
             return self._emit(s, tok)
         except Exception as e:  # noqa: BLE001 - isolate the row; the caller reports it
@@ -363,9 +364,7 @@ class Engine:
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
-    """One token from (V,) float logits: argmax when greedy, else temperature + nucleus sampling."""
-    if p.greedy:
-        return int(logits.argmax())
+    """One token from (V,) float logits by temperature + nucleus sampling (greedy rows take the argmax)."""
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
