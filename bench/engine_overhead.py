@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 from _common import interleaved
 
+from steer import serving
 from steer.calibrate import splits
 from steer.demo import ensure_demo_model
 from steer.engine import Engine, Sequence
 from steer.extract import chat_prompt_ids
-from steer.hooks import SteeringRuntime
-from steer.models import load_model
-from steer.packed import pack_linears
 from steer.types import SamplingParams
 from steer.vectors import SafetyVector
 
@@ -53,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_overhead.json"))
     ns = ap.parse_args(argv)
     torch.set_num_threads(2)
-    model, tok = load_model(ensure_demo_model())
-    rt = SteeringRuntime(model, [SafetyVector.load(ROOT / "vectors" / "refusal.json")])
-    pack_linears(model)  # as `steer serve` runs it; after the runtime's fingerprint check, which reads weights
+    served = serving.build(ensure_demo_model(), [SafetyVector.load(ROOT / "vectors" / "refusal.json")])
+    model, tok, rt = served.model, served.tokenizer, served.runtime  # as steer serve runs it
     sp = splits()
     # half harmful (the gate opens, steering is applied), half benign
     prompts = [*sp["dev_harmful"].prompts[: ns.rows // 2], *sp["dev_hard_negatives"].prompts[: ns.rows - ns.rows // 2]]

@@ -17,13 +17,11 @@ from pathlib import Path
 
 from server.evaluation.report import wilson
 from server.evaluation.suites import _templated, load_suites
+from steer import serving
 from steer.calibrate import splits
 from steer.demo import ensure_demo_model
 from steer.engine import Engine, Sequence
 from steer.extract import chat_prompt_ids
-from steer.hooks import SteeringRuntime
-from steer.models import load_model
-from steer.packed import pack_linears
 from steer.types import SamplingParams
 from steer.vectors import SafetyVector
 
@@ -39,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(the suites' own pairing rule): does a jailbreak template alone open the gate?")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gate_rates.json"))
     ns = ap.parse_args(argv)
-    model, tok = load_model(ensure_demo_model())
     vec = SafetyVector.load(ROOT / "vectors" / "refusal.json")
-    runtime = SteeringRuntime(model, [vec])
-    pack_linears(model)
+    served = serving.build(ensure_demo_model(), [vec])  # the kernels, vectors and packing of steer serve
+    model, tok, runtime = served.model, served.tokenizer, served.runtime
     rows = []
     with runtime:
         sets = [(su.name, su.kind, su.prompts) for su in load_suites(tuple(ns.suites.split(",")), ns.limit)]

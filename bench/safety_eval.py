@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from server.evaluation.report import wilson
+from steer import serving
 from steer.calibrate import generate_texts, splits
 from steer.demo import ensure_demo_model
 from steer.judge import is_refusal
-from steer.models import fingerprint, load_model
-from steer.packed import pack_linears
 from steer.vectors import SafetyVector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,18 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--ungated", action="store_true", help="drop the gate: unconditional addition (the baseline)")
     ap.add_argument("--out", default=None, help="default bench/results/safety_eval[_ungated].json")
-    ap.add_argument("--linear-weights", choices=["packed", "plain"], default="packed",
-                    help="as steer serve --linear-weights (default packed, the served path)")
+    ap.add_argument("--linear-weights", choices=["auto", "packed", "plain"], default="auto",
+                    help="as steer serve --linear-weights (default auto, the served path)")
     ns = ap.parse_args(argv)
     out = Path(ns.out or ROOT / "bench" / "results" / f"safety_eval{'_ungated' if ns.ungated else ''}.json")
     torch.set_num_threads(2)
-    model, tok = load_model(ensure_demo_model())
     vec = SafetyVector.load(ns.vector)
     if ns.ungated:
         vec.config = {k: v for k, v in vec.config.items() if k != "gate"}
-    vec.check_model(fingerprint(model))
-    if ns.linear_weights == "packed":  # as `steer serve` runs it (after the fingerprint, which reads weights)
-        pack_linears(model)
+    served = serving.build(ensure_demo_model(), [vec], linear_weights=ns.linear_weights)  # as steer serve
+    model, tok = served.model, served.tokenizer
     sp = splits()
     sets = {"harmful (HarmBench test)": sp["test_harmful"].take(ns.limit),
             "benign (aplomb, all)": sp["test_benign"].take(ns.limit)}

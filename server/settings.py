@@ -62,12 +62,13 @@ class Settings(BaseModel):
         "bf16 kernels (AVX-512 BF16 / AMX), otherwise by a short measured probe (float32 on AVX2-only "
         "hosts, where bf16 matmuls have no fast kernel).",
     )
-    linear_weights: Literal["auto", "packed", "plain"] = Field(
+    linear_weights: Literal["auto", "packed", "plain", "hybrid"] = Field(
         "auto",
         description="CPU linear layers: 'packed' re-lays the weights out for oneDNN once at load (faster "
         "matmuls at decode batch sizes; steady memory grows only by a packed copy of a tied LM head); "
-        "'plain' keeps torch's layout; 'auto' packs where oneDNN supports the dtype and a short probe "
-        "says it is faster. An explicit 'packed' the host cannot do is a startup error.",
+        "'plain' keeps torch's layout; 'hybrid' (bfloat16 on CPUs without oneDNN bf16) keeps the bf16 "
+        "weights for one-row decode steps and adds a packed float32 copy for everything larger; 'auto' "
+        "decides by the host (see README, Hosts). An explicit choice the host cannot do is a startup error.",
     )
     max_step_tokens: int = Field(
         512,

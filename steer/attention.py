@@ -14,6 +14,8 @@ built the SDPA way (boolean, ``True`` = attend, or ``None`` when nothing is mask
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -29,6 +31,11 @@ def steer_attention(module, query, key, value, attention_mask, scaling=None, dro
                                       **kwargs)
     b, h, _, d = query.shape
     kvh = key.shape[1]
+    out_dtype = query.dtype
+    if out_dtype == torch.bfloat16 and not _fast_bf16_matmul():
+        # Without oneDNN bf16 (AVX2 CPUs) a bf16 bmm falls to a slow generic kernel: widening the query
+        # and this layer's cache to float32 costs far less (measured: 238 -> ~45 us a call at 8 rows).
+        query, key, value = query.float(), key.float(), value.float()
     q = query.view(b, kvh, h // kvh, d)  # (B, KVH, G, D): the G query heads sharing each kv head
     scores = torch.matmul(q, key.transpose(2, 3)) * (d**-0.5 if scaling is None else scaling)  # (B, KVH, G, T)
     if attention_mask is not None:  # (B, 1, 1, T)
@@ -41,7 +48,14 @@ def steer_attention(module, query, key, value, attention_mask, scaling=None, dro
             scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, KVH, G, D)
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, h, 1, d).transpose(1, 2).to(out_dtype).contiguous(), None
+
+
+@cache
+def _fast_bf16_matmul() -> bool:
+    from steer import hardware
+
+    return hardware.detect().onednn_bf16
 
 
 AttentionInterface.register(ATTENTION, steer_attention)

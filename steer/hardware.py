@@ -38,17 +38,19 @@ RELEVANT_FLAGS = (
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-LINEAR_WEIGHTS = ("packed", "plain")
+LINEAR_WEIGHTS = ("packed", "plain", "hybrid")
 
-# The probe: decode-shaped then prefill-shaped input rows, untimed warm-up calls then timed calls
-# (the median counts), candidates in preference order (earlier wins ties and is the fallback).
-PROBE_ROWS = (8, 128)
+# The probe: input rows of a single stream's decode step, a batch of 8 decoding, and a prefill;
+# untimed warm-up calls then timed calls (the median counts), candidates in preference order (earlier
+# wins ties and is the fallback).
+PROBE_ROWS = (1, 8, 128)
 PROBE_WARMUP = 1
 PROBE_REPEATS = 3
 PROBE_CANDIDATES: tuple[tuple[torch.dtype, str], ...] = (
     (torch.float32, "packed"),
     (torch.float32, "plain"),
     (torch.bfloat16, "plain"),
+    (torch.bfloat16, "hybrid"),  # steer.packed.HybridLinear: bf16 gemv for one row, packed float32 else
 )
 
 
@@ -210,12 +212,14 @@ def _key(dtype: torch.dtype, weights: str) -> str:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What to serve with: ``dtype`` for the model, ``linear_weights`` packed or plain.
+    """What to serve with: ``dtype`` for the model, ``linear_weights`` packed, plain or hybrid
+    (steer.packed.HybridLinear: a bf16 model whose one-row inputs use the bf16 weights and larger
+    inputs a packed float32 copy; for CPUs without oneDNN bf16).
 
     ``how`` says what decided: "setting" (both given explicitly), "capability" (the host's
     capabilities leave one sensible option), "probe" (timed on this host), "fallback" (a probe was
     wanted but disabled or impossible). ``probe`` maps each timed candidate ("float32+packed", ...) to
-    its median ``decode_ms`` and ``prefill_ms`` and its ``score`` (decode ms per row + prefill ms per
+    its median ``rows_R_ms`` for each probed row count R and its ``score`` (the sum over R of ms per
     row; lower is better)."""
 
     dtype: torch.dtype
@@ -227,7 +231,12 @@ class KernelChoice:
 
     @property
     def packed(self) -> bool:
-        return self.linear_weights == "packed"
+        """The linear layers get oneDNN-packed weights (packed, or hybrid: see steer.packed)."""
+        return self.linear_weights in ("packed", "hybrid")
+
+    @property
+    def hybrid(self) -> bool:
+        return self.linear_weights == "hybrid"
 
     def to_dict(self) -> dict:
         return {
@@ -273,30 +282,30 @@ def choose(
     probe: bool = True,
     timer: Callable[[], float] = time.perf_counter,
 ) -> KernelChoice:
-    """Pick the compute dtype and packed/plain linear weights for a model on this host.
+    """Pick the compute dtype and linear-weight layout for a model on this host.
 
     Explicit settings are honoured: an explicit dtype is kept (with a warning in ``reason`` when
     bfloat16 is forced on a host without oneDNN bf16: it works, slowly), an explicit "plain" is kept,
-    and an explicit "packed" the host cannot do for the dtype raises :class:`HardwareError`.
+    and an explicit "packed" or "hybrid" the host cannot do raises :class:`HardwareError`.
 
     "auto" is decided by capability where it can be: bfloat16 (packed) where oneDNN has bf16 kernels;
-    bfloat16 is never packed without them, float32 never packed without oneDNN. Where several
-    candidates remain among (float32, packed), (float32, plain), (bfloat16, plain), a short probe
-    times them on the model's real matmul shape, an (hidden_size -> intermediate_size) linear, at a
-    decode-shaped (8 rows) and a prefill-shaped (128 rows) input: per shape, one untimed warm-up call
-    per candidate, then 3 rounds timing each candidate once in turn; each candidate's median counts.
-    The score is decode ms per row + prefill ms per row; the lowest wins (ties: the order above).
-    Measured at 896 -> 4864 on 2 cores: 0.15 s for float32 packed vs plain on AVX-512, 0.3-0.6 s for
-    the three candidates with torch limited to AVX2.
+    bfloat16 is never packed without them (but may be hybrid), float32 never packed without oneDNN.
+    Where several candidates remain among (float32, packed), (float32, plain), (bfloat16, plain),
+    (bfloat16, hybrid), a short probe times them on the model's real matmul shape, an
+    (hidden_size -> intermediate_size) linear, at PROBE_ROWS input rows (1: one stream decoding, 8: a
+    batch decoding, 128: a prefill): per shape, one untimed warm-up call per candidate, then 3 rounds
+    timing each candidate once in turn; each candidate's median counts. The score is the sum over the
+    shapes of ms per row (each regime's per-token cost, weighted equally); the lowest wins (ties: the
+    order above). Measured at 896 -> 4864 on 2 cores: well under a second.
 
-    ``timer`` is called twice around each timed call, in the order: decode then prefill; per round,
-    candidates in the order above. With ``probe=False``, or where timing fails (a raised error, a
-    non-positive or non-finite reading), the fallback is float32 packed where oneDNN can pack it,
+    ``timer`` is called twice around each timed call, in the order: shapes in PROBE_ROWS order; per
+    round, candidates in the order above. With ``probe=False``, or where timing fails (a raised error,
+    a non-positive or non-finite reading), the fallback is float32 packed where oneDNN can pack it,
     else float32 plain (``how="fallback"``).
     """
     want_dtype = _parse_dtype(dtype)
     if linear_weights not in ("auto", *LINEAR_WEIGHTS):
-        raise ValueError(f"linear_weights must be 'auto', 'packed' or 'plain', got {linear_weights!r}")
+        raise ValueError(f"linear_weights must be 'auto', 'packed', 'plain' or 'hybrid', got {linear_weights!r}")
 
     warning = ""
     if want_dtype == torch.bfloat16 and not caps.onednn_bf16:
@@ -308,6 +317,9 @@ def choose(
         why = packing_supported(d, caps)
         if why is not None:
             raise HardwareError(_packed_refusal(d, want_dtype is not None, why, caps))
+    if linear_weights == "hybrid":
+        _check_hybrid(want_dtype, caps)
+        want_dtype = torch.bfloat16
 
     def done(d: torch.dtype, w: str, how: str, reason: str, measured=None) -> KernelChoice:
         return KernelChoice(d, w, how, (reason + warning).strip(), measured, caps)
@@ -319,26 +331,24 @@ def choose(
         w = "plain" if linear_weights == "plain" else "packed"
         return done(torch.bfloat16, w, "capability", "oneDNN has bf16 kernels on this CPU: bfloat16"
                     + (", plain linear weights as set" if w == "plain" else " with packed linear weights"))
-    if want_dtype == torch.bfloat16:  # linear_weights auto
-        why = packing_supported(torch.bfloat16, caps)
-        if why is None:
-            return done(torch.bfloat16, "packed", "capability",
-                        "bfloat16 as set, packed linear weights (oneDNN has bf16 kernels on this CPU)")
-        return done(torch.bfloat16, "plain", "capability", f"bfloat16 as set; plain linear weights: {why}")
+    if want_dtype == torch.bfloat16 and caps.onednn_bf16:  # linear_weights auto
+        return done(torch.bfloat16, "packed", "capability",
+                    "bfloat16 as set, packed linear weights (oneDNN has bf16 kernels on this CPU)")
     if want_dtype is None and linear_weights == "packed":  # float32 is all this CPU can pack
         return done(torch.float32, "packed", "capability", "packed linear weights as set; float32, the "
                     "only dtype oneDNN packs on this CPU (no oneDNN bf16)")
 
-    # Left: float32 set (packed vs plain), or auto on a CPU without oneDNN bf16 (bf16 is never packed).
+    # Left: a CPU without oneDNN bf16 (bf16 is never packed there, but may be hybrid), or float32 set.
     cands = [
         (d, w) for d, w in PROBE_CANDIDATES
         if (want_dtype is None or d == want_dtype)
         and (linear_weights == "auto" or w == linear_weights)
-        and (w == "plain" or packing_supported(d, caps) is None)
+        and (w == "plain" or packing_supported(torch.float32 if w == "hybrid" else d, caps) is None)
     ]
-    if len(cands) == 1:  # float32 set where oneDNN is missing
-        return done(*cands[0], "capability",
-                    f"float32 as set; plain linear weights: {packing_supported(torch.float32, caps)}")
+    if len(cands) == 1:  # one option: float32 or bfloat16 where oneDNN is missing
+        d, w = cands[0]
+        why = packing_supported(d, caps) if w == "plain" else None
+        return done(d, w, "capability", f"{_name(d)} as set; {w} linear weights" + (f": {why}" if why else ""))
     fallback = cands[0]
     if not probe:
         return done(*fallback, "fallback", f"probe disabled: {_key(*fallback)}, the default without "
@@ -350,10 +360,19 @@ def choose(
         return done(*fallback, "fallback", f"probe failed ({type(e).__name__}: {msg}): {_key(*fallback)}")
     best = min(cands, key=lambda c: measured[_key(*c)]["score"])  # min keeps the first of equals
     table = ", ".join(f"{k} {v['score']:.3g}" for k, v in measured.items())
+    rows = " + ".join(f"ms/row at {r} row{'s' if r > 1 else ''}" for r in PROBE_ROWS)
     return done(*best, "probe",
-                f"probe on a {hidden_size}->{intermediate_size} linear, score = decode ms/row ({PROBE_ROWS[0]} "
-                f"rows) + prefill ms/row ({PROBE_ROWS[1]} rows), lower is better: {table} -> {_key(*best)}",
-                measured)
+                f"probe on a {hidden_size}->{intermediate_size} linear, score = {rows}, lower is better: "
+                f"{table} -> {_key(*best)}", measured)
+
+
+def _check_hybrid(want_dtype: torch.dtype | None, caps: HostCaps) -> None:
+    if want_dtype == torch.float32:
+        raise HardwareError("cannot use linear_weights=hybrid with dtype=float32: hybrid is a bfloat16 model "
+                            "with a packed float32 copy of its weights; pass dtype=bfloat16 (or auto)")
+    why = packing_supported(torch.float32, caps)
+    if why is not None:
+        raise HardwareError(f"cannot use linear_weights=hybrid: {why}; pass linear_weights=plain or auto")
 
 
 def _packed_refusal(d: torch.dtype, explicit_dtype: bool, why: str, caps: HostCaps) -> str:
@@ -373,13 +392,7 @@ def _probe(cands, hidden: int, inter: int, timer: Callable[[], float]) -> dict[s
     with torch.inference_mode():  # thread-local and restored on exit
         w32 = torch.randn(inter, hidden, generator=g) * 0.02
         weights = {torch.float32: w32, torch.bfloat16: w32.to(torch.bfloat16)}
-        fns: dict[tuple[torch.dtype, str], Callable[[torch.Tensor], torch.Tensor]] = {}
-        for d, w in cands:
-            if w == "packed":
-                packed = torch.ops.mkldnn._reorder_linear_weight(weights[d])
-                fns[d, w] = lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-            else:
-                fns[d, w] = lambda x, wt=weights[d]: torch.nn.functional.linear(x, wt)
+        fns = {(d, w): _probe_fn(d, w, weights) for d, w in cands}
         ms: dict[tuple, list[float]] = {(c, rows): [] for c in cands for rows in PROBE_ROWS}
         for rows in PROBE_ROWS:
             x32 = torch.randn(rows, hidden, generator=g)
@@ -394,9 +407,26 @@ def _probe(cands, hidden: int, inter: int, timer: Callable[[], float]) -> dict[s
                     ms[c, rows].append((timer() - t0) * 1e3)
     out = {}
     for c in cands:
-        decode, prefill = (statistics.median(ms[c, rows]) for rows in PROBE_ROWS)
-        if not all(math.isfinite(v) and v > 0 for v in (decode, prefill)):
-            raise RuntimeError(f"timer gave unusable readings for {_key(*c)} ({decode!r}, {prefill!r} ms)")
-        score = decode / PROBE_ROWS[0] + prefill / PROBE_ROWS[1]
-        out[_key(*c)] = {"decode_ms": decode, "prefill_ms": prefill, "score": score}
+        med = {rows: statistics.median(ms[c, rows]) for rows in PROBE_ROWS}
+        if not all(math.isfinite(v) and v > 0 for v in med.values()):
+            raise RuntimeError(f"timer gave unusable readings for {_key(*c)} ({list(med.values())!r} ms)")
+        out[_key(*c)] = {**{f"rows_{r}_ms": v for r, v in med.items()},
+                         "score": sum(v / r for r, v in med.items())}
     return out
+
+
+def _probe_fn(d: torch.dtype, w: str, weights: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The candidate's linear, as steer.packed runs it (x in the candidate's dtype)."""
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    if w == "plain":
+        return lambda x: torch.nn.functional.linear(x, weights[d])
+    packed = torch.ops.mkldnn._reorder_linear_weight(weights[torch.float32 if w == "hybrid" else d])
+    if w == "packed":
+        return lambda x: pointwise(x, packed, None, "none", [], "")
+
+    def hybrid(x: torch.Tensor) -> torch.Tensor:  # steer.packed.HybridLinear
+        if x.shape[0] <= 1:
+            return torch.nn.functional.linear(x, weights[d])
+        return pointwise(x.float(), packed, None, "none", [], "").to(x.dtype)
+
+    return hybrid

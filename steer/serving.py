@@ -60,7 +60,7 @@ def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = N
     by_name = {v.name: v for v in vectors or []}
     runtime = SteeringRuntime(model, by_name.values(), model_fingerprint=fp) if by_name else None
     if choice is not None and choice.packed:
-        pack_linears(model)
+        pack_linears(model, hybrid=choice.hybrid)
     return ServedModel(model, tokenizer, fp, by_name, runtime, _kernels(model, choice), hardware.detect().to_dict())
 
 

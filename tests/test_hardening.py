@@ -192,6 +192,67 @@ def test_open_ended_chunked_body_is_refused_once_over_the_cap(hard: Served) -> N
     assert_alive(hard)
 
 
+# ---------------------------------------------------------------- (5) a bounded queue, (6) nothing blocks the loop
+
+
+@pytest.fixture()
+def one_slot(tiny_tokenizer, one_cpu_thread) -> Iterator[Served]:
+    """One batch slot and room for one waiting request."""
+    settings = Settings(served_model_name=MODEL, default_strength=0.0, max_batch_size=1, max_queued_requests=1)
+    yield from serve(settings, make_model("qwen2", len(tiny_tokenizer)), tiny_tokenizer, [])
+
+
+def test_a_full_queue_is_429_with_retry_after(one_slot: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = one_slot.backend.engine.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(one_slot.backend.engine, "step", slow_step)
+    body = json.dumps(chat_body(max_tokens=200, ignore_eos=True)).encode()
+    head = f"POST {_CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    socks = [socket.create_connection(("127.0.0.1", one_slot.srv.port), timeout=5) for _ in range(2)]
+    try:
+        socks[0].sendall(head.encode() + body)  # takes the slot
+        assert wait(lambda: one_slot.backend.engine.running == 1)
+        socks[1].sendall(head.encode() + body)  # waits for it
+        assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 1)
+        r = one_slot.http.post(_CHAT, json=chat_body())
+        err = error_of(r, 429, "server_error")
+        assert r.headers["retry-after"] == "1" and err["code"] == "queue_full"
+    finally:
+        for sk in socks:
+            sk.close()
+    assert wait(lambda: engine_idle(one_slot), timeout=3)
+    assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 0)
+    assert_alive(one_slot)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(hard: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat templating runs on the one tokenizer thread; the engine decodes with a tokenizer of its own."""
+    import asyncio
+    import threading
+
+    tok, seen = hard.backend.tok, []
+    render = tok.apply_chat_template
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((threading.current_thread().name, on_loop))
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", spy)
+    assert_alive(hard)
+    assert_alive(hard)
+    assert len(seen) == 2 and all(name.startswith("steer-tokenize") and not on_loop for name, on_loop in seen)
+    assert hard.backend.engine.tok is not tok  # never shared between the two threads
+
+
 # ---------------------------------------------------------------- (7) disconnects free the rows
 
 

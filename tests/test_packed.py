@@ -13,7 +13,7 @@ from server.settings import Settings
 from steer.engine import Engine, Sequence
 from steer.hardware import HardwareError
 from steer.models import ModelError, fingerprint
-from steer.packed import PackedLinear, pack_linears, packing_unavailable
+from steer.packed import HybridLinear, PackedLinear, pack_linears, packing_unavailable
 from steer.types import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -36,6 +36,37 @@ def test_packed_linear_matches_linear(dtype, bias):
         x = torch.randn(shape, dtype=dtype)
         torch.testing.assert_close(packed(x).float(), lin(x).float(), **tol)
     assert packed(torch.randn(4, 96, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_hybrid_linear_is_a_bf16_linear_accumulating_in_float32(bias):
+    """One row: torch's bf16 path itself. More rows: oneDNN float32 on the exactly widened bf16 input and
+    weight, rounded to bf16, i.e. a bf16 GEMM with float32 accumulation (up to summation order)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
+    hyb = HybridLinear(lin)
+    assert hyb.weight is lin.weight  # the bf16 weight stays (an LM head stays tied to the embedding)
+    x1 = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    assert torch.equal(hyb(x1), lin(x1))
+    for shape in [(2, 96), (8, 96), (3, 17, 96)]:
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        ref = nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+        y = hyb(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_hybrid_model_serves_the_bf16_model(tiny_tokenizer):
+    plain = make_model("qwen2", len(tiny_tokenizer)).to(torch.bfloat16)
+    hybrid = make_model("qwen2", len(tiny_tokenizer)).to(torch.bfloat16)
+    head = hybrid.lm_head.weight
+    assert pack_linears(hybrid, hybrid=True) == 4 * 7 + 1
+    assert isinstance(hybrid.lm_head, HybridLinear) and hybrid.lm_head.weight is head
+    ids = torch.randint(5, len(tiny_tokenizer), (3, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(hybrid(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float(),
+                               rtol=0.05, atol=0.05)
+    with pytest.raises(RuntimeError, match="bfloat16 models"):
+        pack_linears(make_model("qwen2", len(tiny_tokenizer)), hybrid=True)
 
 
 def test_whole_model_packed_same_greedy_tokens(tiny_tokenizer):
@@ -76,15 +107,16 @@ def _saved_tiny(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("host", ["avx2", "avx512"])
-@pytest.mark.parametrize("setting", ["auto", "packed", "plain"])
+@pytest.mark.parametrize("setting", ["auto", "packed", "plain", "hybrid"])
 def test_server_chooses_kernels_for_the_host(setting, host, tmp_path, tiny_tokenizer, force_host):
-    """Both CPU kinds on every CI host: an AVX2 host serves float32 (bf16 matmuls have no fast kernel
-    there), an AVX-512 bf16 host serves bfloat16, packed unless told otherwise. Where the real CPU lacks
-    oneDNN bf16, a forced AVX-512 host gets the same choice and oneDNN then refuses to pack."""
+    """Both CPU kinds on every CI host: an AVX-512 bf16 host serves bfloat16, packed unless told otherwise;
+    an AVX2 host serves what the probe measures fastest on this machine (bf16 is never packed there, only
+    hybrid). Where the real CPU lacks oneDNN bf16, a forced AVX-512 host gets the same choice and oneDNN
+    then refuses to pack bf16."""
     model, mdir, vdir = _saved_tiny(tmp_path, tiny_tokenizer)
     force_host(host)
     settings = Settings(model=mdir, vectors=vdir, linear_weights=setting)
-    if host == "avx512" and setting != "plain" and not REAL_ONEDNN_BF16:
+    if host == "avx512" and setting in ("auto", "packed") and not REAL_ONEDNN_BF16:
         with pytest.raises(RuntimeError, match="bf16"):
             TransformersBackend(settings)
         return
@@ -92,15 +124,18 @@ def test_server_chooses_kernels_for_the_host(setting, host, tmp_path, tiny_token
     try:
         kernels = backend.runtime_info()["kernels"]
         dtype = str(next(backend.model.parameters()).dtype).removeprefix("torch.")
-        packed = isinstance(backend.model.lm_head, PackedLinear)
-        assert (kernels["dtype"], kernels["linear_weights"]) == (dtype, "packed" if packed else "plain")
+        head = backend.model.lm_head
+        layout = "packed" if isinstance(head, PackedLinear) else "hybrid" if isinstance(head, HybridLinear) else "plain"
+        assert (kernels["dtype"], kernels["linear_weights"]) == (dtype, layout)
         if setting != "auto":
-            assert packed == (setting == "packed")
+            assert layout == setting
         if host == "avx512":  # capability decides: bf16, packed unless told otherwise
             assert dtype == "bfloat16" and kernels["how"] in ("capability", "setting")
         elif setting == "packed":  # bf16 cannot be packed on an AVX2 host: float32, by capability
             assert dtype == "float32" and kernels["how"] == "capability"
-        else:  # measured on this machine's real CPU: the fastest candidate wins, bf16 is never packed
+        elif setting == "hybrid":  # a bf16 model by definition
+            assert dtype == "bfloat16" and kernels["how"] == "setting"
+        else:  # measured on this machine's real CPU: the fastest candidate wins, bf16 is never packed here
             scores = {k: v["score"] for k, v in kernels["probe"].items()}
             assert kernels["how"] == "probe" and f"{dtype}+{kernels['linear_weights']}" == min(scores, key=scores.get)
             assert "bfloat16+packed" not in scores
