@@ -71,7 +71,7 @@ class Settings(BaseModel):
         "decides by the host (see README, Hosts). An explicit choice the host cannot do is a startup error.",
     )
     max_step_tokens: int = Field(
-        512,
+        256,
         ge=16,
         description="Most prompt tokens one engine step prefills (chunked prefill). A long prompt is "
         "prefilled in chunks between decode steps, so it never stalls the running streams for long.",

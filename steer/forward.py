@@ -39,7 +39,8 @@ class LayerRunner:
 
     def run(self, h: torch.Tensor, start: int, stop: int, *, positions: torch.Tensor, mask: torch.Tensor,
             cache) -> torch.Tensor:
-        """h (B, t, d) through layers [start, stop); positions (B, t); mask (B, 1, t, kv) bool."""
+        """h (B, t, d) through layers [start, stop); positions (B, t); mask (B, 1, t, kv) bool, or None for
+        plain causal attention with no padding (then t is 1, or the keys are exactly these t tokens)."""
         rope = self.decoder.rotary_emb(h, positions)
         for layer in self.layers[start:stop]:
             h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions,
