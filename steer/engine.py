@@ -170,6 +170,7 @@ class Engine:
         self.pending: deque[Sequence] = deque()
         self.batch: _Batch | None = None
         self.prefill: _Prefill | None = None
+        self.last_step: dict = {}
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -201,7 +202,9 @@ class Engine:
     def step(self) -> list[Event]:
         """Decode one token for every running row, then prefill one chunk of waiting prompts."""
         events = self._drop_cancelled()
+        self.last_step = {}  # what this step did (for slow-step logs)
         if self.batch is not None:
+            self.last_step["decode"] = tuple(self.batch.mask.shape)  # (rows, columns)
             events += self._decode()
         if self.prefill is None and self.pending and self.running < self.max_batch_size:
             self.prefill = self._new_prefill()
@@ -270,6 +273,7 @@ class Engine:
         B, T = len(p.seqs), p.width
         cols = max(1, self.max_step_tokens * self.runner.num_layers // (B * max(1, stop - start)))
         c0, c1 = p.col, min(T, p.col + cols)
+        self.last_step["prefill"] = {"rows": B, "columns": (c0, c1), "layers": (start, stop)}
         h = p.hidden[:, c0:c1] if p.hidden is not None else self.runner.embed(p.ids[:, c0:c1])
         self._set_steering(p.seqs)
         # A first chunk with no padding is plain causal attention: no mask lets SDPA skip the blocks

@@ -41,7 +41,8 @@ from steer.vectors import SafetyVector, choose_default, load_directory
 log = logging.getLogger("steer.server")
 
 SHIPPED_VECTORS = Path(__file__).resolve().parents[2] / "vectors"
-MAX_STEP_FAILURES = 3  # failed forward passes in a row before the worker is declared broken
+MAX_STEP_FAILURES = 3
+SLOW_STEP_S = 1.0  # engine steps longer than this are logged with what they did  # failed forward passes in a row before the worker is declared broken
 
 
 @dataclass
@@ -309,8 +310,11 @@ class TransformersBackend:
         try:
             t0 = time.perf_counter()
             events = self.engine.step()
+            took = time.perf_counter() - t0
             if self.metrics:
-                self.metrics.observe_step(self.engine.running, time.perf_counter() - t0)
+                self.metrics.observe_step(self.engine.running, took)
+            if took > SLOW_STEP_S:
+                log.info("slow engine step: %.2f s (%s)", took, self.engine.last_step)
         except Exception:
             self._step_failures += 1
             log.exception("engine step failed (%d in a row)", self._step_failures)
