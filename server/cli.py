@@ -20,9 +20,11 @@ def _command(ns: argparse.Namespace) -> str:
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from server.app import StartupError, create_app
     from server.backends import UnknownBackend
+    from server.memory import limit_arenas
     from server.runner import serve
     from server.settings import SettingsError, settings_from_args
 
+    limit_arenas()  # before any worker thread exists (server/memory.py)
     try:
         settings = settings_from_args(ns)
         app = create_app(settings)

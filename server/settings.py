@@ -66,8 +66,8 @@ class Settings(BaseModel):
         "auto",
         description="CPU linear layers: 'packed' re-lays the weights out for oneDNN once at load (faster "
         "matmuls at decode batch sizes; steady memory grows only by a packed copy of a tied LM head); "
-        "'plain' keeps torch's layout; 'hybrid' (bfloat16 on CPUs without oneDNN bf16) keeps the bf16 "
-        "weights for one-row decode steps and adds a packed float32 copy for everything larger; 'auto' "
+        "'plain' keeps torch's layout; 'hybrid' (a float32 model, for CPUs without oneDNN bf16) runs "
+        "one-row inputs through a bf16 copy of the weights and larger ones through a packed float32 copy; 'auto' "
         "decides by the host (see README, Hosts). An explicit choice the host cannot do is a startup error.",
     )
     max_step_tokens: int = Field(

@@ -50,7 +50,7 @@ PROBE_CANDIDATES: tuple[tuple[torch.dtype, str], ...] = (
     (torch.float32, "packed"),
     (torch.float32, "plain"),
     (torch.bfloat16, "plain"),
-    (torch.bfloat16, "hybrid"),  # steer.packed.HybridLinear: bf16 gemv for one row, packed float32 else
+    (torch.float32, "hybrid"),  # steer.packed.HybridLinear: bf16 gemv for one row, packed float32 else
 )
 
 
@@ -213,8 +213,8 @@ def _key(dtype: torch.dtype, weights: str) -> str:
 @dataclass(frozen=True)
 class KernelChoice:
     """What to serve with: ``dtype`` for the model, ``linear_weights`` packed, plain or hybrid
-    (steer.packed.HybridLinear: a bf16 model whose one-row inputs use the bf16 weights and larger
-    inputs a packed float32 copy; for CPUs without oneDNN bf16).
+    (steer.packed.HybridLinear: a float32 model whose one-row inputs go through a bf16 copy of the
+    weights and larger inputs through a packed float32 copy; for CPUs without oneDNN bf16).
 
     ``how`` says what decided: "setting" (both given explicitly), "capability" (the host's
     capabilities leave one sensible option), "probe" (timed on this host), "fallback" (a probe was
@@ -289,9 +289,9 @@ def choose(
     and an explicit "packed" or "hybrid" the host cannot do raises :class:`HardwareError`.
 
     "auto" is decided by capability where it can be: bfloat16 (packed) where oneDNN has bf16 kernels;
-    bfloat16 is never packed without them (but may be hybrid), float32 never packed without oneDNN.
+    bfloat16 is never packed without them, float32 never packed (nor hybrid) without oneDNN.
     Where several candidates remain among (float32, packed), (float32, plain), (bfloat16, plain),
-    (bfloat16, hybrid), a short probe times them on the model's real matmul shape, an
+    (float32, hybrid), a short probe times them on the model's real matmul shape, an
     (hidden_size -> intermediate_size) linear, at PROBE_ROWS input rows (1: one stream decoding, 8: a
     batch decoding, 128: a prefill): per shape, one untimed warm-up call per candidate, then 3 rounds
     timing each candidate once in turn; each candidate's median counts. The score is the sum over the
@@ -319,7 +319,7 @@ def choose(
             raise HardwareError(_packed_refusal(d, want_dtype is not None, why, caps))
     if linear_weights == "hybrid":
         _check_hybrid(want_dtype, caps)
-        want_dtype = torch.bfloat16
+        want_dtype = torch.float32
 
     def done(d: torch.dtype, w: str, how: str, reason: str, measured=None) -> KernelChoice:
         return KernelChoice(d, w, how, (reason + warning).strip(), measured, caps)
@@ -338,12 +338,12 @@ def choose(
         return done(torch.float32, "packed", "capability", "packed linear weights as set; float32, the "
                     "only dtype oneDNN packs on this CPU (no oneDNN bf16)")
 
-    # Left: a CPU without oneDNN bf16 (bf16 is never packed there, but may be hybrid), or float32 set.
+    # Left: a CPU without oneDNN bf16 (bf16 is never packed there), or float32 set.
     cands = [
         (d, w) for d, w in PROBE_CANDIDATES
         if (want_dtype is None or d == want_dtype)
         and (linear_weights == "auto" or w == linear_weights)
-        and (w == "plain" or packing_supported(torch.float32 if w == "hybrid" else d, caps) is None)
+        and (w == "plain" or packing_supported(d, caps) is None)
     ]
     if len(cands) == 1:  # one option: float32 or bfloat16 where oneDNN is missing
         d, w = cands[0]
@@ -367,9 +367,9 @@ def choose(
 
 
 def _check_hybrid(want_dtype: torch.dtype | None, caps: HostCaps) -> None:
-    if want_dtype == torch.float32:
-        raise HardwareError("cannot use linear_weights=hybrid with dtype=float32: hybrid is a bfloat16 model "
-                            "with a packed float32 copy of its weights; pass dtype=bfloat16 (or auto)")
+    if want_dtype == torch.bfloat16:
+        raise HardwareError("cannot use linear_weights=hybrid with dtype=bfloat16: hybrid is a float32 model "
+                            "with a bf16 copy of its weights for one-row steps; pass dtype=float32 (or auto)")
     why = packing_supported(torch.float32, caps)
     if why is not None:
         raise HardwareError(f"cannot use linear_weights=hybrid: {why}; pass linear_weights=plain or auto")
@@ -420,13 +420,13 @@ def _probe_fn(d: torch.dtype, w: str, weights: dict) -> Callable[[torch.Tensor],
     pointwise = torch.ops.mkldnn._linear_pointwise
     if w == "plain":
         return lambda x: torch.nn.functional.linear(x, weights[d])
-    packed = torch.ops.mkldnn._reorder_linear_weight(weights[torch.float32 if w == "hybrid" else d])
+    packed = torch.ops.mkldnn._reorder_linear_weight(weights[d])
     if w == "packed":
         return lambda x: pointwise(x, packed, None, "none", [], "")
 
-    def hybrid(x: torch.Tensor) -> torch.Tensor:  # steer.packed.HybridLinear
+    def hybrid(x: torch.Tensor) -> torch.Tensor:  # steer.packed.HybridLinear (float32 in and out)
         if x.shape[0] <= 1:
-            return torch.nn.functional.linear(x, weights[d])
-        return pointwise(x.float(), packed, None, "none", [], "").to(x.dtype)
+            return torch.nn.functional.linear(x.to(torch.bfloat16), weights[torch.bfloat16]).to(x.dtype)
+        return pointwise(x, packed, None, "none", [], "")
 
     return hybrid

@@ -28,8 +28,37 @@ from torch import nn
 log = logging.getLogger("steer.packed")
 
 
+def bucket_rows(m: int) -> int:
+    """The row count a packed matmul of ``m`` input rows runs at: ``m`` itself up to 16 (the default decode batch),
+    above that rounded up to a multiple of 16, and from 256 on to 16 steps per power of two
+    (..., 240, 256, 272, ..., 496, 512, 544, ...).
+
+    oneDNN builds and caches a kernel per distinct input shape (about 0.6 MB for a 896x4864 bf16
+    weight), and a serving engine sees a new row count at nearly every prefill chunk: unbucketed, a
+    server's RSS climbed by ~300 MB over ten minutes of mixed traffic before the caches filled
+    (bench/soak.py). Bucketed, the shapes are a small fixed set met in the first minutes, at a cost of
+    at most 1/16 extra rows (zero rows, sliced off) from 256 rows on, 15 rows below."""
+    if m <= 16:
+        return m
+    step = max(16, 1 << (m.bit_length() - 5))  # 16 steps per power of two, never finer than 16
+    return -(-m // step) * step
+
+
+def _linear_bucketed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """oneDNN's linear on a packed weight, its input padded to :func:`bucket_rows` rows."""
+    k = x.shape[-1]
+    m = x.numel() // k
+    mb = bucket_rows(m)
+    if mb == m:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    xp = nn.functional.pad(x.reshape(m, k), (0, 0, 0, mb - m))
+    y = torch.ops.mkldnn._linear_pointwise(xp, packed, bias, "none", [], "")
+    return y[:m].view(*x.shape[:-1], out_features)  # the first m rows of a contiguous (mb, out): contiguous
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held only in oneDNN's packed layout (x: (..., in) -> (..., out))."""
+    """y = x W^T + b with W held only in oneDNN's packed layout (x: (..., in) -> (..., out)); inputs are
+    padded to :func:`bucket_rows` rows, so the process meets few distinct shapes."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -38,7 +67,7 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _linear_bucketed(x, self.packed, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -65,26 +94,29 @@ def is_packed(model: nn.Module) -> bool:
 
 
 class HybridLinear(nn.Module):
-    """A bf16 linear for CPUs without oneDNN bf16 kernels (AVX2): single-row inputs (one stream's
-    decode step) use the bf16 weight through torch's gemv, which is memory-bound and reads half the
-    bytes of float32; larger inputs (batched decode, prefill), where torch's bf16 GEMM has no fast kernel
-    there, run oneDNN's float32 kernel on a packed float32 copy of the weight, on the exactly widened
-    input, and round the result to bf16. Both paths accumulate in float32, so they differ only in
-    summation order. The bf16 weight stays (and stays tied to the embedding, for an LM head)."""
+    """A float32 linear for CPUs without oneDNN bf16 kernels (AVX2), fastest at every batch size.
+
+    One row (a request decoding alone) is memory-bound: it goes through torch's bf16 gemv on a bf16 copy
+    of the weight, which reads half the bytes (the input is rounded to bf16, the output widened back).
+    More rows (batched decode, prefill) are compute-bound, where torch's bf16 GEMM has no fast kernel on
+    such CPUs: they run oneDNN's float32 kernel on a packed float32 copy. So a row decoded alone is
+    rounded like a bf16 model's, and the same row in a batch is computed in float32 (for a checkpoint
+    stored in bf16, as the demo model is, the weights are the same in both)."""
 
     def __init__(self, linear: nn.Linear, *, max_gemv_rows: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float())
-        self.bias32 = None if linear.bias is None else linear.bias.detach().float()
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float())  # opaque tensor
+        self.weight16 = w.to(torch.bfloat16)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.bias16 = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.max_gemv_rows = max_gemv_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.max_gemv_rows * self.in_features:
-            return nn.functional.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.bias32, "none", [], "")
-        return y.to(x.dtype)
+            return nn.functional.linear(x.to(torch.bfloat16), self.weight16, self.bias16).to(x.dtype)
+        return _linear_bucketed(x, self.packed, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -93,12 +125,12 @@ class HybridLinear(nn.Module):
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, *, hybrid: bool = False) -> int:
-    """Replace every nn.Linear of ``model`` by a PackedLinear (``hybrid``: a HybridLinear, for a bf16
+    """Replace every nn.Linear of ``model`` by a PackedLinear (``hybrid``: a HybridLinear, for a float32
     model on a CPU without oneDNN bf16), one at a time (peak memory: one extra layer). Returns how many
     were replaced; raises RuntimeError if packing is unavailable."""
     p = next(model.parameters())
-    if hybrid and p.dtype != torch.bfloat16:
-        raise RuntimeError(f"hybrid linear weights are for bfloat16 models, this one is {p.dtype}")
+    if hybrid and p.dtype != torch.float32:
+        raise RuntimeError(f"hybrid linear weights are for float32 models, this one is {p.dtype}")
     why = packing_unavailable(model) if not hybrid else _float32_packing_unavailable()
     if why is not None:
         raise RuntimeError(f"cannot pack linear weights: {why}")

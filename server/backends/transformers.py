@@ -32,6 +32,7 @@ import torch
 
 from server.backends.base import Prepared, RowEvent
 from server.errors import SERVER_ERROR, APIError, current_request_id
+from server.memory import Trimmer
 from server.metrics import Metrics
 from server.settings import Settings
 from steer import serving
@@ -300,11 +301,13 @@ class TransformersBackend:
             self._fail_everything(_Failure(503, "the server is shutting down"))
 
     def _run(self) -> None:
+        trimmer = Trimmer()  # see server/memory.py: RSS stays flat under steady load
         while not self._stop.is_set():
             self._drain_inbox(block=not self.engine.has_work())
             if self.engine.has_work():
                 self._step()
             self._observe()
+            trimmer.maybe()
 
     def _step(self) -> None:
         try:
