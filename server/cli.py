@@ -20,11 +20,12 @@ def _command(ns: argparse.Namespace) -> str:
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from server.app import StartupError, create_app
     from server.backends import UnknownBackend
-    from server.memory import limit_arenas
+    from server.memory import bound_kernel_caches, limit_arenas
     from server.runner import serve
     from server.settings import SettingsError, settings_from_args
 
     limit_arenas()  # before any worker thread exists (server/memory.py)
+    bound_kernel_caches()  # before the first matmul
     try:
         settings = settings_from_args(ns)
         app = create_app(settings)
