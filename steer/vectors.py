@@ -5,8 +5,11 @@ Two kinds share one file format (``NAME.safetensors`` + ``NAME.json``):
 - ``activation``: per-layer residual-stream directions (``layers.{l}``, raw mean differences) and an
   optional gate direction (``gate.direction``). ``config`` holds the calibrated coefficient (what
   strength 1.0 means), the steered layers and the gate layer/threshold.
-- ``weight``: per-parameter deltas (``delta.{param}``) or low-rank factors (``lora_A.{param}``,
-  ``lora_B.{param}``), applied at load time or per request.
+- ``weight``: per-parameter deltas (``delta.{param}``, the parameter's shape) or low-rank factors
+  (``lora_A.{param}`` (r, in) and ``lora_B.{param}`` (out, r), delta = B @ A), keyed by the model's
+  ``state_dict()`` names; strength s applies ``W + s * coefficient * delta``, merged at load time or per
+  request from the factors. ``config``: ``coefficient`` (default 1.0), ``rank``, ``energy`` (kept
+  fraction of each tensor's squared singular values), ``source`` (how sigma was made).
 
 Never pickle: tensors are safetensors, everything else is JSON.
 """
@@ -56,6 +59,31 @@ class SafetyVector:
         """{layer: (d,)} raw directions for the steered layers."""
         return {int(k.split(".")[1]): v for k, v in self.tensors.items() if k.startswith("layers.")}
 
+    # -- weight accessors ---------------------------------------------------------------------
+    def weight_params(self) -> list[str]:
+        """Names of the model parameters a weight vector changes (``model.state_dict()`` keys)."""
+        names = {k.split(".", 1)[1] for k in self.tensors if k.startswith(("delta.", "lora_A.", "lora_B."))}
+        return sorted(names)
+
+    def lowrank(self, param: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (r, in), B (out, r)) with delta = B @ A for ``param``, or None if it is stored dense."""
+        a, b = self.tensors.get(f"lora_A.{param}"), self.tensors.get(f"lora_B.{param}")
+        if a is None and b is None:
+            return None
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise VectorError(f"vector {self.name!r}: low-rank factors of {param!r} are incomplete or misshapen")
+        return a, b
+
+    def delta(self, param: str) -> torch.Tensor:
+        """The full weight delta of ``param`` (B @ A for low-rank factors), float32."""
+        lr = self.lowrank(param)
+        if lr is not None:
+            return lr[1].float() @ lr[0].float()
+        t = self.tensors.get(f"delta.{param}")
+        if t is None:
+            raise VectorError(f"vector {self.name!r} has no delta for {param!r}")
+        return t.float()
+
     def check_model(self, fp: ModelFingerprint) -> None:
         """Refuse to apply this vector to weights it was not made for."""
         if fp == self.model:
@@ -68,8 +96,9 @@ class SafetyVector:
         raise VectorError(f"vector {self.name!r} was made for a different model ({'; '.join(diffs)})")
 
     def scaled(self, k: float) -> SafetyVector:
-        """A copy whose tensors are multiplied by k (gate direction untouched)."""
-        tensors = {n: (t if n.startswith("gate.") else t * k) for n, t in self.tensors.items()}
+        """A copy that is k times this vector: directions and dense deltas times k; of low-rank factors
+        only B (B @ A scales by k, not k^2); the gate direction untouched."""
+        tensors = {n: (t if n.startswith(("gate.", "lora_A.")) else t * k) for n, t in self.tensors.items()}
         return SafetyVector(self.name, self.kind, self.model, tensors, dict(self.config), dict(self.provenance))
 
     # -- persistence --------------------------------------------------------------------------
