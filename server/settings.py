@@ -32,6 +32,18 @@ class Settings(BaseModel):
     vectors: str | None = Field(
         None, description="Directory of safety vectors (safetensors + JSON manifest each)."
     )
+    merge_vector: str | None = Field(
+        None,
+        description="Weight vectors to merge into the model's weights at load, each at one fixed strength: "
+        "NAME=STRENGTH[,NAME=STRENGTH...]. A merged vector is part of the served model (not selectable "
+        "per request); the other loaded vectors stay per-request.",
+    )
+    transfer: str | None = Field(
+        None,
+        description="Vectors declared as transfers, NAME[,NAME...]: made on another model of the same "
+        "architecture (e.g. the aligned model this one was fine-tuned from). Without it a vector made "
+        "for other weights is refused; a different architecture or shape is always refused.",
+    )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
@@ -114,6 +126,32 @@ class Settings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_vector_lists(self) -> Settings:
+        self.merged()  # raises ValueError with the reason
+        self.transfers()
+        return self
+
+    def merged(self) -> dict[str, float]:
+        """--merge-vector parsed: {name: strength}."""
+        out: dict[str, float] = {}
+        for item in _items(self.merge_vector):
+            name, sep, value = item.partition("=")
+            try:
+                strength = float(value)
+            except ValueError:
+                strength = math.nan
+            if not sep or not name.strip() or not math.isfinite(strength) or strength < 0:
+                raise ValueError(f"merge_vector wants NAME=STRENGTH (a finite strength >= 0), got {item!r}")
+            if name.strip() in out:
+                raise ValueError(f"merge_vector names {name.strip()!r} twice")
+            out[name.strip()] = strength
+        return out
+
+    def transfers(self) -> frozenset[str]:
+        """--transfer parsed: the vector names declared as transfers."""
+        return frozenset(_items(self.transfer))
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from ``STEER_<FIELD>`` env vars; non-None ``overrides`` (CLI values) win."""
@@ -124,6 +162,10 @@ class Settings(BaseModel):
                 data[name] = raw
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
+
+
+def _items(raw: str | None) -> list[str]:
+    return [x.strip() for x in (raw or "").split(",") if x.strip()]
 
 
 def _one_line(exc: ValidationError) -> str:

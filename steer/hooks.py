@@ -1,15 +1,22 @@
-"""Per-row activation steering with scoped, reversible forward hooks.
+"""Per-row steering with scoped, reversible forward hooks, for both kinds of safety vector.
 
 Every forward pass reads its steering inputs from a ``RowSteering`` object that the caller fills
 before the pass: one strength per row and vector (0 for rows that use another vector or none), and,
 for decode passes, the gate each row's prompt produced at prefill. Rows with strength 0 pass through
 bit for bit (``x + 0 * r == x``), which is what makes strength 0 the vanilla model even inside a
 batch whose other rows are steered.
+
+Two steerers share one interface (:class:`Steerer`): an :class:`ActivationSteerer` adds a direction to
+the residual stream at the input of decoder layers; a :class:`WeightSteerer` adds a weight vector's
+low-rank delta to the output of the linear layers it changes, ``y = W x + s_row * c * B (A x)``, so rows
+with different strengths share a batch. :func:`merge_weight_vector` instead adds ``s * c * B A`` to
+the weights once, for a vector served at one fixed strength.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -49,6 +56,17 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
     return args, kwargs
 
 
+class Steerer(Protocol):
+    """What the runtime and the engine need of a steerer, whatever its kind."""
+
+    name: str
+    kind: str
+    transfer: bool  # applied to other weights than the ones it was made from, as the operator declared
+    gate_layer: int | None  # None: ungated (every row with strength > 0 is steered)
+
+    def install(self, model: nn.Module, rows: RowSteering) -> list: ...  # -> hook handles
+
+
 class ActivationSteerer:
     """Adds ``strength * coefficient * gate * r_l`` to the residual stream at the input of layer l.
 
@@ -58,11 +76,15 @@ class ActivationSteerer:
     prefill and then held for all the row's decode steps, so benign prompts are left exactly vanilla.
     """
 
-    def __init__(self, vector: SafetyVector, *, dtype: torch.dtype) -> None:
+    kind = "activation"
+
+    def __init__(self, vector: SafetyVector, *, dtype: torch.dtype, transfer: bool = False) -> None:
         if vector.kind != "activation":
             raise VectorError(f"vector {vector.name!r} is a {vector.kind} vector, not an activation vector")
-        self.name = vector.name
+        self.name, self.transfer = vector.name, transfer
         cfg = vector.config
+        if cfg.get("mode", "add") != "add":
+            raise VectorError(f"vector {vector.name!r}: unknown activation mode {cfg.get('mode')!r}; known: add")
         self.coefficient = float(cfg.get("coefficient", 1.0))
         self.directions = {ly: r.to(dtype) for ly, r in vector.layer_directions().items()}
         if not self.directions:
@@ -91,6 +113,14 @@ class ActivationSteerer:
         s = x @ self.gate_direction
         return s if self.gate_metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
+    def install(self, model: nn.Module, rows: RowSteering) -> list:
+        layers = decoder_layers(model)
+        bad = [ly for ly in self.layers() if not 0 <= ly < len(layers)]
+        if bad:
+            raise VectorError(f"vector {self.name!r} targets layers {bad}, model has {len(layers)}")
+        return [layers[ly].register_forward_pre_hook(self.make_hook(ly, rows), with_kwargs=True)
+                for ly in sorted(self.layers())]
+
     def make_hook(self, layer: int, rows: RowSteering) -> Callable:
         r = self.directions.get(layer)
         coef = self.coefficient
@@ -114,6 +144,83 @@ class ActivationSteerer:
         return hook
 
 
+def _linear_targets(model: nn.Module, vector: SafetyVector) -> dict[str, nn.Module]:
+    """{parameter name: the module whose ``.weight`` it is} for every parameter the vector changes; each
+    must be a 2-D weight of a linear layer (plain or packed) with the delta's shape."""
+    modules = dict(model.named_modules())
+    targets = {}
+    for param in vector.weight_params():
+        mod_name, _, leaf = param.rpartition(".")
+        mod = modules.get(mod_name)
+        if leaf != "weight" or mod is None or not hasattr(mod, "in_features"):
+            raise VectorError(f"vector {vector.name!r} changes {param!r}, which is not a linear layer's weight "
+                              "in this model")
+        lr = vector.lowrank(param)
+        shape = (lr[1].shape[0], lr[0].shape[1]) if lr is not None else tuple(vector.tensors[f"delta.{param}"].shape)
+        if shape != (mod.out_features, mod.in_features):
+            raise VectorError(f"vector {vector.name!r}: {param} is {shape[0]}x{shape[1]}, the model's is "
+                              f"{mod.out_features}x{mod.in_features}")
+        targets[param] = mod
+    if not targets:
+        raise VectorError(f"vector {vector.name!r} has no weight deltas")
+    return targets
+
+
+class WeightSteerer:
+    """Adds ``strength * coefficient * B (A x)`` to the output of each linear layer a weight vector
+    changes, per row: the vector's low-rank factors applied per request (no gate)."""
+
+    kind = "weight"
+    gate_layer = None
+
+    def __init__(self, vector: SafetyVector, model: nn.Module, *, transfer: bool = False) -> None:
+        if vector.kind != "weight":
+            raise VectorError(f"vector {vector.name!r} is a {vector.kind} vector, not a weight vector")
+        self.name, self.transfer = vector.name, transfer
+        self.coefficient = float(vector.config.get("coefficient", 1.0))
+        self.targets = _linear_targets(model, vector)
+        dtype = next(model.parameters()).dtype
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for param in self.targets:
+            lr = vector.lowrank(param)
+            if lr is None:
+                raise VectorError(f"vector {vector.name!r} stores {param} as a dense delta: per-request serving "
+                                  "needs low-rank factors (make it with --format lowrank, or merge it at load)")
+            a, b = lr
+            self.factors[param] = (a.to(dtype).contiguous(), (b.float() * self.coefficient).to(dtype).contiguous())
+        self.rank = max(a.shape[0] for a, _ in self.factors.values())
+
+    def install(self, model: nn.Module, rows: RowSteering) -> list:
+        # looked up now, by name: packing replaces the linear modules after this steerer was made
+        modules = dict(model.named_modules())
+        return [modules[p.rpartition(".")[0]].register_forward_hook(self._hook(*self.factors[p], rows))
+                for p in self.targets]
+
+    def _hook(self, a: torch.Tensor, b: torch.Tensor, rows: RowSteering) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+            s = rows.strength.get(self.name)
+            if s is None or not bool(s.any()):
+                return None
+            x = args[0]
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)  # (B, ..., out)
+            k = s.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            return out + k * delta
+
+        return hook
+
+
+@torch.no_grad()
+def merge_weight_vector(model: nn.Module, vector: SafetyVector, strength: float) -> list[str]:
+    """W += strength * coefficient * delta for every weight the vector changes (in float32, rounded
+    once to the model's dtype). Returns the changed parameter names. Before packing."""
+    targets = _linear_targets(model, vector)
+    k = strength * float(vector.config.get("coefficient", 1.0))
+    for param, mod in targets.items():
+        w = mod.weight
+        w.copy_((w.float() + k * vector.delta(param)).to(w.dtype))
+    return sorted(targets)
+
+
 def _gate_rows(h: torch.Tensor, offset: int, prompt_lens: torch.Tensor | None) -> torch.Tensor:
     """(B, T, d) left-padded prefill residuals -> (B, d) at ``offset`` from each row's end, clamped to
     the row's first real token so a prompt shorter than the offset never reads padding."""
@@ -128,27 +235,35 @@ def gate_columns(width: int, offset: int, lens: torch.Tensor) -> torch.Tensor:
 
 
 class SteeringRuntime:
-    """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them."""
+    """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them.
+
+    ``transfers``: names of vectors the operator declared as transfers (made on another model of the
+    same architecture, e.g. the aligned model a fine-tune came from); any other vector must have been
+    made from exactly these weights."""
 
     def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True,
-                 model_fingerprint: ModelFingerprint | None = None):
+                 model_fingerprint: ModelFingerprint | None = None, transfers: Iterable[str] = ()):
         self.model = model
         self.rows = RowSteering()
         vectors = list(vectors)
+        transfers = set(transfers)
+        matched: dict[str, str] = {}
         if check_fingerprint and vectors:
             fp = model_fingerprint or fingerprint(model)
             for v in vectors:
-                v.check_model(fp)
+                matched[v.name] = v.check_model(fp, transfer=v.name in transfers)
         dtype = next(model.parameters()).dtype
-        self.steerers: dict[str, ActivationSteerer] = {}
-        n_layers = len(decoder_layers(model))
+        self.steerers: dict[str, ActivationSteerer | WeightSteerer] = {}
         for v in vectors:
-            if v.kind != "activation":
-                raise VectorError(f"vector {v.name!r}: {v.kind} vectors cannot be applied per request yet")
-            st = ActivationSteerer(v, dtype=dtype)
-            bad = [ly for ly in st.layers() if not 0 <= ly < n_layers]
-            if bad:
-                raise VectorError(f"vector {v.name!r} targets layers {bad}, model has {n_layers}")
+            transfer = matched.get(v.name) == "transfer"
+            if v.kind == "activation":
+                st = ActivationSteerer(v, dtype=dtype, transfer=transfer)
+                n_layers = len(decoder_layers(model))
+                bad = [ly for ly in st.layers() if not 0 <= ly < n_layers]
+                if bad:
+                    raise VectorError(f"vector {v.name!r} targets layers {bad}, model has {n_layers}")
+            else:
+                st = WeightSteerer(v, model, transfer=transfer)
             self.steerers[v.name] = st
         self._handles: list = []
 
@@ -159,12 +274,9 @@ class SteeringRuntime:
     def __enter__(self) -> SteeringRuntime:
         if self._handles:
             raise RuntimeError("steering hooks are already installed on this model")
-        layers = decoder_layers(self.model)
         try:
             for st in self.steerers.values():
-                for ly in sorted(st.layers()):
-                    hook = st.make_hook(ly, self.rows)
-                    self._handles.append(layers[ly].register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.extend(st.install(self.model, self.rows))
         except BaseException:
             self.remove()
             raise

@@ -15,10 +15,10 @@ from pathlib import Path
 from torch import nn
 
 from steer import hardware
-from steer.hooks import SteeringRuntime
+from steer.hooks import SteeringRuntime, merge_weight_vector
 from steer.models import ModelFingerprint, fingerprint, load_config, load_model
 from steer.packed import is_packed, pack_linears
-from steer.vectors import SafetyVector
+from steer.vectors import SafetyVector, VectorError
 
 log = logging.getLogger("steer.serving")
 
@@ -29,9 +29,11 @@ class ServedModel:
     tokenizer: object
     fingerprint: ModelFingerprint
     vectors: dict[str, SafetyVector]
-    runtime: SteeringRuntime | None  # hooks for the activation vectors (installed by ``with runtime:``)
+    runtime: SteeringRuntime | None  # hooks for the per-request vectors (installed by ``with runtime:``)
     kernels: dict  # what the model runs with: dtype, linear weights, how they were chosen and why
     host: dict  # steer.hardware.HostCaps.to_dict()
+    merged: dict[str, float]  # weight vectors merged into the weights at load: name -> strength
+    matched: dict[str, str]  # vector name -> "exact" (made from these weights) or "transfer" (declared)
 
 
 def choose_kernels(path: str | Path, *, dtype: str = "auto", linear_weights: str = "auto",
@@ -46,22 +48,44 @@ def choose_kernels(path: str | Path, *, dtype: str = "auto", linear_weights: str
 
 
 def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = None, *, dtype: str = "auto",
-          linear_weights: str = "auto", model: nn.Module | None = None, tokenizer=None) -> ServedModel:
+          linear_weights: str = "auto", model: nn.Module | None = None, tokenizer=None,
+          merged: dict[str, float] | None = None, transfers: set[str] | frozenset[str] = frozenset()) -> ServedModel:
     """Load ``path`` with the kernels this host runs fastest (or as set), or take ``model`` exactly as
-    given (tests, embedding), then fingerprint it, check and attach ``vectors``, and pack if chosen.
+    given (tests, embedding), then fingerprint it, check ``vectors`` against it (``transfers``: the
+    vectors declared as made on another model of this architecture), merge the weight vectors named
+    in ``merged`` at their strength, attach the others for per-request steering, and pack if chosen.
 
     Raises hardware.HardwareError for a kernel setting the host cannot run, VectorError for a vector
-    made for other weights, ModelError for an unsupported checkpoint."""
+    made for other weights (or a merge/transfer naming no loaded vector), ModelError for an unsupported
+    checkpoint."""
+    by_name = {v.name: v for v in vectors or []}
+    merged = dict(merged or {})
+    for flag, names in (("--merge-vector", merged), ("--transfer", transfers)):
+        unknown = sorted(set(names) - set(by_name))
+        if unknown:
+            raise VectorError(f"{flag} names {', '.join(unknown)}, not a loaded vector; loaded: "
+                              f"{', '.join(sorted(by_name)) or 'none'}")
+    for name in merged:
+        if by_name[name].kind != "weight":
+            raise VectorError(f"--merge-vector {name}: only weight vectors can be merged, {name!r} is an "
+                              f"{by_name[name].kind} vector")
     choice = None
     if model is None:
         choice = choose_kernels(path, dtype=dtype, linear_weights=linear_weights)
         model, tokenizer = load_model(path, dtype=choice.dtype)
     fp = fingerprint(model)
-    by_name = {v.name: v for v in vectors or []}
-    runtime = SteeringRuntime(model, by_name.values(), model_fingerprint=fp) if by_name else None
+    matched = {n: v.check_model(fp, transfer=n in transfers) for n, v in by_name.items()}
+    for name, strength in merged.items():
+        changed = merge_weight_vector(model, by_name[name], strength)
+        log.info("merged weight vector %s at strength %g into %d weights%s", name, strength, len(changed),
+                 " (declared transfer)" if matched[name] == "transfer" else "")
+    per_request = [v for n, v in by_name.items() if n not in merged]
+    runtime = (SteeringRuntime(model, per_request, model_fingerprint=fp, transfers=transfers)
+               if per_request else None)
     if choice is not None and choice.packed:
         pack_linears(model, hybrid=choice.hybrid)
-    return ServedModel(model, tokenizer, fp, by_name, runtime, _kernels(model, choice), hardware.detect().to_dict())
+    return ServedModel(model, tokenizer, fp, by_name, runtime, _kernels(model, choice), hardware.detect().to_dict(),
+                       merged, matched)
 
 
 def _kernels(model: nn.Module, choice: hardware.KernelChoice | None) -> dict:

@@ -84,16 +84,26 @@ class SafetyVector:
             raise VectorError(f"vector {self.name!r} has no delta for {param!r}")
         return t.float()
 
-    def check_model(self, fp: ModelFingerprint) -> None:
-        """Refuse to apply this vector to weights it was not made for."""
+    def check_model(self, fp: ModelFingerprint, *, transfer: bool = False) -> str:
+        """Refuse to apply this vector to weights it was not made for. Returns "exact" (the model it was
+        made from) or "transfer" (same architecture and shape, other weights, e.g. the fine-tune of the
+        model it was made from), which is accepted only when the operator declared it (``transfer``)."""
         if fp == self.model:
-            return
-        diffs = [
+            return "exact"
+        shape = [
             f"{k}: vector {getattr(self.model, k)} != model {getattr(fp, k)}"
-            for k in ("architecture", "hidden_size", "num_layers", "weights_sha256")
+            for k in ("architecture", "hidden_size", "num_layers")
             if getattr(self.model, k) != getattr(fp, k)
         ]
-        raise VectorError(f"vector {self.name!r} was made for a different model ({'; '.join(diffs)})")
+        if shape:
+            raise VectorError(f"vector {self.name!r} was made for a different architecture ({'; '.join(shape)})")
+        if transfer:
+            return "transfer"
+        raise VectorError(
+            f"vector {self.name!r} was made for other weights of this architecture (weights_sha256 "
+            f"{self.model.weights_sha256[:12]}..., model {fp.weights_sha256[:12]}...); if this model is a "
+            f"fine-tune of the one it was made from, declare the transfer (--transfer {self.name})"
+        )
 
     def scaled(self, k: float) -> SafetyVector:
         """A copy that is k times this vector: directions and dense deltas times k; of low-rank factors

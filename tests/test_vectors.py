@@ -124,10 +124,10 @@ def test_fingerprint_mismatch_is_refused(tiny_tokenizer):
         b.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # a "fine-tune"
     assert fingerprint(a) != fingerprint(b)
     vec = make_vector(a)
-    with pytest.raises(VectorError, match="different model.*weights_sha256"):
+    with pytest.raises(VectorError, match="made for other weights of this architecture.*--transfer refusal"):
         SteeringRuntime(b, [vec])
     llama = make_model("llama", len(tiny_tokenizer))
-    with pytest.raises(VectorError, match="architecture"):
+    with pytest.raises(VectorError, match="different architecture"):
         SteeringRuntime(llama, [vec])
 
 

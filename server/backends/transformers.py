@@ -110,9 +110,11 @@ class TransformersBackend:
             vdir = settings.vectors or (str(SHIPPED_VECTORS) if not settings.model else None)
             vectors = load_directory(vdir) if vdir else []
         # checked before the model loads: a wrong --default-vector fails in a moment
-        self._default_vector = choose_default([v.name for v in vectors or []], settings.default_vector)
+        merged = settings.merged()
+        self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged],
+                                              settings.default_vector)
         served = serving.build(path, vectors, dtype=settings.dtype, linear_weights=settings.linear_weights,
-                               model=model, tokenizer=tokenizer)
+                               model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers())
         self.served, self.model, self.tok = served, served.model, served.tokenizer
         self.model_name = settings.served_model_name or _model_name(settings)
         ctx = getattr(self.model.config, "max_position_embeddings", settings.max_model_len)
@@ -127,7 +129,8 @@ class TransformersBackend:
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
-        return {n: v.kind for n, v in self.vectors.items()}
+        """The vectors a request may name (a vector merged at load is part of the model instead)."""
+        return {n: v.kind for n, v in self.vectors.items() if n not in self.served.merged}
 
     def default_vector(self) -> str | None:
         return self._default_vector
@@ -142,6 +145,11 @@ class TransformersBackend:
                 "default": v.name == self.default_vector(),
                 "config": v.config,
                 "method": v.provenance.get("method"),
+                # how it is applied: per request (strength from each request) or merged at load (fixed)
+                "applied": "merged" if v.name in self.served.merged else "per_request",
+                "merged_strength": self.served.merged.get(v.name),
+                # made from these very weights, or from another model of this architecture (declared)
+                "transfer": self.served.matched.get(v.name) == "transfer",
             }
             for v in self.vectors.values()
         ]
