@@ -50,7 +50,11 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
     if backend is None:
         backend = backends.get(settings.backend)(settings, metrics=metrics)
     if not backend.vector_kinds() and settings.default_strength > 0:
+        merged = ", ".join(f"{n}={k:g}" for n, k in backend.merged_vectors().items())
         raise StartupError(
+            f"every loaded vector is merged into the weights ({merged}), so no vector is left to apply the "
+            "default strength per request: pass --default-strength 0 to serve the merged model as it is, "
+            "or load a per-request vector too" if merged else
             "no safety vectors are loaded, so the default strength cannot be applied: "
             "pass --vectors DIR, or --default-strength 0 to serve the unsteered model"
         )
@@ -265,6 +269,13 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
         raise APIError(
             404, f"model {req.model!r} is not served here; served: {backend.model_name}",
             param="model", code="model_not_found",
+        )
+    asked = req.safety.vector if req.safety is not None else None
+    if asked in backend.merged_vectors():
+        raise APIError(
+            400, f"safety vector {asked!r} is merged into the served model's weights (at strength "
+            f"{backend.merged_vectors()[asked]:g}): it applies to every request and cannot be chosen per request",
+            param="safety.vector",
         )
     inp, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
     prepared = await backend.prepare(inp, spec)

@@ -204,5 +204,20 @@ def test_server_serves_weight_and_activation_vectors_side_by_side(tiny_tokenizer
         assert out["choices"][0]["message"]["content"] != base
         with pytest.raises(openai.BadRequestError) as err:
             _chat(s, {"vector": "merged_in", "strength": 1.0})
-        assert err.value.body["param"] == "safety.vector"
+        assert err.value.body["param"] == "safety.vector" and "merged into the served model" in err.value.body["message"]
         assert _chat(s, {"strength": 1.0})["safety"]["vector"] == "refusal"  # the default: the activation vector
+
+
+def test_only_merged_vectors_need_default_strength_0(tiny_tokenizer):
+    from server.app import StartupError, create_app
+    from server.backends.transformers import TransformersBackend
+
+    model = make_model("qwen2", len(tiny_tokenizer))
+    vec = make_weight_vector(model)
+    settings = Settings(merge_vector="enchtable=1")
+    backend = TransformersBackend(settings, model=model, tokenizer=tiny_tokenizer, vectors=[vec])
+    try:
+        with pytest.raises(StartupError, match=r"every loaded vector is merged into the weights \(enchtable=1\)"):
+            create_app(settings, backend)
+    finally:
+        backend.shutdown()

@@ -135,6 +135,9 @@ class TransformersBackend:
     def default_vector(self) -> str | None:
         return self._default_vector
 
+    def merged_vectors(self) -> dict[str, float]:
+        return dict(self.served.merged)
+
     def vectors_info(self) -> list[dict]:
         return [
             {
