@@ -202,9 +202,11 @@ class WeightSteerer:
             if s is None or not bool(s.any()):
                 return None
             x = args[0]
-            delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)  # (B, ..., out)
-            k = s.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-            return out + k * delta
+            k = s.to(out.dtype).view(-1, *([1] * (x.dim() - 1)))
+            xa = torch.nn.functional.linear(x, a) * k  # (B, ..., r): the strength scales the small tensor
+            flat = out.reshape(-1, out.shape[-1])
+            flat.addmm_(xa.reshape(-1, xa.shape[-1]), b.t())  # out += (s A x) B^T in one pass; 0 rows add 0
+            return flat.view_as(out)
 
         return hook
 
