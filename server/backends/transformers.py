@@ -42,6 +42,7 @@ from steer.vectors import SafetyVector, choose_default, load_directory
 log = logging.getLogger("steer.server")
 
 SHIPPED_VECTORS = Path(__file__).resolve().parents[2] / "vectors"
+SHIPPED_DEFAULT = "refusal"  # the default vector of the shipped set (which also holds a weight vector)
 MAX_STEP_FAILURES = 3
 SLOW_STEP_S = 1.0  # engine steps longer than this are logged with what they did  # failed forward passes in a row before the worker is declared broken
 
@@ -111,8 +112,10 @@ class TransformersBackend:
             vectors = load_directory(vdir) if vdir else []
         # checked before the model loads: a wrong --default-vector fails in a moment
         merged = settings.merged()
-        self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged],
-                                              settings.default_vector)
+        default = settings.default_vector
+        if default is None and model is None and not settings.vectors and not settings.model:
+            default = SHIPPED_DEFAULT  # the shipped set: its gated activation vector, by name
+        self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged], default)
         served = serving.build(path, vectors, dtype=settings.dtype, linear_weights=settings.linear_weights,
                                model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers())
         self.served, self.model, self.tok = served, served.model, served.tokenizer
