@@ -60,6 +60,32 @@ def _cmd_eval(ns: argparse.Namespace) -> None:
         raise CLIError(str(e)) from None
 
 
+def _cmd_merge(ns: argparse.Namespace) -> None:
+    from steer.merge import MergeError, MergeRequest, run_merge
+    from steer.vectors import VectorError
+
+    names = ("beta", "gamma", "interference_scale", "density", "drop_p", "seed", "lambda_", "threshold", "scale", "ada")
+    params = {n.rstrip("_"): getattr(ns, n) for n in names if getattr(ns, n) is not None}
+    req = MergeRequest(method=ns.method, out=ns.out, ft=ns.ft, base=ns.base, aligned=ns.aligned,
+                       surrogate=ns.surrogate, vector=ns.vector, mask=ns.mask, params=params, force=ns.force,
+                       command=_command(ns))
+    try:
+        print(run_merge(req))
+    except (MergeError, VectorError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _cmd_distill(ns: argparse.Namespace) -> None:
+    from steer.distill.answers import AnswerError
+    from steer.distill.options import config_from_args
+    from steer.distill.run import DistillError, run_distill
+
+    try:
+        print(run_distill(config_from_args(ns), command=_command(ns)))
+    except (DistillError, AnswerError) as e:
+        raise CLIError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from server.settings import add_cli_arguments
 
@@ -88,6 +114,33 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="safety/utility evaluation of any OpenAI-compatible endpoint")
     add_eval_arguments(ev)
     ev.set_defaults(fn=_cmd_eval)
+
+    mg = sub.add_parser("merge", help="weight-space merge: EnchTable, RESTA, TIES, DARE, Safe LoRA, ... (steer.merge)")
+    mg.add_argument("--method", required=True, help="enchtable, task_arithmetic (resta), ties, dare, dare_ties, "
+                    "breadcrumbs, safe_lora, tsv, model_stock, linear, slerp, somf")
+    mg.add_argument("--out", required=True, help="output checkpoint directory (must not exist, see --force)")
+    mg.add_argument("--ft", required=True, help="fine-tuned checkpoint directory")
+    mg.add_argument("--base", help="checkpoint before fine-tuning (task vector tau = ft - base)")
+    mg.add_argument("--aligned", help="aligned checkpoint (safety vector sigma = aligned - surrogate)")
+    mg.add_argument("--surrogate", help="unaligned surrogate checkpoint")
+    mg.add_argument("--vector", help="steer weight vector manifest (NAME.json) used as sigma")
+    mg.add_argument("--mask", help="safetensors file of per-parameter masks in [0, 1] (somf)")
+    for name, typ in (("--beta", float), ("--gamma", float), ("--interference-scale", float), ("--density", float),
+                      ("--drop-p", float), ("--seed", int), ("--lambda", float), ("--threshold", float),
+                      ("--scale", float)):
+        mg.add_argument(name, type=typ, default=None, dest=None if name != "--lambda" else "lambda_",
+                        metavar=name[2:].upper().replace("-", "_"),
+                        help="method parameter (defaults and ranges: steer/merge/methods.py)")
+    mg.add_argument("--ada", action=argparse.BooleanOptionalAction, default=None,
+                    help="global norm matching: sigma *= beta ||tau|| / ||sigma|| (enchtable: on; resta: off)")
+    mg.add_argument("--force", action="store_true", help="replace --out if it exists")
+    mg.set_defaults(fn=_cmd_merge)
+
+    from steer.distill.options import add_arguments as add_distill_arguments
+
+    di = sub.add_parser("distill", help="EnchTable stage 1: distill a weight safety vector from a harmful surrogate")
+    add_distill_arguments(di)
+    di.set_defaults(fn=_cmd_distill)
     return ap
 
 
