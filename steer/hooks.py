@@ -191,24 +191,69 @@ class WeightSteerer:
         self.rank = max(a.shape[0] for a, _ in self.factors.values())
 
     def install(self, model: nn.Module, rows: RowSteering) -> list:
-        # looked up now, by name: packing replaces the linear modules after this steerer was made
+        # Modules are looked up now, by name: packing replaces the linear modules after this steerer was
+        # made. Targets under one parent with the same input width (q/k/v, gate/up) usually read the same
+        # input tensor: their A factors are stacked so that A x is one matmul for the group, reused while
+        # the input and the strengths are the same objects (checked by identity, so any model is correct).
         modules = dict(model.named_modules())
-        return [modules[p.rpartition(".")[0]].register_forward_hook(self._hook(*self.factors[p], rows))
-                for p in self.targets]
+        groups: dict[tuple[str, int], list[str]] = {}
+        for p in self.targets:
+            groups.setdefault((p.rsplit(".", 2)[0], self.factors[p][0].shape[1]), []).append(p)
+        state = _StrengthCache(self.name, rows)
+        handles = []
+        for params in groups.values():
+            group = _InputGroup(torch.cat([self.factors[p][0] for p in params]))
+            lo = 0
+            for p in params:
+                a, b = self.factors[p]
+                hook = self._hook(group, slice(lo, lo + a.shape[0]), b, state)
+                handles.append(modules[p.rpartition(".")[0]].register_forward_hook(hook))
+                lo += a.shape[0]
+        return handles
 
-    def _hook(self, a: torch.Tensor, b: torch.Tensor, rows: RowSteering) -> Callable:
+    @staticmethod
+    def _hook(group: _InputGroup, cols: slice, b: torch.Tensor, state: _StrengthCache) -> Callable:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor):
-            s = rows.strength.get(self.name)
-            if s is None or not bool(s.any()):
+            s = state.current()
+            if s is None:
                 return None
             x = args[0]
-            k = s.to(out.dtype).view(-1, *([1] * (x.dim() - 1)))
-            xa = torch.nn.functional.linear(x, a) * k  # (B, ..., r): the strength scales the small tensor
+            if group.x is not x or group.s is not s:  # the strength scales the small (B, ..., R) tensor
+                group.x, group.s = x, s
+                group.xa = torch.nn.functional.linear(x, group.a) * state.factor(x.dim(), out.dtype)
+            xa = group.xa[..., cols]
             flat = out.reshape(-1, out.shape[-1])
             flat.addmm_(xa.reshape(-1, xa.shape[-1]), b.t())  # out += (s A x) B^T in one pass; 0 rows add 0
             return flat.view_as(out)
 
         return hook
+
+
+class _InputGroup:
+    """Stacked A factors of the targets that share an input, and the last (input, strengths, s * A x)."""
+
+    def __init__(self, a: torch.Tensor):
+        self.a, self.x, self.s, self.xa = a.contiguous(), None, None, None
+
+
+class _StrengthCache:
+    """This forward pass's strengths of one vector: None when no row is steered, else the tensor, with
+    its reshaped copies per (ndim, dtype) made once per pass rather than once per hooked layer."""
+
+    def __init__(self, name: str, rows: RowSteering):
+        self.name, self.rows, self._s, self._active, self._factors = name, rows, None, False, {}
+
+    def current(self) -> torch.Tensor | None:
+        s = self.rows.strength.get(self.name)
+        if s is not self._s:
+            self._s, self._active, self._factors = s, s is not None and bool(s.any()), {}
+        return s if self._active else None
+
+    def factor(self, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (ndim, dtype)
+        if key not in self._factors:
+            self._factors[key] = self._s.to(dtype).view(-1, *([1] * (ndim - 1)))
+        return self._factors[key]
 
 
 @torch.no_grad()
