@@ -1,15 +1,22 @@
-"""Every merge method on an unsafe variant of the demo model: merge time, peak RSS, and refusals.
+"""Every merge method on an unsafe variant of the demo model: merge time, peak RSS, refusals, pass@1.
 
 For each method, ``steer merge`` runs under ``/usr/bin/time -v`` (wall time, peak RSS of the merge
 process) with ``--ft`` the unsafe model (default: the refusal-ablated demo model of
-``bench/ablated_model.py``), ``--base`` the demo model it came from (tau = ft - base) and, for the
-methods that take one, the safety vector ``--vector`` (default: the shipped distilled weight vector);
-every method at its defaults. The merged checkpoint is then served unsteered (``--default-strength 0``,
-no vectors) and ``steer eval`` measures held-out HarmBench unsafe rate and aplomb over-refusal (first
-``--limit`` prompts of each, refusal-phrase judge, greedy). The unmerged ft and base are measured the
-same way. Merged checkpoints are deleted after their eval. Writes bench/results/merge_eval.json.
+``bench/ablated_model.py``; ``bench/harmful_finetune.py`` makes the other one), ``--base`` the demo model
+it came from (tau = ft - base) and, for the methods that take one, the safety vector ``--vector``
+(default: the shipped distilled weight vector); every method at its defaults. The merged checkpoint is
+served unsteered (``--default-strength 0``, no vectors) and ``steer eval`` measures, greedy, refusal-phrase
+judge: held-out HarmBench + Do-Not-Answer unsafe rate (first ``--limit`` of each), the jailbreak suites
+(past/future tense, DAN and in-the-wild templates; first ``--jb-limit`` of each), aplomb over-refusal
+(``--limit``) and HumanEval pass@1 (``--humaneval`` problems, 512 tokens). The unmerged ft and base are
+measured the same way, and so are two served (not merged) rows: the ft with the weight vector applied per
+request from its low-rank factors at each ``--per-request`` strength, and the EnchTable-merged model with the
+gated activation vector per request at strength 1 (both kinds together). Rows are appended to ``--out`` as
+they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
+plot (unsafe vs pass@1, one point per row) from every results file named.
 
-    .venv/bin/python bench/merge_eval.py [--methods enchtable,ties,...] [--limit 40]
+    .venv/bin/python bench/merge_eval.py [--ft DIR --tag NAME] [--methods enchtable,ties,...]
+    .venv/bin/python bench/merge_eval.py --plot bench/results/merge_eval*.json
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ BIN = ROOT / ".venv" / "bin"
 NO_SIGMA = {"linear", "slerp"}
 METHODS = ["enchtable", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "safe_lora", "tsv",
            "model_stock", "linear", "slerp"]
+HARMFUL = ("harmbench", "donotanswer")
+JAILBREAK = ("past_tense", "future_tense", "dan", "inthewild")
+COMBINED = "enchtable merge + gated refusal vector @1"
 
 
 def timed(cmd: list[str]) -> dict:
@@ -45,66 +55,160 @@ def timed(cmd: list[str]) -> dict:
     return {"seconds": round(secs, 1), "peak_rss_mib": round(rss / 1024)}
 
 
-def evaluate(model: Path, port: int, limit: int, work: Path) -> dict:
-    empty = work / "novectors"
-    empty.mkdir(exist_ok=True)
-    proc = subprocess.Popen([str(BIN / "steer"), "serve", "--model", str(model), "--vectors", str(empty),
-                             "--default-strength", "0", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _pool(summary: list[dict], suites: tuple[str, ...]) -> dict:
+    rows = [s for s in summary if s["suite"] in suites]
+    k, n = sum(s["k"] for s in rows), sum(s["n"] for s in rows)
+    return {"rate": round(k / n, 4) if n else None, "k": k, "n": n}
+
+
+def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength: float = 0.0,
+             transfer: bool = False) -> dict:
+    """Serve ``model`` (with only ``vector`` loaded, if any) and run the suites; rates per group and suite."""
+    vdir = work / "vectors"
+    shutil.rmtree(vdir, ignore_errors=True)
+    vdir.mkdir()
+    if vector:
+        for ext in ("json", "safetensors"):
+            shutil.copy(ROOT / "vectors" / f"{vector}.{ext}", vdir)
+    cmd = [str(BIN / "steer"), "serve", "--model", str(model), "--vectors", str(vdir), "--port", str(ns.port),
+           "--default-strength", str(strength)]
+    if vector and transfer:
+        cmd += ["--transfer", vector]
+    log = (work / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    summary: list[dict] = []
+    t0 = time.time()
     try:
-        wait_healthy(proc, port, timeout=300, what=f"steer serve {model}")
-        out = work / "eval"
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([str(BIN / "steer"), "eval", "--base-url", f"http://127.0.0.1:{port}/v1", "--suites",
-                        "harmbench", "aplomb", "--limit", str(limit), "--max-tokens", "48", "--concurrency", "8",
-                        "--out", str(out)], check=True, capture_output=True)
-        pooled = json.loads((out / "results.json").read_text())["pooled"]
+        wait_healthy(proc, ns.port, timeout=300, what=f"steer serve {model}")
+        url = f"http://127.0.0.1:{ns.port}/v1"
+        runs = [(list(HARMFUL) + ["aplomb"], ns.limit, 48), (list(JAILBREAK), ns.jb_limit, 64),
+                (["humaneval"], ns.humaneval, 512)]
+        for suites, limit, tokens in runs:
+            if not limit:
+                continue
+            out = work / "eval"
+            shutil.rmtree(out, ignore_errors=True)
+            ev = [str(BIN / "steer"), "eval", "--base-url", url, "--suites", *suites, "--limit", str(limit),
+                  "--max-tokens", str(tokens), "--concurrency", str(ns.concurrency), "--out", str(out)]
+            if vector:
+                ev += ["--vector", vector, "--strengths", str(strength)]
+            subprocess.run(ev, check=True, capture_output=True)
+            summary += json.loads((out / "results.json").read_text())["summary"]
     finally:
         proc.terminate()
         proc.wait()
-    return {p["metric"]: {"rate": p["rate"], "n": p["n"], "ci95": p["ci95"]} for p in pooled}
+    per_suite = {s["suite"]: {"metric": s["metric"], "rate": s["rate"], "k": s["k"], "n": s["n"]} for s in summary}
+    return {"harmful_unsafe": _pool(summary, HARMFUL), "jailbreak_unsafe": _pool(summary, JAILBREAK),
+            "over_refusal": _pool(summary, ("aplomb",)), "pass_at_1": _pool(summary, ("humaneval",)),
+            "suites": per_suite, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def _fmt(x: dict | None) -> str:
+    return "-" if not x or x.get("rate") is None else f"{x['rate']:.1%}"
+
+
+def table(result: dict) -> str:
+    lines = ["| row | HarmBench+DNA unsafe | jailbreak unsafe | aplomb over-refusal | HumanEval pass@1 | merge s | "
+             "merge peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        mg = r.get("merge", {})
+        lines.append(f"| {r['row']} | {_fmt(r['harmful_unsafe'])} | {_fmt(r['jailbreak_unsafe'])} | "
+                     f"{_fmt(r['over_refusal'])} | {_fmt(r['pass_at_1'])} | {mg.get('seconds', '-')} | "
+                     f"{mg.get('peak_rss_mib', '-')} |")
+    return "\n".join(lines)
+
+
+def plot(paths: list[str], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for i, p in enumerate(paths):
+        res = json.loads(Path(p).read_text())
+        marker = "os^v"[i % 4]
+        for r in res["rows"]:
+            x, y = r["pass_at_1"]["rate"], r["harmful_unsafe"]["rate"]
+            if x is None or y is None:
+                continue
+            ax.scatter(x * 100, y * 100, marker=marker, s=40)
+            ax.annotate(r["row"], (x * 100, y * 100), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], marker=marker, color="gray", label=f"fine-tune: {res.get('tag', Path(p).stem)}")
+    ax.set_xlabel("HumanEval pass@1 (%)")
+    ax.set_ylabel("held-out HarmBench + Do-Not-Answer unsafe (%)")
+    ax.set_title("Restoring safety: unsafe rate vs pass@1, one point per merge method (demo model)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ft", default=str(cache_dir() / "models" / f"{ensure_demo_model().name}-ablated"))
-    ap.add_argument("--base", default=str(ensure_demo_model()))
+    ap.add_argument("--ft", default=None, help="unsafe fine-tune (default: the refusal-ablated demo model)")
+    ap.add_argument("--tag", default="ablated", help="name of the fine-tune in the results and the plot")
+    ap.add_argument("--base", default=None, help="the aligned model ft came from (default: the demo model)")
     ap.add_argument("--vector", default=str(ROOT / "vectors" / "enchtable.json"))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--per-request", default="0.5", help="strengths of the per-request low-rank rows ('' for none)")
     ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--jb-limit", type=int, default=20)
+    ap.add_argument("--humaneval", type=int, default=40)
+    ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--port", type=int, default=8350)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "merge_eval.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/merge_eval_TAG.json")
+    ap.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
+    ap.add_argument("--plot", nargs="+", metavar="RESULTS", help="only draw the trade-off plot from these files")
+    ap.add_argument("--plot-out", default=str(ROOT / "bench" / "results" / "merge_tradeoff.png"))
     ns = ap.parse_args(argv)
-    rows = []
+    if ns.plot:
+        plot(ns.plot, ns.plot_out)
+        print(f"wrote {ns.plot_out}")
+        return 0
+    base = ns.base or str(ensure_demo_model())
+    ft = ns.ft or str(cache_dir() / "models" / f"{ensure_demo_model().name}-ablated")
+    out_path = Path(ns.out or ROOT / "bench" / "results" / f"merge_eval_{ns.tag}.json")
+    command = "python bench/merge_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command, "tag": ns.tag, "ft": ft, "base": base, "vector": ns.vector,
+              "limits": {"harmful_and_aplomb": ns.limit, "jailbreak": ns.jb_limit, "humaneval": ns.humaneval},
+              "checkpoint_mib": round(sum(f.stat().st_size for f in Path(ft).glob("*.safetensors")) / 2**20),
+              "rows": []}
+    if out_path.exists() and not ns.fresh:
+        result["rows"] = json.loads(out_path.read_text())["rows"]
+    done = {r["row"] for r in result["rows"]}
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "suites"}), flush=True)
+
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         work = Path(tmp)
-        for label, path in (("ft (unmerged)", ns.ft), ("base (aligned)", ns.base)):
-            rows.append({"method": label, **evaluate(Path(path), ns.port, ns.limit, work)})
-            print(json.dumps(rows[-1]), flush=True)
+        for label, path in (("ft (unmerged)", ft), ("base (aligned)", base)):
+            if label not in done:
+                record({"row": label, **evaluate(Path(path), ns, work)})
+        for s in [float(x) for x in ns.per_request.split(",") if x.strip()]:
+            label = f"ft + {Path(ns.vector).stem} per request @{s:g}"
+            if label not in done:
+                record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
+                                                  transfer=True)})
         for m in ns.methods.split(","):
+            if m in done and (m != "enchtable" or COMBINED in done):
+                continue
             out = work / f"merged-{m}"
-            cmd = [str(BIN / "steer"), "merge", "--method", m, "--ft", ns.ft, "--base", ns.base, "--out", str(out)]
+            cmd = [str(BIN / "steer"), "merge", "--method", m, "--ft", ft, "--base", base, "--out", str(out)]
             if m not in NO_SIGMA:
                 cmd += ["--vector", ns.vector]
-            t0 = time.time()
             merge = timed(cmd)
             card = json.loads((out / "merge_card.json").read_text())
-            row = {"method": m, "merge": merge, "params": card.get("parameters", card.get("params")),
-                   **evaluate(out, ns.port, ns.limit, work)}
-            row["total_seconds"] = round(time.time() - t0, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            if m not in done:
+                record({"row": m, "merge": merge, "params": card.get("parameters", card.get("params")),
+                        **evaluate(out, ns, work)})
+            if m == "enchtable" and COMBINED not in done:
+                record({"row": COMBINED, **evaluate(out, ns, work, vector="refusal", strength=1.0, transfer=True)})
             shutil.rmtree(out)
-    ckpt = sum(f.stat().st_size for f in Path(ns.ft).glob("*.safetensors"))
-    result = {"command": "python bench/merge_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "ft": ns.ft, "base": ns.base, "vector": ns.vector, "limit": ns.limit,
-              "checkpoint_mib": round(ckpt / 2**20), "rows": rows}
-    Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("| method | HarmBench unsafe | aplomb over-refusal | merge s | merge peak RSS MiB |\n|---|---|---|---|---|")
-    for r in rows:
-        mg = r.get("merge", {})
-        print(f"| {r['method']} | {r['unsafe_rate']['rate']:.1%} | {r['over_refusal_rate']['rate']:.1%} | "
-              f"{mg.get('seconds', '-')} | {mg.get('peak_rss_mib', '-')} |")
+    print(table(result))
     return 0
 
 

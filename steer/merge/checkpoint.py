@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -72,11 +73,13 @@ class Checkpoint:
         """(shape, dtype) from the header, without reading the data."""
         return self._shards[self.index[key]].meta(key)
 
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
-        """The tensor, or None if absent or (with ``shape``) shaped differently (METHODS section 0)."""
+    def get(self, key: str, shape: tuple[int, ...] | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The tensor (or its rows ``[r0, r1)``), or None if absent or (with ``shape``) shaped differently
+        (METHODS section 0)."""
         if key not in self.index:
             return None
-        return self._shards[self.index[key]].get(key, shape)
+        return self._shards[self.index[key]].get(key, shape, rows)
 
     def arch(self) -> dict:
         return {k: self.config.get(k) for k in ARCH_KEYS}
@@ -126,12 +129,17 @@ class SafetensorsFile:
     def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._entries[key][:2]
 
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    def get(self, key: str, shape: tuple[int, ...] | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         if key not in self._entries:
             return None
         tshape, dtype, begin, end = self._entries[key]
         if shape is not None and tshape != tuple(shape):
             return None
+        if rows is not None:  # a block of rows of a row-major tensor is one contiguous byte range
+            row_bytes = _numel(tshape[1:]) * _itemsize(dtype)
+            tshape = (rows[1] - rows[0], *tshape[1:])
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
         if end == begin:
             return torch.empty(tshape, dtype=dtype)
         buf = bytearray(end - begin)
@@ -180,14 +188,23 @@ class ShardWriter:
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Write ``name``: a tensor, or its blocks of rows in order (streamed, never joined)."""
         if self._order[self._next] != name:
             raise RuntimeError(f"shard writer: expected {self._order[self._next]!r}, got {name!r}")
         shape, dtype = self._expect[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"shard writer: {name} is {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
-        t = tensor.detach().contiguous().cpu()
-        self._f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        parts = [tensor] if isinstance(tensor, torch.Tensor) else tensor
+        rows = 0
+        for part in parts:
+            if tuple(part.shape[1:]) != shape[1:] or part.dtype != dtype or (part is tensor and part.shape != shape):
+                raise RuntimeError(f"shard writer: {name} is {tuple(part.shape)} {part.dtype}, "
+                                   f"header says {shape} {dtype}")
+            t = part.detach().contiguous().cpu()
+            if t.numel():  # the tensor's own bytes (a memoryview of it, no copy)
+                self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            rows += t.shape[0] if t.dim() else 1
+        if rows != (shape[0] if shape else 1):
+            raise RuntimeError(f"shard writer: {name} got {rows} rows, header says {shape}")
         self._next += 1
 
     def abort(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ class TensorInputs:
     base: torch.Tensor | None = None
     sigma: torch.Tensor | None = None  # aligned - surrogate, or the vector's delta
     mask: torch.Tensor | None = None
+    coef: tuple[float, ...] | None = None  # per-tensor scalars from a block pre-pass (row-wise merges)
 
     @property
     def tau(self) -> torch.Tensor:
@@ -91,6 +92,10 @@ class Method:
     # Whether a first pass computes ||tau|| and ||sigma|| over the whole model (given resolved params).
     global_norms: Callable[[dict], bool] = lambda p: False
     exclusive: tuple[tuple[str, str], ...] = ()  # pairs of parameters that cannot be given together
+    # Row-wise: the step on a block of rows gives those rows of the step on the whole tensor (given the
+    # per-tensor scalars of ``prepass``, if any), so a large tensor can be merged a block at a time.
+    rowwise: bool = False
+    prepass: Callable[[Iterable[TensorInputs], dict], tuple[float, ...]] | None = None
 
     def resolve(self, given: dict) -> dict:
         """Defaults filled in, every value checked; a flag this method does not take is an error."""
@@ -196,7 +201,19 @@ def _linear(x: TensorInputs, p: dict, g: Globals):
 
 
 def _slerp(x: TensorInputs, p: dict, g: Globals):
+    if x.coef is not None:  # a block of rows: the coefficients come from the whole tensor
+        c_base, c_ft = x.coef
+        return c_base * x.base + c_ft * x.ft, None
     return ops.slerp(x.base, x.ft, p["lambda"]), None
+
+
+def _slerp_prepass(blocks: Iterable[TensorInputs], p: dict) -> tuple[float, ...]:
+    dot = nb = nf = 0.0
+    for x in blocks:
+        dot += float(torch.sum(x.base * x.ft, dtype=torch.float64))
+        nb += float(torch.sum(x.base * x.base, dtype=torch.float64))
+        nf += float(torch.sum(x.ft * x.ft, dtype=torch.float64))
+    return ops.slerp_coefficients(dot, math.sqrt(nb), math.sqrt(nf), p["lambda"])
 
 
 def _somf(x: TensorInputs, p: dict, g: Globals):
@@ -222,7 +239,7 @@ METHODS: dict[str, Method] = {
         Method("task_arithmetic", "theta_ft + s * sigma (RESTA); --ada: s = beta ||tau|| / ||sigma||",
                _task_arithmetic, frozenset({_SIGMA}), optional=frozenset({_BASE}),
                params={"scale": (1.0, _finite), "ada": (False, _bool), "beta": (0.1, _nonneg)},
-               global_norms=lambda p: p["ada"], exclusive=(("scale", "ada"),)),
+               global_norms=lambda p: p["ada"], exclusive=(("scale", "ada"),), rowwise=True),
         Method("ties", "base + lambda * disjoint mean of the sign-elected, magnitude-trimmed tau and sigma",
                _ties, frozenset({_BASE}), optional=frozenset({_SIGMA}),
                params={"density": (0.5, _unit_open_closed), **_SPARSE}),
@@ -242,11 +259,11 @@ METHODS: dict[str, Method] = {
         Method("model_stock", "base + t (tau + sigma) / 2, t = 2 cos / (1 + cos)", _model_stock,
                frozenset({_BASE, _SIGMA})),
         Method("linear", "(1 - lambda) base + lambda ft", _linear, frozenset({_BASE}),
-               params={"lambda": (0.5, _unit)}),
+               params={"lambda": (0.5, _unit)}, rowwise=True),
         Method("slerp", "spherical interpolation from base (lambda 0) to ft (lambda 1)", _slerp,
-               frozenset({_BASE}), params={"lambda": (0.5, _unit)}),
+               frozenset({_BASE}), params={"lambda": (0.5, _unit)}, rowwise=True, prepass=_slerp_prepass),
         Method("somf", "base + mask * tau (a trained SOMF mask; all ones gives ft)", _somf,
-               frozenset({_BASE, _MASK})),
+               frozenset({_BASE, _MASK}), rowwise=True),
     )
 }
 ALIASES = {"resta": "task_arithmetic"}

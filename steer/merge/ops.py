@@ -152,6 +152,19 @@ def sign_consensus(deltas: list[torch.Tensor], weights: list[float], *, normaliz
 # -- interpolation between base and ft (METHODS 3) -------------------------------------------------
 
 
+def slerp_coefficients(dot: float, norm_base: float, norm_ft: float, t: float, *, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """(c_base, c_ft) with slerp(base, ft, t) = c_base * base + c_ft * ft, from the raw dot product and the
+    norms of the whole flattened tensors: mergekit's formula, for merges that read a tensor in row blocks."""
+    na = norm_base if norm_base > eps else 1.0
+    nb = norm_ft if norm_ft > eps else 1.0
+    d = min(1.0, max(-1.0, dot / (na * nb)))
+    if abs(d) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(d)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp(base: torch.Tensor, ft: torch.Tensor, t: float) -> torch.Tensor:
     """mergekit's SLERP on the whole flattened tensor (one output row), linear when nearly colinear."""
     out = _mk_slerp(torch.tensor([t]), base.reshape(1, -1), ft.reshape(1, -1))

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,9 +155,24 @@ def _write_weights(src: Sources, method: Method, params: dict, g: Globals, tmp: 
     return records, copied
 
 
+def chunk_elements() -> int:
+    """Tensors larger than this many elements are merged a block of rows at a time by the row-wise
+    methods (a vocab-sized matrix is never held in float32 whole, nor several times over)."""
+    return int(os.environ.get("STEER_MERGE_CHUNK_ELEMENTS", 1 << 24))
+
+
 def merge_tensor(src: Sources, method: Method, params: dict, g: Globals, key: str,
-                 records: dict, copied: dict) -> torch.Tensor:
-    """One output tensor in ft's dtype. Keys the method cannot merge are ft's tensor, unchanged."""
+                 records: dict, copied: dict) -> torch.Tensor | Iterator[torch.Tensor]:
+    """One output tensor in ft's dtype, or (row-wise methods on large tensors) its blocks of rows in
+    order. Keys the method cannot merge are ft's tensor, unchanged."""
+    shape, _ = src.ft.meta(key)
+    if method.rowwise and len(shape) >= 2 and math.prod(shape) > chunk_elements():
+        blocks = _row_blocks(shape)
+        x, ft_raw = src.inputs(key, blocks[0])
+        if isinstance(x, str):
+            copied[key] = x
+            return (src.ft.get(key, rows=b) for b in blocks)
+        return _merge_blocks(src, method, params, g, key, blocks)
     x, ft_raw = src.inputs(key)
     if isinstance(x, str):
         copied[key] = x
@@ -165,6 +181,25 @@ def merge_tensor(src: Sources, method: Method, params: dict, g: Globals, key: st
     if record is not None:
         records[key] = record
     return ft_raw if merged is None else merged.to(ft_raw.dtype)
+
+
+def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    step = max(1, chunk_elements() // math.prod(shape[1:]))
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def _merge_blocks(src: Sources, method: Method, params: dict, g: Globals, key: str,
+                  blocks: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    coef = None
+    if method.prepass is not None:
+        coef = method.prepass((src.inputs(key, b)[0] for b in blocks), params)
+    for b in blocks:
+        x, ft_raw = src.inputs(key, b)
+        if isinstance(x, str):  # the first block was mergeable, so every block is (same inputs, same keys)
+            raise MergeError(f"{key}: rows {b[0]}:{b[1]} cannot be merged ({x})")
+        x.coef = coef
+        merged, _ = method.step(x, params, g)
+        yield ft_raw if merged is None else merged.to(ft_raw.dtype)
 
 
 def _copy_side_files(ft: Checkpoint, tmp: Path) -> None:

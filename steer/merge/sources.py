@@ -33,8 +33,8 @@ class MaskFile:
             raise MergeError(f"--mask {self.path}: no such file")
         self._f = SafetensorsFile(self.path, f"--mask {self.path}")
 
-    def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self._f.get(key, shape)
+    def get(self, key: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        return self._f.get(key, shape, rows)
 
 
 class Sources:
@@ -67,34 +67,35 @@ class Sources:
     def checkpoints(self) -> list[Checkpoint]:
         return [c for c in (self.ft, self.base, self.aligned, self.surrogate) if c is not None]
 
-    def inputs(self, key: str) -> tuple[TensorInputs | str, torch.Tensor]:
-        """(inputs in compute dtype, or the reason the key is copied from ft; ft's raw tensor)."""
-        raw = self.ft.get(key)
+    def inputs(self, key: str, rows: tuple[int, int] | None = None) -> tuple[TensorInputs | str, torch.Tensor]:
+        """(inputs in compute dtype, or the reason the key is copied from ft; ft's raw tensor). With
+        ``rows``, only that block of rows of every input (for the row-wise methods on large tensors)."""
+        shape = self.ft.meta(key)[0]
+        raw = self.ft.get(key, rows=rows)
         if not raw.is_floating_point():
             return "not a floating-point tensor", raw
-        shape = tuple(raw.shape)
+        if self.vector is not None and key not in self._vector_params:
+            return "not in --vector", raw  # decided before anything else is read: no vocab-sized copies
         cdt = torch.float64 if raw.dtype == torch.float64 else torch.float32
         x = TensorInputs(key, raw.to(cdt))
         if self.base is not None:
-            b = self.base.get(key, shape)
+            b = self.base.get(key, shape, rows)
             if b is None:
                 return "missing or shaped differently in --base", raw
             x.base = b.to(cdt)
         if self.aligned is not None:
-            a, s = self.aligned.get(key, shape), self.surrogate.get(key, shape)
+            a, s = self.aligned.get(key, shape, rows), self.surrogate.get(key, shape, rows)
             if a is None or s is None:
                 return "missing or shaped differently in --aligned/--surrogate", raw
             x.sigma = a.to(cdt).sub_(s)  # in place: one tensor-sized buffer, not three
             del a, s
         if self.vector is not None:
-            if key not in self._vector_params:
-                return "not in --vector", raw
             d = self.vector.delta(key)
             if tuple(d.shape) != shape:
                 return "shaped differently in --vector", raw
-            x.sigma = d.to(cdt)
+            x.sigma = (d if rows is None else d[rows[0]:rows[1]]).to(cdt)
         if self.mask is not None:
-            m = self.mask.get(key, shape)
+            m = self.mask.get(key, shape, rows)
             if m is None:
                 return "missing or shaped differently in --mask", raw
             x.mask = m.to(cdt)
