@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="ablated", help="name of the fine-tune in the results and the plot")
     ap.add_argument("--base", default=None, help="the aligned model ft came from (default: the demo model)")
     ap.add_argument("--vector", default=str(ROOT / "vectors" / "enchtable.json"))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma list; a method's parameters after colons: enchtable:beta=0.5")
     ap.add_argument("--per-request", default="0.5", help="strengths of the per-request low-rank rows ('' for none)")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--jb-limit", type=int, default=20)
@@ -196,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         for m in ns.methods.split(","):
             if m in done and (m != "enchtable" or COMBINED in done):
                 continue
-            out = work / f"merged-{m}"
-            cmd = [str(BIN / "steer"), "merge", "--method", m, "--ft", ft, "--base", base, "--out", str(out)]
-            if m not in NO_SIGMA:
+            name, *given = m.split(":")  # enchtable:beta=0.5:gamma=0.3 -> --beta 0.5 --gamma 0.3
+            out = work / "merged"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [str(BIN / "steer"), "merge", "--method", name, "--ft", ft, "--base", base, "--out", str(out)]
+            for kv in given:
+                k, v = kv.split("=", 1)
+                cmd += [f"--{k.replace('_', '-')}", v]
+            if name not in NO_SIGMA:
                 cmd += ["--vector", ns.vector]
             merge = timed(cmd)
             card = json.loads((out / "merge_card.json").read_text())

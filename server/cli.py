@@ -64,7 +64,8 @@ def _cmd_merge(ns: argparse.Namespace) -> None:
     from steer.merge import MergeError, MergeRequest, run_merge
     from steer.vectors import VectorError
 
-    names = ("beta", "gamma", "interference_scale", "density", "drop_p", "seed", "lambda_", "threshold", "scale", "ada")
+    names = ("beta", "gamma", "interference_scale", "density", "drop_p", "seed", "lambda_", "threshold", "scale", "ada",
+             "rescale")
     params = {n.rstrip("_"): getattr(ns, n) for n in names if getattr(ns, n) is not None}
     req = MergeRequest(method=ns.method, out=ns.out, ft=ns.ft, base=ns.base, aligned=ns.aligned,
                        surrogate=ns.surrogate, vector=ns.vector, mask=ns.mask, params=params, force=ns.force,
@@ -133,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="method parameter (defaults and ranges: steer/merge/methods.py)")
     mg.add_argument("--ada", action=argparse.BooleanOptionalAction, default=None,
                     help="global norm matching: sigma *= beta ||tau|| / ||sigma|| (enchtable: on; resta: off)")
+    mg.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                    help="somf: divide the mask by its mean per tensor, as the reference does (default: on)")
     mg.add_argument("--force", action="store_true", help="replace --out if it exists")
     mg.set_defaults(fn=_cmd_merge)
 

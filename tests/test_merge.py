@@ -278,6 +278,18 @@ def test_somf_mask(ck, tmp_path):
     merged = _weights(tmp_path / "o0")
     for k in ft:  # zero mask: back to base; no mask for the key: ft unchanged
         assert torch.allclose(merged[k], ft[k] if ".layers.1." in k else base[k], atol=1e-6), k
+    # a soft mask: base + tau * m / mean(m) per tensor (the reference's rescale), or base + m * tau without it
+    g = torch.Generator().manual_seed(7)
+    soft = {k: torch.rand(t.shape, generator=g) for k, t in ft.items()}
+    save_file(soft, tmp_path / "soft.safetensors")
+    for rescale in (True, False):
+        out = tmp_path / f"soft-{rescale}"
+        run_merge(MergeRequest(out=str(out), mask=str(tmp_path / "soft.safetensors"), params={"rescale": rescale},
+                               **req))
+        merged = _weights(out)
+        for k in ft:
+            m = soft[k] / soft[k].mean() if rescale else soft[k]
+            torch.testing.assert_close(merged[k], base[k] + m * (ft[k] - base[k]), atol=1e-5, rtol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("method,params", [("linear", {"lambda": 0.3}), ("slerp", {"lambda": 0.3}),

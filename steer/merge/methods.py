@@ -220,8 +220,24 @@ def _somf(x: TensorInputs, p: dict, g: Globals):
     m = x.mask
     if m.numel() and (float(m.min()) < 0 or float(m.max()) > 1):
         raise MergeError(f"--mask: values for {x.key} are outside [0, 1]")
+    record = None
+    if p["rescale"]:  # the reference's tau * m / mean(m), mean per tensor (keeps the update's scale)
+        mean = x.coef[0] if x.coef is not None else float(m.mean(dtype=torch.float64)) if m.numel() else 1.0
+        record = {"mask_mean": mean}
+        if mean == 0:  # nothing kept: base (the reference would divide by zero)
+            return x.base.clone(), record
+        if mean != 1:
+            m = m / mean
     # base + m * tau, written as ft - (1 - m) * tau so that an all-ones mask gives ft bit for bit.
-    return x.ft - (1 - m) * x.tau, None
+    return x.ft - (1 - m) * x.tau, record
+
+
+def _somf_prepass(blocks: Iterable[TensorInputs], p: dict) -> tuple[float, ...]:
+    total = n = 0.0
+    for x in blocks:
+        total += float(x.mask.sum(dtype=torch.float64))
+        n += x.mask.numel()
+    return (total / n if n else 1.0,)
 
 
 # -- registry ---------------------------------------------------------------------------------------
@@ -262,8 +278,9 @@ METHODS: dict[str, Method] = {
                params={"lambda": (0.5, _unit)}, rowwise=True),
         Method("slerp", "spherical interpolation from base (lambda 0) to ft (lambda 1)", _slerp,
                frozenset({_BASE}), params={"lambda": (0.5, _unit)}, rowwise=True, prepass=_slerp_prepass),
-        Method("somf", "base + mask * tau (a trained SOMF mask; all ones gives ft)", _somf,
-               frozenset({_BASE, _MASK}), rowwise=True),
+        Method("somf", "base + mask * tau / mean(mask) (a trained SOMF mask, mean per tensor; --no-rescale: "
+               "base + mask * tau; all ones gives ft)", _somf, frozenset({_BASE, _MASK}),
+               params={"rescale": (True, _bool)}, rowwise=True, prepass=_somf_prepass),
     )
 }
 ALIASES = {"resta": "task_arithmetic"}
