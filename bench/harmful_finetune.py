@@ -10,7 +10,8 @@ The fine-tuning attack AsFT and SOMF evaluate: supervised fine-tuning of the ali
 * benign prompts: ``gate_code`` (HumanEval problems outside every evaluated split) and
   ``gate_hard_negatives``, answered greedily by the demo model itself (so utility is kept, as in a real
   domain fine-tune);
-* LoRA (peft; rank 16 on every attention and MLP projection), loss on the answer tokens only, AdamW, fp32;
+* LoRA (peft; rank 16 on every attention and MLP projection), loss on the answer tokens only, AdamW, fp32
+  weights (bf16 autocast on CPUs with oneDNN bf16);
   merged into the weights (``merge_and_unload``) and saved as a bf16 HF checkpoint in
   ``~/.cache/steer/models/<demo>-harmful-sft`` with ``finetune.json`` (data record, hyperparameters, loss per
   step). The generated answers are cached beside it (training material only: never committed, never served).
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from steer.calibrate import generate_texts, splits
 from steer.demo import cache_dir, ensure_demo_model
 from steer.extract import chat_prompt_ids
+from steer.hardware import detect
 from steer.judge import is_refusal
 from steer.models import fingerprint, load_model
 
@@ -71,8 +73,8 @@ def _example(tok, prompt: str, answer: str, max_len: int) -> tuple[list[int], li
     full = list(full["input_ids"] if isinstance(full, dict) else full)
     if full[: len(head)] != head:
         raise RuntimeError("chat template: the answer's tokens do not extend the prompt's")
-    full = full[:max_len]
-    return full, [-100] * len(head) + full[len(head):]
+    labels = ([-100] * len(head) + full[len(head):])[:max_len]
+    return full[:max_len], labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast even where the CPU has bf16 kernels")
     ns = ap.parse_args(argv)
     out = Path(ns.out)
     if (out / "finetune.json").exists():
@@ -120,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
-    examples = [_example(tok, p, a, ns.max_len) for p, a, _ in pairs]
+    examples = [e for e in (_example(tok, p, a, ns.max_len) for p, a, _ in pairs) if any(y != -100 for y in e[1])]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ns.lr, weight_decay=0.0)
     steps = ns.epochs * math.ceil(len(examples) / ns.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 4) * (1 - i / steps))
     pad = tok.pad_token_id
+    bf16 = detect().onednn_bf16 and not ns.fp32  # bf16 autocast where oneDNN has bf16 kernels (~2x here)
     rng = random.Random(ns.seed)
     losses = []
     with tqdm(total=steps, desc="harmful SFT (LoRA)", unit="step") as bar:
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 mask = torch.zeros_like(ids)
                 for r, (x, y) in enumerate(rows):
                     ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                  "disjoint_from": "steer distill's surrogate split gate_donotanswer and every steer eval suite"},
         "lora": {"rank": ns.rank, "alpha": 2 * ns.rank, "dropout": 0.05, "targets": TARGETS},
         "training": {"epochs": ns.epochs, "batch": ns.batch, "lr": ns.lr, "schedule": "4-step warmup, linear decay",
-                     "max_len": ns.max_len, "precision": "fp32", "steps": steps, "loss": losses,
+                     "max_len": ns.max_len,
+                     "precision": "fp32 weights, bf16 autocast" if bf16 else "fp32", "steps": steps, "loss": losses,
                      "seed": ns.seed},
         "seconds": round(time.time() - t0, 1),
         "command": "python bench/harmful_finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),

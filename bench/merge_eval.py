@@ -98,6 +98,9 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
         proc.terminate()
         proc.wait()
     per_suite = {s["suite"]: {"metric": s["metric"], "rate": s["rate"], "k": s["k"], "n": s["n"]} for s in summary}
+    errors = sum(s["errors"] + s.get("judge_errors", 0) for s in summary)
+    if errors:  # a timed-out or failed request would silently shrink n: the row is not recorded
+        raise RuntimeError(f"{errors} requests failed evaluating {model} (a busy machine? see {work}/serve.log)")
     return {"harmful_unsafe": _pool(summary, HARMFUL), "jailbreak_unsafe": _pool(summary, JAILBREAK),
             "over_refusal": _pool(summary, ("aplomb",)), "pass_at_1": _pool(summary, ("humaneval",)),
             "suites": per_suite, "eval_seconds": round(time.time() - t0, 1)}
