@@ -196,7 +196,7 @@ class ShardWriter:
         parts = [tensor] if isinstance(tensor, torch.Tensor) else tensor
         rows = 0
         for part in parts:
-            if tuple(part.shape[1:]) != shape[1:] or part.dtype != dtype or (part is tensor and part.shape != shape):
+            if tuple(part.shape[1:]) != shape[1:] or part.dtype != dtype:  # the row count is checked below
                 raise RuntimeError(f"shard writer: {name} is {tuple(part.shape)} {part.dtype}, "
                                    f"header says {shape} {dtype}")
             t = part.detach().contiguous().cpu()

@@ -172,7 +172,7 @@ def merge_tensor(src: Sources, method: Method, params: dict, g: Globals, key: st
         if isinstance(x, str):
             copied[key] = x
             return (src.ft.get(key, rows=b) for b in blocks)
-        return _merge_blocks(src, method, params, g, key, blocks)
+        return _merge_blocks(src, method, params, g, key, blocks, (x, ft_raw))
     x, ft_raw = src.inputs(key)
     if isinstance(x, str):
         copied[key] = x
@@ -189,12 +189,14 @@ def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def _merge_blocks(src: Sources, method: Method, params: dict, g: Globals, key: str,
-                  blocks: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+                  blocks: list[tuple[int, int]], first: tuple) -> Iterator[torch.Tensor]:
+    """Merged blocks of rows; ``first`` is block 0's inputs, already read (not read again)."""
     coef = None
     if method.prepass is not None:
-        coef = method.prepass((src.inputs(key, b)[0] for b in blocks), params)
-    for b in blocks:
-        x, ft_raw = src.inputs(key, b)
+        coef = method.prepass((first[0], *(src.inputs(key, b)[0] for b in blocks[1:])), params)
+    for i, b in enumerate(blocks):
+        x, ft_raw = first if i == 0 else src.inputs(key, b)
+        first = None  # block 0's inputs are freed once merged
         if isinstance(x, str):  # the first block was mergeable, so every block is (same inputs, same keys)
             raise MergeError(f"{key}: rows {b[0]}:{b[1]} cannot be merged ({x})")
         x.coef = coef
