@@ -44,6 +44,12 @@ class Settings(BaseModel):
         "architecture (e.g. the aligned model this one was fine-tuned from). Without it a vector made "
         "for other weights is refused; a different architecture or shape is always refused.",
     )
+    gate_with: str | None = Field(
+        None,
+        description="Serve a per-request weight vector behind a gated activation vector's gate, "
+        "WEIGHT=ACTIVATION[,...]: a request's weight delta applies only if its prompt passes that gate "
+        "(from the gate layer on over the prompt, at every layer for the generated tokens).",
+    )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
@@ -130,6 +136,11 @@ class Settings(BaseModel):
     def _check_vector_lists(self) -> Settings:
         self.merged()  # raises ValueError with the reason
         self.transfers()
+        gated = self.gated_by()
+        both = sorted(set(gated) & set(self.merged()))
+        if both:
+            raise ValueError(f"gate_with: {', '.join(both)} is merged at load (--merge-vector); only a "
+                             "per-request weight vector can be gated")
         return self
 
     def merged(self) -> dict[str, float]:
@@ -146,6 +157,18 @@ class Settings(BaseModel):
             if name.strip() in out:
                 raise ValueError(f"merge_vector names {name.strip()!r} twice")
             out[name.strip()] = strength
+        return out
+
+    def gated_by(self) -> dict[str, str]:
+        """--gate-with parsed: {weight vector: activation vector whose gate it is served behind}."""
+        out: dict[str, str] = {}
+        for item in _items(self.gate_with):
+            weight, sep, source = (x.strip() for x in item.partition("="))
+            if not sep or not weight or not source:
+                raise ValueError(f"gate_with wants WEIGHT=ACTIVATION, got {item!r}")
+            if weight in out:
+                raise ValueError(f"gate_with names {weight!r} twice")
+            out[weight] = source
         return out
 
     def transfers(self) -> frozenset[str]:

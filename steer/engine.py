@@ -9,7 +9,7 @@ Sequences leave as soon as they finish or are cancelled, so a disconnected clien
 once. Every row carries its own sampling settings, stop conditions, vector and strength.
 
 Gated vectors: a row is steered only if its prompt's residual at the gate layer passes the gate, and
-then at every position of the prompt. With chunked prefill the decision must be known before any
+then at every position of the prompt (a weight vector behind a gate: in the layers from the gate on). With chunked prefill the decision must be known before any
 position is steered, so a group's prefill runs in phases split at the gate layers: layers ``[0, g)``
 over every chunk, then the gate, then layers ``[g, L)`` over every chunk (the hidden states at layer
 ``g`` are kept in between). The total work is one prefill, whatever the chunking.
@@ -307,8 +307,8 @@ class Engine:
             if not rows:
                 continue
             idx = torch.tensor(rows)
-            col = gate_columns(p.width, st.gate_position, lens[idx])
-            fired = (st.gate_scores(p.hidden[idx, col]) > st.gate_threshold).tolist()
+            col = gate_columns(p.width, st.gate.position, lens[idx])
+            fired = st.gate.fired(p.hidden[idx, col]).tolist()
             for i, f in zip(rows, fired, strict=True):
                 p.seqs[i].gate[name] = float(f)
 

@@ -31,7 +31,7 @@ class RowSteering:
     ``gate`` holds the gate decision (0/1) per row of every gated vector that has one. The engine
     decides gates before it steers any position (``steer.engine``); a caller that runs a whole prompt
     in one plain forward pass can leave ``gate`` empty and let the gate layer's hook decide from this
-    pass's own residuals (at ``gate_position`` from each row's end, given ``prompt_lens`` when the
+    pass's own residuals (at the gate's position from each row's end, given ``prompt_lens`` when the
     batch is left-padded).
     """
 
@@ -56,6 +56,44 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
     return args, kwargs
 
 
+class Gate:
+    """A hard threshold on a score of a prompt's residual at ``position`` (an offset from the prompt's
+    end; -5 is the end-of-user-turn token of a ChatML prompt) at the input of decoder layer ``layer``:
+    a linear probe's logit (``linear``) or the cosine with a gate direction (``cosine``), both after
+    subtracting a center. Made with an activation vector (``steer extract``); a weight vector can be
+    served behind another vector's gate (``SteeringRuntime(gated_by=...)``)."""
+
+    def __init__(self, name: str, cfg: dict, direction: torch.Tensor, center: torch.Tensor) -> None:
+        self.layer = int(cfg["layer"])
+        self.threshold = float(cfg["threshold"])
+        self.position = int(cfg.get("position", -1))
+        self.metric = cfg.get("metric", "cosine")
+        if self.metric not in ("cosine", "linear"):
+            raise VectorError(f"vector {name!r}: unknown gate metric {self.metric!r}")
+        self.direction, self.center = direction.float(), center.float()
+
+    @classmethod
+    def of(cls, vector: SafetyVector) -> Gate | None:
+        cfg = vector.config.get("gate")
+        if not cfg:
+            return None
+        return cls(vector.name, cfg, vector.tensors["gate.direction"], vector.tensors["gate.center"])
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, d) residuals at the gate position -> (B,) scores."""
+        x = h.float() - self.center
+        s = x @ self.direction
+        return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
+
+    def fired(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, d) residuals at the gate position -> (B,) decisions, 1.0 where the gate opens."""
+        return (self.scores(h) > self.threshold).float()
+
+    def decide(self, h: torch.Tensor, prompt_lens: torch.Tensor | None) -> torch.Tensor:
+        """Decisions from a whole left-padded prompt pass's (B, T, d) input residuals of the gate layer."""
+        return self.fired(_gate_rows(h, self.position, prompt_lens))
+
+
 class Steerer(Protocol):
     """What the runtime and the engine need of a steerer, whatever its kind."""
 
@@ -63,6 +101,7 @@ class Steerer(Protocol):
     kind: str
     transfer: bool  # applied to other weights than the ones it was made from, as the operator declared
     gate_layer: int | None  # None: ungated (every row with strength > 0 is steered)
+    gate: Gate | None  # how the rows' gates are decided (at the input of gate_layer)
 
     def install(self, model: nn.Module, rows: RowSteering) -> list: ...  # -> hook handles
 
@@ -70,10 +109,8 @@ class Steerer(Protocol):
 class ActivationSteerer:
     """Adds ``strength * coefficient * gate * r_l`` to the residual stream at the input of layer l.
 
-    The gate (optional) is a hard threshold on a score of the prompt's residual at ``gate_position``
-    (an offset from the prompt's end; -5 is the end-of-user-turn token of a ChatML prompt) at
-    ``gate_layer``: a linear probe's logit, or a cosine with a gate direction; it is computed once per row at
-    prefill and then held for all the row's decode steps, so benign prompts are left exactly vanilla.
+    The gate (optional, a :class:`Gate` stored in the vector) is computed once per row at prefill and
+    then held for all the row's decode steps, so benign prompts are left exactly vanilla.
     """
 
     kind = "activation"
@@ -89,29 +126,13 @@ class ActivationSteerer:
         self.directions = {ly: r.to(dtype) for ly, r in vector.layer_directions().items()}
         if not self.directions:
             raise VectorError(f"vector {vector.name!r} has no layer directions")
-        gate = cfg.get("gate")
-        self.gate_layer: int | None = None
-        if gate:
-            self.gate_layer = int(gate["layer"])
-            self.gate_threshold = float(gate["threshold"])
-            self.gate_position = int(gate.get("position", -1))  # offset from the prompt's end
-            self.gate_metric = gate.get("metric", "cosine")
-            if self.gate_metric not in ("cosine", "linear"):
-                raise VectorError(f"vector {vector.name!r}: unknown gate metric {self.gate_metric!r}")
-            self.gate_direction = vector.tensors["gate.direction"].float()
-            self.gate_center = vector.tensors["gate.center"].float()
-            if self.gate_layer > min(self.directions):
-                raise VectorError(f"vector {vector.name!r}: gate layer must not follow the first steered layer")
+        self.gate = Gate.of(vector)
+        self.gate_layer = self.gate.layer if self.gate else None
+        if self.gate and self.gate.layer > min(self.directions):
+            raise VectorError(f"vector {vector.name!r}: gate layer must not follow the first steered layer")
 
     def layers(self) -> set[int]:
         return set(self.directions) | ({self.gate_layer} if self.gate_layer is not None else set())
-
-    def gate_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, d) residuals at the gate position -> (B,) scores: a linear probe's logit (``linear``) or
-        the cosine with the gate direction (``cosine``), both after subtracting the center."""
-        x = h.float() - self.gate_center
-        s = x @ self.gate_direction
-        return s if self.gate_metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
     def install(self, model: nn.Module, rows: RowSteering) -> list:
         layers = decoder_layers(model)
@@ -131,8 +152,7 @@ class ActivationSteerer:
                 return None
             h = _hidden_arg(args, kwargs)  # (B, T, d)
             if layer == self.gate_layer and self.name not in rows.gate:  # one-pass caller: decide here
-                picked = _gate_rows(h, self.gate_position, rows.prompt_lens)
-                rows.gate[self.name] = (self.gate_scores(picked) > self.gate_threshold).float()
+                rows.gate[self.name] = self.gate.decide(h, rows.prompt_lens)
             if r is None:
                 return None
             k = s.float()
@@ -168,15 +188,25 @@ def _linear_targets(model: nn.Module, vector: SafetyVector) -> dict[str, nn.Modu
 
 class WeightSteerer:
     """Adds ``strength * coefficient * B (A x)`` to the output of each linear layer a weight vector
-    changes, per row: the vector's low-rank factors applied per request (no gate)."""
+    changes, per row: the vector's low-rank factors applied per request.
+
+    ``gate`` (optional; a weight vector has none of its own, it borrows an activation vector's): a row
+    is changed only if its prompt passes the gate. The gate is known only once the prompt has reached
+    the gate layer, so a gated row's prompt runs the layers before it unchanged; from the gate layer on,
+    and at every layer for each generated token, the row runs the changed weights."""
 
     kind = "weight"
-    gate_layer = None
 
-    def __init__(self, vector: SafetyVector, model: nn.Module, *, transfer: bool = False) -> None:
+    def __init__(self, vector: SafetyVector, model: nn.Module, *, transfer: bool = False,
+                 gate: Gate | None = None) -> None:
         if vector.kind != "weight":
             raise VectorError(f"vector {vector.name!r} is a {vector.kind} vector, not a weight vector")
         self.name, self.transfer = vector.name, transfer
+        self.gate = gate
+        self.gate_layer = gate.layer if gate else None
+        if gate and not 0 <= gate.layer < len(decoder_layers(model)):
+            raise VectorError(f"vector {vector.name!r}: gate layer {gate.layer}, model has "
+                              f"{len(decoder_layers(model))} layers")
         self.coefficient = float(vector.config.get("coefficient", 1.0))
         self.targets = _linear_targets(model, vector)
         dtype = next(model.parameters()).dtype
@@ -199,8 +229,11 @@ class WeightSteerer:
         groups: dict[tuple[str, int], list[str]] = {}
         for p in self.targets:
             groups.setdefault((p.rsplit(".", 2)[0], self.factors[p][0].shape[1]), []).append(p)
-        state = _StrengthCache(self.name, rows)
+        state = _StrengthCache(self.name, rows, gated=self.gate is not None)
         handles = []
+        if self.gate is not None:  # a one-pass caller's gate is decided by this hook, from its residuals
+            handles.append(decoder_layers(model)[self.gate.layer].register_forward_pre_hook(
+                self._gate_hook(rows), with_kwargs=True))
         for params in groups.values():
             group = _InputGroup(torch.cat([self.factors[p][0] for p in params]))
             lo = 0
@@ -210,6 +243,14 @@ class WeightSteerer:
                 handles.append(modules[p.rpartition(".")[0]].register_forward_hook(hook))
                 lo += a.shape[0]
         return handles
+
+    def _gate_hook(self, rows: RowSteering) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            s = rows.strength.get(self.name)
+            if s is not None and bool(s.any()) and self.name not in rows.gate:
+                rows.gate[self.name] = self.gate.decide(_hidden_arg(args, kwargs), rows.prompt_lens)
+
+        return hook
 
     @staticmethod
     def _hook(group: _InputGroup, cols: slice, b: torch.Tensor, state: _StrengthCache) -> Callable:
@@ -237,22 +278,28 @@ class _InputGroup:
 
 
 class _StrengthCache:
-    """This forward pass's strengths of one vector: None when no row is steered, else the tensor, with
-    its reshaped copies per (ndim, dtype) made once per pass rather than once per hooked layer."""
+    """This forward pass's strengths of one vector (times the gate decisions, for a gated vector; no
+    decisions yet counts as closed): None when no row is steered, else the tensor, with its reshaped
+    copies per (ndim, dtype) made once per pass rather than once per hooked layer."""
 
-    def __init__(self, name: str, rows: RowSteering):
-        self.name, self.rows, self._s, self._active, self._factors = name, rows, None, False, {}
+    def __init__(self, name: str, rows: RowSteering, *, gated: bool = False):
+        self.name, self.rows, self.gated = name, rows, gated
+        self._s = self._g = self._eff = None
+        self._factors: dict = {}
 
     def current(self) -> torch.Tensor | None:
         s = self.rows.strength.get(self.name)
-        if s is not self._s:
-            self._s, self._active, self._factors = s, s is not None and bool(s.any()), {}
-        return s if self._active else None
+        g = self.rows.gate.get(self.name) if self.gated else None
+        if s is not self._s or g is not self._g:
+            self._s, self._g, self._factors = s, g, {}
+            eff = s if not self.gated or s is None else (s.float() * g if g is not None else None)
+            self._eff = eff if eff is not None and bool(eff.any()) else None
+        return self._eff
 
     def factor(self, ndim: int, dtype: torch.dtype) -> torch.Tensor:
         key = (ndim, dtype)
         if key not in self._factors:
-            self._factors[key] = self._s.to(dtype).view(-1, *([1] * (ndim - 1)))
+            self._factors[key] = self._eff.to(dtype).view(-1, *([1] * (ndim - 1)))
         return self._factors[key]
 
 
@@ -281,15 +328,36 @@ def gate_columns(width: int, offset: int, lens: torch.Tensor) -> torch.Tensor:
     return width + torch.maximum(torch.full_like(lens, offset), -lens)
 
 
+def borrowed_gates(vectors: dict[str, SafetyVector], gated_by: dict[str, str]) -> dict[str, Gate]:
+    """{weight vector: the gate it borrows} for ``gated_by`` ({weight vector: gated activation vector}),
+    checked: both named vectors loaded, the first a weight vector, the second one with a gate."""
+    gates = {}
+    for weight, source in gated_by.items():
+        for name in (weight, source):
+            if name not in vectors:
+                raise VectorError(f"--gate-with {weight}={source}: {name!r} is not a loaded vector; loaded: "
+                                  f"{', '.join(sorted(vectors)) or 'none'}")
+        if vectors[weight].kind != "weight":
+            raise VectorError(f"--gate-with {weight}={source}: {weight!r} is an {vectors[weight].kind} vector; "
+                              "only a weight vector borrows a gate (an activation vector has its own)")
+        gate = Gate.of(vectors[source])
+        if gate is None:
+            raise VectorError(f"--gate-with {weight}={source}: {source!r} has no gate")
+        gates[weight] = gate
+    return gates
+
+
 class SteeringRuntime:
     """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them.
 
     ``transfers``: names of vectors the operator declared as transfers (made on another model of the
     same architecture, e.g. the aligned model a fine-tune came from); any other vector must have been
-    made from exactly these weights."""
+    made from exactly these weights. ``gated_by``: {weight vector: activation vector} serves each such
+    weight vector behind the activation vector's gate (both loaded here)."""
 
     def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True,
-                 model_fingerprint: ModelFingerprint | None = None, transfers: Iterable[str] = ()):
+                 model_fingerprint: ModelFingerprint | None = None, transfers: Iterable[str] = (),
+                 gated_by: dict[str, str] | None = None):
         self.model = model
         self.rows = RowSteering()
         vectors = list(vectors)
@@ -300,6 +368,7 @@ class SteeringRuntime:
             for v in vectors:
                 matched[v.name] = v.check_model(fp, transfer=v.name in transfers)
         dtype = next(model.parameters()).dtype
+        gates = borrowed_gates({v.name: v for v in vectors}, gated_by or {})
         self.steerers: dict[str, ActivationSteerer | WeightSteerer] = {}
         for v in vectors:
             transfer = matched.get(v.name) == "transfer"
@@ -310,7 +379,8 @@ class SteeringRuntime:
                 if bad:
                     raise VectorError(f"vector {v.name!r} targets layers {bad}, model has {n_layers}")
             else:
-                st = WeightSteerer(v, model, transfer=transfer)
+                gate = gates.get(v.name)
+                st = WeightSteerer(v, model, transfer=transfer, gate=gate)
             self.steerers[v.name] = st
         self._handles: list = []
 

@@ -91,8 +91,8 @@ def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen, metric):
     plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
     probe = SteeringRuntime(tiny_qwen, [make_vector(tiny_qwen, gate=(1, 0.0), metric=metric)]).steerers["refusal"]
     h = plain.hidden_states[1][:, -1]  # input of gate layer 1, last position
-    scores = probe.gate_scores(h)
-    direction = probe.gate_direction
+    scores = probe.gate.scores(h)
+    direction = probe.gate.direction
     expected = h @ direction if metric == "linear" else (h @ direction) / h.norm(dim=-1)  # center is 0
     torch.testing.assert_close(scores, expected)
     thr = float(scores.median())

@@ -221,3 +221,121 @@ def test_only_merged_vectors_need_default_strength_0(tiny_tokenizer):
             create_app(settings, backend)
     finally:
         backend.shutdown()
+
+
+# ---------------------------------------------------------------- a weight vector behind a gate
+
+
+def _partial_merge(model, vec, strength, from_layer):
+    """A copy of ``model`` with ``vec`` merged at ``strength`` into layers >= from_layer only."""
+    part = copy.deepcopy(model)
+    keep = [p for p in vec.weight_params() if int(p.split(".")[2]) >= from_layer]
+    sub = SafetyVector(vec.name, "weight", vec.model, {k: t for k, t in vec.tensors.items()
+                                                        if k.split(".", 1)[1] in keep}, vec.config)
+    merge_weight_vector(part, sub, strength)
+    return part
+
+
+def _gate_threshold(model, gate_vec, ids):
+    """The median gate score of ``ids``' rows, so that some rows open the gate and some do not."""
+    gate = SteeringRuntime(model, [gate_vec]).steerers["refusal"].gate
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[gate.layer][:, -1]
+    return float(gate.scores(h).median())
+
+
+def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tiny_tokenizer):
+    """One plain forward pass: rows whose prompt fails the borrowed gate are the vanilla model bit for
+    bit; rows that pass run the prompt through the changed weights from the gate layer on."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(5, len(tiny_tokenizer), (6, 7), generator=g)
+    wvec = make_weight_vector(tiny_qwen, scale=3.0)
+    thr = _gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(1, 0.0)), ids)
+    avec = make_vector(tiny_qwen, gate=(1, thr))
+    rt = SteeringRuntime(tiny_qwen, [wvec, avec], gated_by={"enchtable": "refusal"})
+    assert rt.steerers["enchtable"].gate_layer == 1 and rt.gated == ["enchtable", "refusal"]
+    with rt, torch.no_grad():
+        rt.rows.reset()
+        rt.rows.strength["enchtable"] = torch.full((6,), 2.0)
+        out = tiny_qwen(input_ids=ids).logits
+        fired = rt.rows.gate["enchtable"]
+    assert 0 < int(fired.sum()) < 6
+    with torch.no_grad():
+        vanilla = tiny_qwen(input_ids=ids).logits
+        want = _partial_merge(tiny_qwen, wvec, 2.0, 1)(input_ids=ids).logits
+    for i in range(6):
+        if fired[i]:
+            torch.testing.assert_close(out[i], want[i], rtol=1e-4, atol=1e-4)
+            assert (out[i] - vanilla[i]).abs().max() > 1e-3
+        else:
+            assert torch.equal(out[i], vanilla[i])
+
+
+def test_gated_weight_vector_in_the_engine(tiny_qwen, tiny_tokenizer):
+    """Through the engine (chunked, phased prefill; batched decode): a row that passes the gate generates
+    what a model with the delta from the gate layer on over its prompt, and everywhere for the tokens it
+    generates, does; a row that does not is vanilla; rows do not affect each other."""
+    prompts = [p * 2 for p in _prompts(4, len(tiny_tokenizer))]
+    wvec = make_weight_vector(tiny_qwen, scale=3.0)
+    # a threshold from the last tokens alone (the real scores depend on the whole prompt); the test
+    # checks below that it does split these prompts
+    last = torch.tensor([p[-1:] for p in prompts])
+    avec = make_vector(tiny_qwen, gate=(1, _gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(1, 0.0)), last)))
+    rt = SteeringRuntime(tiny_qwen, [wvec, avec], gated_by={"enchtable": "refusal"})
+    eng = Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=8)  # several prefill chunks per phase
+    seqs = [Sequence(p, GREEDY, "enchtable", 2.0) for p in prompts]
+    with rt:
+        for s in seqs:
+            eng.add(s)
+        while eng.has_work():
+            eng.step()
+        alone = [_generate(tiny_qwen, tiny_tokenizer, rt, [p], [2.0])[0] for p in prompts]
+    got = [s.generated for s in seqs]
+    assert got == alone
+    fired = [s.gate["enchtable"] for s in seqs]
+    assert 0 < sum(fired) < 4, fired
+    vanilla = _generate(tiny_qwen, tiny_tokenizer, None, prompts, [0.0] * 4, vector="")
+    part, full = _partial_merge(tiny_qwen, wvec, 2.0, 1), copy.deepcopy(tiny_qwen)
+    merge_weight_vector(full, wvec, 2.0)
+    for p, toks, f, v in zip(prompts, got, fired, vanilla, strict=True):
+        if not f:
+            assert toks == v
+            continue
+        with torch.no_grad():  # prompt: changed from the gate layer on; each new token: changed everywhere
+            out = part(input_ids=torch.tensor([p]), use_cache=True)
+            want, cache = [int(out.logits[0, -1].argmax())], out.past_key_values
+            while len(want) < GREEDY.max_tokens:
+                out = full(input_ids=torch.tensor([[want[-1]]]), past_key_values=cache, use_cache=True)
+                want.append(int(out.logits[0, -1].argmax()))
+        assert toks == want[: len(toks)] and toks != v
+
+
+def test_gate_with_is_checked(tiny_qwen):
+    wvec, gated, plain = (make_weight_vector(tiny_qwen), make_vector(tiny_qwen, gate=(1, 0.0)),
+                          make_vector(tiny_qwen, name="plain"))
+    for gated_by, match in (({"enchtable": "nope"}, "'nope' is not a loaded vector"),
+                            ({"refusal": "refusal"}, "'refusal' is an activation vector; only a weight vector"),
+                            ({"enchtable": "plain"}, "'plain' has no gate")):
+        with pytest.raises(VectorError, match=match):
+            SteeringRuntime(tiny_qwen, [wvec, gated, plain], gated_by=gated_by)
+    with pytest.raises(VectorError, match="merged at load cannot be gated"):
+        build(vectors=[wvec, gated], model=copy.deepcopy(tiny_qwen), merged={"enchtable": 1.0},
+              gated_by={"enchtable": "refusal"})
+    with pytest.raises(ValueError, match="only a per-request weight vector can be gated"):
+        Settings(merge_vector="enchtable=1", gate_with="enchtable=refusal")
+    with pytest.raises(ValueError, match="gate_with wants WEIGHT=ACTIVATION"):
+        Settings(gate_with="enchtable")
+    assert Settings(gate_with="enchtable=refusal, w2=refusal").gated_by() == {"enchtable": "refusal", "w2": "refusal"}
+
+
+def test_server_shows_and_serves_a_gated_weight_vector(tiny_tokenizer):
+    model = make_model("qwen2", len(tiny_tokenizer))
+    vectors = [make_weight_vector(model, scale=3.0), make_vector(model, gate=(1, -1e9))]  # a gate that always opens
+    settings = Settings(api_key=API_KEY, served_model_name=MODEL, default_vector="enchtable",
+                        gate_with="enchtable=refusal")
+    with contextlib.contextmanager(serve)(settings, model, tiny_tokenizer, vectors) as s:
+        info = {v["name"]: v for v in s.http.get("/v1/safety/vectors").json()["data"]}
+        assert info["enchtable"]["gated_by"] == "refusal" and info["refusal"]["gated_by"] is None
+        out = _chat(s, {"strength": 2.0, "compare": True})
+        assert out["safety"]["vector"] == "enchtable"
+        assert out["choices"][0]["message"]["content"] != out["baseline"]["choices"][0]["message"]["content"]

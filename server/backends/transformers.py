@@ -117,7 +117,8 @@ class TransformersBackend:
             default = SHIPPED_DEFAULT  # the shipped set: its gated activation vector, by name
         self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged], default)
         served = serving.build(path, vectors, dtype=settings.dtype, linear_weights=settings.linear_weights,
-                               model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers())
+                               model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers(),
+                               gated_by=settings.gated_by())
         self.served, self.model, self.tok = served, served.model, served.tokenizer
         self.model_name = settings.served_model_name or _model_name(settings)
         ctx = getattr(self.model.config, "max_position_embeddings", settings.max_model_len)
@@ -156,6 +157,8 @@ class TransformersBackend:
                 "merged_strength": self.served.merged.get(v.name),
                 # made from these very weights, or from another model of this architecture (declared)
                 "transfer": self.served.matched.get(v.name) == "transfer",
+                # a weight vector served behind an activation vector's gate: that vector's name
+                "gated_by": self.settings.gated_by().get(v.name),
             }
             for v in self.vectors.values()
         ]
