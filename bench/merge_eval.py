@@ -10,8 +10,9 @@ judge: held-out HarmBench + Do-Not-Answer unsafe rate (first ``--limit`` of each
 (past/future tense, DAN and in-the-wild templates; first ``--jb-limit`` of each), aplomb over-refusal
 (``--limit``) and HumanEval pass@1 (``--humaneval`` problems, 512 tokens). The unmerged ft and base are
 measured the same way, and so are two served (not merged) rows: the ft with the weight vector applied per
-request from its low-rank factors at each ``--per-request`` strength, and the EnchTable-merged model with the
-gated activation vector per request at strength 1 (both kinds together). Rows are appended to ``--out`` as
+request from its low-rank factors at each ``--per-request`` strength, the same behind the gate of the gated
+activation vector ``--gate`` at each ``--gated`` strength (``steer serve --gate-with``), and the
+EnchTable-merged model with the gated activation vector per request at strength 1 (both kinds together). Rows are appended to ``--out`` as
 they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
 plot (unsafe vs pass@1, one point per row) from every results file named.
 
@@ -62,18 +63,22 @@ def _pool(summary: list[dict], suites: tuple[str, ...]) -> dict:
 
 
 def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength: float = 0.0,
-             transfer: bool = False) -> dict:
-    """Serve ``model`` (with only ``vector`` loaded, if any) and run the suites; rates per group and suite."""
+             transfer: bool = False, gate: str | None = None) -> dict:
+    """Serve ``model`` (with only ``vector`` loaded, if any, behind the gate of the activation vector
+    ``gate`` if given) and run the suites; rates per group and suite."""
     vdir = work / "vectors"
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir()
-    if vector:
+    loaded = [v for v in (vector, gate) if v]
+    for name in loaded:
         for ext in ("json", "safetensors"):
-            shutil.copy(ROOT / "vectors" / f"{vector}.{ext}", vdir)
+            shutil.copy(ROOT / "vectors" / f"{name}.{ext}", vdir)
     cmd = [str(BIN / "steer"), "serve", "--model", str(model), "--vectors", str(vdir), "--port", str(ns.port),
            "--default-strength", str(strength)]
-    if vector and transfer:
-        cmd += ["--transfer", vector]
+    if loaded and transfer:
+        cmd += ["--transfer", ",".join(loaded)]
+    if gate:
+        cmd += ["--gate-with", f"{vector}={gate}"]
     log = (work / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     summary: list[dict] = []
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list; a method's parameters after colons: enchtable:beta=0.5")
     ap.add_argument("--per-request", default="0.5", help="strengths of the per-request low-rank rows ('' for none)")
+    ap.add_argument("--gated", default="1", help="strengths of the rows with the weight vector per request behind "
+                    "--gate's gate ('' for none)")
+    ap.add_argument("--gate", default="refusal", help="the shipped gated activation vector whose gate --gated uses")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--jb-limit", type=int, default=20)
     ap.add_argument("--humaneval", type=int, default=40)
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["row"] for r in result["rows"]}
 
     def record(row: dict) -> None:
-        result["rows"].append(row)
+        result["rows"].append({**row, "command": command})  # the run that made the row (runs resume)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "suites"}), flush=True)
 
@@ -197,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             if label not in done:
                 record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
                                                   transfer=True)})
-        for m in ns.methods.split(","):
+        for s in [float(x) for x in ns.gated.split(",") if x.strip()]:
+            label = f"ft + {Path(ns.vector).stem} per request behind {ns.gate}'s gate @{s:g}"
+            if label not in done:
+                record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
+                                                  transfer=True, gate=ns.gate)})
+        for m in [m for m in ns.methods.split(",") if m.strip()]:
             if m in done and (m != "enchtable" or COMBINED in done):
                 continue
             name, *given = m.split(":")  # enchtable:beta=0.5:gamma=0.3 -> --beta 0.5 --gamma 0.3
