@@ -9,8 +9,9 @@ Sequences leave as soon as they finish or are cancelled, so a disconnected clien
 once. Every row carries its own sampling settings, stop conditions, vector and strength.
 
 Gated vectors: a row is steered only if its prompt's residual at the gate layer passes the gate, and
-then at every position of the prompt (a weight vector behind a gate: in the layers from the gate on). With chunked prefill the decision must be known before any
-position is steered, so a group's prefill runs in phases split at the gate layers: layers ``[0, g)``
+then at every position of the prompt (a weight vector behind a gate: in the layers from the gate on).
+With chunked prefill the decision must be known before any position is steered, so a group's
+prefill runs in phases split at the gate layers: layers ``[0, g)``
 over every chunk, then the gate, then layers ``[g, L)`` over every chunk (the hidden states at layer
 ``g`` are kept in between). The total work is one prefill, whatever the chunking.
 
