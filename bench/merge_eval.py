@@ -78,7 +78,7 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
     if loaded and transfer:
         cmd += ["--transfer", ",".join(loaded)]
     if gate:
-        cmd += ["--gate-with", f"{vector}={gate}"]
+        cmd += ["--gate-with", f"{vector}={gate}", "--default-vector", vector]
     log = (work / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     summary: list[dict] = []
