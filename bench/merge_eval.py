@@ -12,7 +12,8 @@ judge: held-out HarmBench + Do-Not-Answer unsafe rate (first ``--limit`` of each
 measured the same way, and so are two served (not merged) rows: the ft with the weight vector applied per
 request from its low-rank factors at each ``--per-request`` strength, the same behind the gate of the gated
 activation vector ``--gate`` at each ``--gated`` strength (``steer serve --gate-with``), and the
-EnchTable-merged model with the gated activation vector per request at strength 1 (both kinds together). Rows are appended to ``--out`` as
+EnchTable-merged model (each EnchTable row's) with the gated activation vector per request at strength 1
+(both kinds together). Rows are appended to ``--out`` as
 they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
 plot (unsafe vs pass@1, one point per row) from every results file named.
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
                                                   transfer=True, gate=ns.gate)})
         for m in [m for m in ns.methods.split(",") if m.strip()]:
-            if m in done and (m != "enchtable" or COMBINED in done):
+            if m in done and (m.split(":")[0] != "enchtable" or COMBINED.replace("enchtable", m, 1) in done):
                 continue
             name, *given = m.split(":")  # enchtable:beta=0.5:gamma=0.3 -> --beta 0.5 --gamma 0.3
             out = work / "merged"
@@ -227,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             if m not in done:
                 record({"row": m, "merge": merge, "params": card.get("parameters", card.get("params")),
                         **evaluate(out, ns, work)})
-            if m == "enchtable" and COMBINED not in done:
-                record({"row": COMBINED, **evaluate(out, ns, work, vector="refusal", strength=1.0, transfer=True)})
+            combined = COMBINED.replace("enchtable", m, 1)
+            if name == "enchtable" and combined not in done:
+                record({"row": combined, **evaluate(out, ns, work, vector="refusal", strength=1.0, transfer=True)})
             shutil.rmtree(out)
     print(table(result))
     return 0
