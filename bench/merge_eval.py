@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 from _common import wait_healthy
 
 from steer.demo import cache_dir, ensure_demo_model
@@ -100,6 +101,7 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
                 ev += ["--vector", vector, "--strengths", str(strength)]
             subprocess.run(ev, check=True, capture_output=True)
             summary += json.loads((out / "results.json").read_text())["summary"]
+        gates = _gate_counts(httpx.get(f"http://127.0.0.1:{ns.port}/metrics", timeout=30).text)
     finally:
         proc.terminate()
         proc.wait()
@@ -109,7 +111,17 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
         raise RuntimeError(f"{errors} requests failed evaluating {model} (a busy machine? see {work}/serve.log)")
     return {"harmful_unsafe": _pool(summary, HARMFUL), "jailbreak_unsafe": _pool(summary, JAILBREAK),
             "over_refusal": _pool(summary, ("aplomb",)), "pass_at_1": _pool(summary, ("humaneval",)),
-            "suites": per_suite, "eval_seconds": round(time.time() - t0, 1)}
+            "suites": per_suite, "gate_decisions": gates, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def _gate_counts(metrics: str) -> dict:
+    """{vector: {"fired": n, "closed": m}} from the server's steer_gate_total counters (every suite)."""
+    out: dict = {}
+    for m in re.finditer(r'^steer_gate_total\{(.*)\} ([\d.e+]+)$', metrics, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        key = "fired" if labels.get("fired") == "true" else "closed"
+        out.setdefault(labels.get("vector", "?"), {"fired": 0, "closed": 0})[key] += int(float(m.group(2)))
+    return out
 
 
 def _fmt(x: dict | None) -> str:
