@@ -49,8 +49,8 @@ def _answers(port: int, model: str, prompts: list[str], tokens: int) -> list[str
 def _steer(model_dir: Path, port: int, prompts: list[str], tokens: int, work: Path) -> list[str]:
     (work / "novectors").mkdir(exist_ok=True)
     proc = subprocess.Popen([str(BIN / "steer"), "serve", "--model", str(model_dir), "--vectors",
-                             str(work / "novectors"), "--port", str(port), "--served-model-name", SERVED],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(work / "novectors"), "--default-strength", "0", "--port", str(port), "--served-model-name",
+                             SERVED], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(proc, port, timeout=300, what="steer serve")
         return _answers(port, SERVED, prompts, tokens)
