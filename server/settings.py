@@ -51,6 +51,15 @@ class Settings(BaseModel):
         "(from the gate layer on over the prompt, at every layer for the generated tokens).",
     )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM backend: GPUs the model is split over (tensor parallel). Activation vectors "
+        "are served only at 1 (their hooks run in this process)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, allow_inf_nan=False,
+        description="vLLM backend on a GPU: the fraction of GPU memory vLLM may take (weights + KV cache). On "
+        "CPU the KV cache size is VLLM_CPU_KVCACHE_SPACE GiB (default here: 1).",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     default_strength: float = Field(

@@ -97,9 +97,35 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
 
     if is_packed(model):  # its linear weights live only in oneDNN's layout: nothing true to hash
         raise ModelError("cannot fingerprint a model whose linear weights are packed; fingerprint it before packing")
-    cfg = model.config
+    return _fingerprint(model.config, sorted(model.state_dict().items()))
+
+
+def fingerprint_checkpoint(path: str | Path) -> ModelFingerprint:
+    """:func:`fingerprint` of the model a checkpoint directory loads as, read from its safetensors files
+    without building the model (a backend that loads the weights itself, e.g. vLLM, checks vectors
+    against this). A tied LM head the file leaves out is the embedding, as in the loaded model's
+    ``state_dict``."""
+    from safetensors import safe_open
+
+    cfg = load_config(path)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} has no .safetensors weights")
+    handles = [safe_open(f, framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    arch = architecture(cfg.model_type)
+    head, embed = f"{arch.lm_head}.weight", f"{arch.embed}.weight"
+    if head not in where and getattr(cfg, "tie_word_embeddings", False) and embed in where:
+        where[head] = where[embed]
+        names = {head: embed}
+    else:
+        names = {}
+    return _fingerprint(cfg, ((k, where[k].get_tensor(names.get(k, k))) for k in sorted(where)))
+
+
+def _fingerprint(cfg, items) -> ModelFingerprint:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in items:
         flat = p.detach().reshape(-1)
         stride = max(1, flat.numel() // _SAMPLE)
         sample = torch.cat([flat[:_SAMPLE], flat[::stride][:_SAMPLE], flat[-_SAMPLE:]])

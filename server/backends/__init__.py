@@ -10,6 +10,7 @@ from server.backends.base import Backend
 
 _REGISTRY: dict[str, str] = {
     "transformers": "server.backends.transformers:TransformersBackend",
+    "vllm": "server.backends.vllm:VllmBackend",
 }
 
 

