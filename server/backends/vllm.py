@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from server.backends.transformers import SHIPPED_DEFAULT, SHIPPED_VECTORS, TransformersBackend
+from server.backends.transformers import SHIPPED_DEFAULT, SHIPPED_VECTORS, TransformersBackend, _model_name
 from server.settings import Settings
 from steer.engine import Event, Sequence
 from steer.hooks import ActivationSteerer
@@ -72,7 +72,7 @@ class VllmBackend(TransformersBackend):
         self._default_vector = choose_default([v.name for v in vectors], default)
         self.vectors = {v.name: v for v in vectors}
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model_name = settings.served_model_name or path.name
+        self.model_name = settings.served_model_name or _model_name(settings)
         self.llm = _start_engine(path, settings, gated=any(v.config.get("gate") for v in vectors))
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         runner = self.llm.model_executor.driver_worker.worker.model_runner
