@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from _common import wait_healthy
@@ -29,7 +30,7 @@ BACKENDS = ("vllm", "transformers")
 def _serve(backend: str, port: int) -> subprocess.Popen:
     cmd = [str(BIN / "steer"), "serve", "--backend", backend, "--port", str(port), "--max-batch-size", "16",
            "--max-model-len", "1024"]
-    log = open(ROOT / "bench" / "results" / f"backend_parity_{backend}.log", "w")  # noqa: SIM115
+    log = open(Path(tempfile.gettempdir()) / f"steer-bench-parity-{backend}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return wait_healthy(proc, port, timeout=600, what=f"steer serve --backend {backend}")
 
