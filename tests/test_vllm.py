@@ -42,8 +42,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _process(cmd: list[str], port: int, *, timeout: float = 240) -> Iterator[str]:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
+def _process(cmd: list[str], port: int, *, timeout: float = 240, env: dict | None = None) -> Iterator[str]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -237,13 +237,45 @@ def _assert_same(ours: dict, theirs: dict) -> None:
     assert a, "an empty answer proves nothing"
 
 
-def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, tmp_path):
-    d, _, model = vllm_model
-    vdir = tmp_path / "weights"
-    vdir.mkdir()
-    make_weight_vector(model, name="w").save(vdir)
-    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
-                          "--vectors", str(vdir), "--port", str(_free_port())], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 1
-    assert "weight vectors are not served on --backend vllm yet" in out.stderr.strip().splitlines()[-1]
+@pytest.fixture(scope="module")
+def weight_dir(vllm_model, tmp_path_factory):
+    _, _, model = vllm_model
+    vdir = tmp_path_factory.mktemp("weights")
+    make_weight_vector(model, name="w", scale=2.0).save(vdir)
+    return vdir
+
+
+def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, weight_dir, vanilla_vllm, tmp_path):
+    """--merge-vector on vLLM: a merged checkpoint built once (cached under STEER_CACHE) and loaded by
+    vLLM gives the embedded backend's merged-at-load answers; the vector shows as merged."""
+    d, _, _ = vllm_model
+    common = ["--model", str(d), "--vectors", str(weight_dir), "--merge-vector", "w=1", "--default-strength", "0",
+              "--dtype", "float32"]
+    answers = {}
+    for backend in ("vllm", "transformers", "vllm"):  # the second vLLM start reuses the cached checkpoint
+        port = _free_port()
+        with _process([sys.executable, "-m", "server.cli", "serve", "--backend", backend, *common, "--port",
+                       str(port)], port, env={"STEER_CACHE": str(tmp_path)}) as url:
+            info = httpx.get(f"{url}/v1/safety/vectors", timeout=30).json()["data"]
+            assert [(v["name"], v["applied"], v["merged_strength"]) for v in info] == [("w", "merged", 1.0)]
+            answers.setdefault(backend, []).append([_complete(url, p) for p in PROMPTS])
+    assert len(list((tmp_path / "merged").iterdir())) == 1
+    unmerged = [_text(vanilla_vllm, p) for p in PROMPTS]
+    for ours, theirs in zip(answers["vllm"][0], answers["transformers"][0], strict=True):
+        _assert_same(ours, theirs)
+    first, again = ([a["choices"][0]["message"]["content"] for a in run] for run in answers["vllm"])
+    assert first == again
+    assert all(a != b for a, b in zip(first, unmerged, strict=True))  # the merge changed every answer
+
+
+def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_dir):
+    d, vdir, _ = vllm_model
+    cases = [(["--vectors", str(weight_dir)], "weight vectors per request are not served on --backend vllm yet"),
+             (["--vectors", str(weight_dir), "--merge-vector", "nope=1"], "--merge-vector names nope"),
+             (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
+              "only weight vectors can be merged")]
+    for args, message in cases:
+        out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
+                              *args, "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1
+        assert message in out.stderr.strip().splitlines()[-1]

@@ -19,12 +19,14 @@ whole prompt in one forward pass, so chunked prefill is off whenever a gated vec
 gated request never reads the prefix cache (its gate position must be computed). A steered request's
 prefix-cache entries are salted with its vector and strength, so steered and unsteered KV never mix.
 
-Not served here yet (a clear startup error, never an unsteered answer): weight vectors, per request or
-merged.
+Weight vectors merged at load (``--merge-vector NAME=S``) are merged into a cached checkpoint
+(:func:`merged_checkpoint`) that vLLM loads. Not served here yet (a clear startup error, never an
+unsteered answer): weight vectors per request, and gated weight vectors.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,14 +68,20 @@ class VllmBackend(TransformersBackend):
         default = settings.default_vector
         if default is None and not settings.vectors and not settings.model:
             default = SHIPPED_DEFAULT
-            vectors = [v for v in vectors if v.kind == "activation"]  # the shipped weight vector: not here yet
+            # the shipped weight vector is served here only merged at load
+            vectors = [v for v in vectors if v.kind == "activation" or v.name in settings.merged()]
             self._matched = {n: m for n, m in self._matched.items() if n in {v.name for v in vectors}}
         _refuse_unsupported(settings, vectors)
+        self.merged = settings.merged()
+        self.all_vectors = {v.name: v for v in vectors}
+        vectors = [v for v in vectors if v.name not in self.merged]  # the per-request ones
         self._default_vector = choose_default([v.name for v in vectors], default)
         self.vectors = {v.name: v for v in vectors}
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model_name = settings.served_model_name or _model_name(settings)
-        self.llm = _start_engine(path, settings, gated=any(v.config.get("gate") for v in vectors))
+        weights = merged_checkpoint(path, [(self.all_vectors[n], k) for n, k in self.merged.items()],
+                                    self.fingerprint) if self.merged else path
+        self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in vectors))
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         runner = self.llm.model_executor.driver_worker.worker.model_runner
         dtype = self.llm.vllm_config.model_config.dtype
@@ -117,17 +125,19 @@ class VllmBackend(TransformersBackend):
         return {n: v.kind for n, v in self.vectors.items()}
 
     def merged_vectors(self) -> dict[str, float]:
-        return {}
+        return dict(self.merged)
 
     def vectors_info(self) -> list[dict]:
         return [
             {
                 "name": v.name, "kind": v.kind, "model_fingerprint": v.model.to_dict(), "sha256": v.sha256,
                 "default": v.name == self.default_vector(), "config": v.config,
-                "method": v.provenance.get("method"), "applied": "per_request", "merged_strength": None,
+                "method": v.provenance.get("method"),
+                "applied": "merged" if v.name in self.merged else "per_request",
+                "merged_strength": self.merged.get(v.name),
                 "transfer": self._matched.get(v.name) == "transfer", "gated_by": None,
             }
-            for v in self.vectors.values()
+            for v in self.all_vectors.values()
         ]
 
     def runtime_info(self) -> dict:
@@ -152,16 +162,68 @@ def _check_vectors(settings: Settings, vectors: list[SafetyVector], fp) -> dict[
 
 
 def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None:
-    if settings.merged() or settings.gated_by():
-        flag = "--merge-vector" if settings.merged() else "--gate-with"
-        raise VectorError(f"{flag}: weight vectors are not served on --backend vllm yet; use --backend transformers")
+    by_name = {v.name: v for v in vectors}
+    unknown = sorted(set(settings.merged()) - set(by_name))
+    if unknown:
+        raise VectorError(f"--merge-vector names {', '.join(unknown)}, not a loaded vector; loaded: "
+                          f"{', '.join(sorted(by_name)) or 'none'}")
+    for name in settings.merged():
+        if by_name[name].kind != "weight":
+            raise VectorError(f"--merge-vector {name}: only weight vectors can be merged, {name!r} is an "
+                              f"{by_name[name].kind} vector")
+    if settings.gated_by():
+        raise VectorError("--gate-with: gated weight vectors are not served on --backend vllm yet; use "
+                          "--backend transformers")
+    vectors = [v for v in vectors if v.name not in settings.merged()]
     if vectors and settings.tensor_parallel_size > 1:
-        raise VectorError("safety vectors are served on --backend vllm only with --tensor-parallel-size 1 so far "
-                          "(their hooks run in this process)")
+        raise VectorError("per-request safety vectors are served on --backend vllm only with --tensor-parallel-size "
+                          "1 so far (their hooks run in this process); merged ones at any size")
     weights = sorted(v.name for v in vectors if v.kind != "activation")
     if weights:
-        raise VectorError(f"{', '.join(weights)}: weight vectors are not served on --backend vllm yet (use "
-                          "--backend transformers, or a --vectors directory without them)")
+        raise VectorError(f"{', '.join(weights)}: weight vectors per request are not served on --backend vllm yet "
+                          "(merge them at load with --merge-vector NAME=STRENGTH, or use --backend transformers)")
+
+
+def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) -> Path:
+    """The checkpoint at ``path`` with weight vectors merged at their strengths (``W += s * c * B A``, as
+    the embedded backend merges at load), saved once under the cache and reused: keyed by the model's
+    fingerprint and each vector's hash and strength. Written to a temporary directory and renamed into
+    place, so an interrupted build never leaves a half checkpoint."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from steer.demo import cache_dir
+    from steer.hooks import merge_weight_vector
+    from steer.models import load_config, load_model
+
+    key = hashlib.sha256(json.dumps([fp.weights_sha256, sorted((v.sha256, k) for v, k in merges)]).encode())
+    out = cache_dir() / "merged" / f"{path.name}-{key.hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        log.info("merged checkpoint (cached): %s", out)
+        return out
+    cfg = load_config(path)
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, tok = load_model(path, dtype=dtype, attn_implementation="eager")
+    for vector, strength in merges:
+        changed = merge_weight_vector(model, vector, strength)
+        log.info("merged weight vector %s at strength %g into %d weights", vector.name, strength, len(changed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "steer_merge.json").write_text(json.dumps(
+            {"base": str(path), "base_fingerprint": fp.to_dict(),
+             "merged": [{"vector": v.name, "sha256": v.sha256, "strength": k} for v, k in merges]}, indent=1) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():  # another server may have finished the same one first
+            raise
+    log.info("merged checkpoint: %s", out)
+    return out
 
 
 def _start_engine(path: Path, settings: Settings, *, gated: bool):
@@ -171,8 +233,12 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool):
     # vLLM drops torch to one thread unless OMP_NUM_THREADS is set; the embedded backend uses them all
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+    from steer.models import load_config
+
     dtype = {"auto": "auto", "bfloat16": "bfloat16", "float32": "float32"}[settings.dtype]
-    max_len = settings.max_model_len
+    # as the embedded backend: the setting, capped at the model's context
+    ctx = getattr(load_config(path), "max_position_embeddings", None)
+    max_len = min(settings.max_model_len, int(ctx)) if ctx else settings.max_model_len
     args = EngineArgs(
         model=str(path), tokenizer=str(path), dtype=dtype, max_model_len=max_len,
         max_num_seqs=settings.max_batch_size,
