@@ -273,7 +273,9 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
     cases = [(["--vectors", str(weight_dir)], "weight vectors per request are not served on --backend vllm yet"),
              (["--vectors", str(weight_dir), "--merge-vector", "nope=1"], "--merge-vector names nope"),
              (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
-              "only weight vectors can be merged")]
+              "only weight vectors can be merged"),
+             (["--vectors", str(vdir), "--default-vector", "push", "--dtype", "float32", "--max-batch-size", "100000"],
+              "vLLM could not start")]
     for args, message in cases:
         out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
                               *args, "--port", str(_free_port())], capture_output=True, text=True, timeout=120)

@@ -252,7 +252,12 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool):
         max_num_batched_tokens=max(max_len, 2048) if gated else None,
         seed=0,
     )
-    return LLMEngine.from_engine_args(args)
+    try:
+        return LLMEngine.from_engine_args(args)
+    except Exception as e:  # vLLM's own checks (memory, lengths, dtypes): one line for the operator
+        from server.app import StartupError
+
+        raise StartupError(f"vLLM could not start {path}: {' '.join(str(e).split())[:600]}") from e
 
 
 # ------------------------------------------------------------------------------ the engine view
