@@ -18,7 +18,6 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("args", "message"),
     [
         (["serve", "--model", "/nonexistent/model"], "not a Hugging Face checkpoint directory"),
-        (["serve", "--backend", "vllm"], "backend 'vllm' is not available"),
         (["serve", "--min-strength", "3", "--default-strength", "1"], "min_strength <= default_strength"),
         (["serve", "--max-strength", "nan"], "max_strength"),
         (["serve", "--vectors", "/nonexistent/vectors", "--model", "{tiny}"], "vector directory"),
@@ -31,6 +30,16 @@ def test_user_errors_are_one_line(args, message, tiny_dir):
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr
     assert lines[-1].startswith("steer: error: ") and message in lines[-1], proc.stderr
+
+
+def test_unknown_backend_is_one_line():
+    proc = _steer("serve", "--backend", "nosuch")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # argparse's usage error
+    assert proc.stderr.strip().splitlines()[-1].endswith("invalid choice: 'nosuch' (choose from 'transformers', 'vllm')")
+    proc = _steer("serve", env=dict(os.environ, STEER_BACKEND="nosuch"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "steer: error: invalid backend='nosuch' (--backend / STEER_BACKEND): Input should be 'transformers' or 'vllm'")
 
 
 def test_env_var_feeds_settings(tiny_dir):
