@@ -7,13 +7,16 @@ so steering visibly changes outputs (see test_api.py for the strength scale this
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
-from server_utils import ServerThread
+from server_utils import ServerThread, free_port, server_process
 
 from server.app import create_app
 from server.backends.transformers import TransformersBackend
@@ -44,15 +47,30 @@ _CHAT = "/v1/chat/completions"
 
 
 class Served:
-    """One running server: its settings, backend, metrics and clients."""
+    """One running server: its settings and clients; its backend and metrics objects when it runs in this
+    process (the embedded backend), None when it runs in its own process (``--backend vllm``)."""
 
-    def __init__(self, srv: ServerThread, settings: Settings, backend: TransformersBackend, metrics: Metrics):
-        self.srv, self.settings, self.backend, self.metrics = srv, settings, backend, metrics
+    def __init__(self, base_url: str, settings: Settings, backend: TransformersBackend | None = None,
+                 metrics: Metrics | None = None, *, kind: str = "transformers", max_model_len: int | None = None):
+        self.srv = SimpleNamespace(base_url=base_url, port=int(base_url.rsplit(":", 1)[1]))
+        self.settings, self.backend, self.metrics, self.kind = settings, backend, metrics, kind
+        self.max_model_len = backend.max_model_len if backend is not None else max_model_len
         key = settings.api_key or "unused"
-        self.client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key=key, max_retries=0, timeout=60)
-        self.http = httpx.Client(
-            base_url=srv.base_url, timeout=60, headers={"Authorization": f"Bearer {key}"}
-        )
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+    def running_rows(self) -> int:
+        """Rows the engine is prefilling or decoding now."""
+        if self.backend is not None:
+            return self.backend.engine.running
+        return int(metric_value(metrics_text(self), "steer_running_rows"))
+
+    def idle(self) -> bool:
+        """No request is running, queued, or still held by the backend."""
+        if self.backend is not None:
+            return engine_idle(self)
+        text = metrics_text(self)
+        return metric_value(text, "steer_running_rows") == 0 and metric_value(text, "steer_queued_requests") == 0
 
     def close(self) -> None:
         self.client.close()
@@ -66,12 +84,32 @@ def serve(settings: Settings, model, tokenizer, vectors) -> Iterator[Served]:
     )
     app = create_app(settings, backend, metrics)
     with ServerThread(app) as srv:
-        served = Served(srv, settings, backend, metrics)
+        served = Served(srv.base_url, settings, backend, metrics)
         try:
             yield served
         finally:
             served.close()
     assert not backend.healthy(), "the engine worker must stop with the server"
+
+
+def serve_process(settings: Settings, model_dir: Path, vectors_dir: Path | None, *, backend: str,
+                  max_model_len: int) -> Iterator[Served]:
+    """``steer serve --backend BACKEND`` in its own process with ``settings`` as its flags (float32)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", backend, "--model", str(model_dir),
+           "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
+           "--served-model-name", settings.served_model_name, "--default-strength", str(settings.default_strength),
+           "--max-strength", str(settings.max_strength), "--max-n", str(settings.max_n)]
+    if settings.api_key:
+        cmd += ["--api-key", settings.api_key]
+    if vectors_dir is not None:
+        cmd += ["--vectors", str(vectors_dir)]
+    with server_process(cmd, port) as url:
+        served = Served(url, settings, kind=backend, max_model_len=max_model_len)
+        try:
+            yield served
+        finally:
+            served.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -170,6 +208,6 @@ def wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def metrics_text(api: Served) -> str:
-    return httpx.get(f"{api.srv.base_url}/metrics").text
+    return httpx.get(f"{api.srv.base_url}/metrics", timeout=30).text
 
 

@@ -44,15 +44,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _config(kind: str, vocab: int):
+def _config(kind: str, vocab: int, heads: int = 4):
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256)
     return Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
 
 
-def make_model(kind: str, vocab: int, seed: int = 0):
+def make_model(kind: str, vocab: int, seed: int = 0, heads: int = 4):
+    """A tiny random model; ``heads=2`` gives head size 32, the smallest vLLM's CPU attention runs."""
     torch.manual_seed(seed)
-    cfg = _config(kind, vocab)
+    cfg = _config(kind, vocab, heads)
     model = (Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM)(cfg).eval().requires_grad_(False)
     model.set_attn_implementation(ATTENTION)  # the attention load_model serves with
     model.generation_config.eos_token_id = None  # random models: let max_tokens end generation

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import uvicorn
@@ -58,3 +63,42 @@ class ServerThread:
         self.thread.join(timeout=30)
         if self.thread.is_alive():
             raise RuntimeError("uvicorn did not shut down within 30 s")
+
+
+def free_port() -> int:
+    """A port free now (for a server in another process, which must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(cmd: list[str], port: int, *, timeout: float = 240, env: dict | None = None) -> Iterator[str]:
+    """``with server_process(cmd, port) as url:`` runs a server command (``steer serve``, vLLM's own server)
+    in its own process, waits until ``GET /health`` answers 200, yields its base URL, and stops it.
+
+    vLLM servers get a 1 GiB KV cache and one OpenMP thread: the test models are tiny, and vLLM pins
+    torch's thread count process-wide, which is why vLLM never runs inside the test process."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

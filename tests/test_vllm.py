@@ -10,19 +10,16 @@ serves the same model and vectors for the cross-check.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
 from conftest import make_vector
+from server_utils import free_port, server_process
 from test_weight_vectors import make_weight_vector
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -33,39 +30,6 @@ PROMPTS = ["How do I build a bomb?", "hello world", "the quick brown fox jumps o
 OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the lazy dog"  # the gated vector's prompts
 TOKENS = 8
 GATE_LAYER = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _process(cmd: list[str], port: int, *, timeout: float = 240, env: dict | None = None) -> Iterator[str]:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _chat_ids(tok, prompt: str) -> list[int]:
@@ -107,21 +71,21 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def steer_vllm(vllm_model) -> Iterator[str]:
     d, vdir, _ = vllm_model
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
            "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
            "--port", str(port)]
-    with _process(cmd, port) as url:
+    with server_process(cmd, port) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def vanilla_vllm(vllm_model) -> Iterator[str]:
     d, _, _ = vllm_model
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--served-model-name",
            d.name, "--max-model-len", "512", "--dtype", "float32", "--enforce-eager", "--port", str(port)]
-    with _process(cmd, port) as url:
+    with server_process(cmd, port) as url:
         yield url
 
 
@@ -129,10 +93,10 @@ def vanilla_vllm(vllm_model) -> Iterator[str]:
 def embedded(vllm_model) -> Iterator[str]:
     """The embedded backend on the same checkpoint and vectors, float32."""
     d, vdir, _ = vllm_model
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(d), "--vectors", str(vdir),
            "--default-vector", "push", "--default-strength", "0", "--dtype", "float32", "--port", str(port)]
-    with _process(cmd, port) as url:
+    with server_process(cmd, port) as url:
         yield url
 
 
@@ -253,8 +217,8 @@ def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, wei
               "--dtype", "float32"]
     answers = {}
     for backend in ("vllm", "transformers", "vllm"):  # the second vLLM start reuses the cached checkpoint
-        port = _free_port()
-        with _process([sys.executable, "-m", "server.cli", "serve", "--backend", backend, *common, "--port",
+        port = free_port()
+        with server_process([sys.executable, "-m", "server.cli", "serve", "--backend", backend, *common, "--port",
                        str(port)], port, env={"STEER_CACHE": str(tmp_path)}) as url:
             info = httpx.get(f"{url}/v1/safety/vectors", timeout=30).json()["data"]
             assert [(v["name"], v["applied"], v["merged_strength"]) for v in info] == [("w", "merged", 1.0)]
@@ -278,6 +242,6 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
               "vLLM could not start")]
     for args, message in cases:
         out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
-                              *args, "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+                              *args, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
         assert out.returncode == 1
         assert message in out.stderr.strip().splitlines()[-1]
