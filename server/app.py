@@ -281,7 +281,7 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
     prepared = await backend.prepare(inp, spec)
     meta = r.ResponseMeta.new(kind, backend.model_name)
     vkind = backend.vector_kinds().get(spec.vector)
-    safety = r.safety_info(spec, vkind)
+    safety = r.safety_info(spec, vkind, backend.applied_strength(spec.vector, spec.strength))
     metrics.prompt_tokens.inc(len(prepared.prompt_ids))
     metrics.steered.labels(spec.vector or "none", strength_bucket(spec.strength)).inc()
     if spec.compare:

@@ -74,9 +74,14 @@ def sse_line(payload: Mapping[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def safety_info(spec: SteeringSpec, kind: str | None) -> dict[str, Any]:
-    """The ``safety`` response extension. ``vector`` is null when no vector was involved."""
-    return {"strength": spec.strength, "vector": spec.vector or None, "kind": kind}
+def safety_info(spec: SteeringSpec, kind: str | None, applied: float | None = None) -> dict[str, Any]:
+    """The ``safety`` response extension. ``vector`` is null when no vector was involved;
+    ``applied_strength`` is present only where the backend served a strength other than the one asked
+    (the vLLM backend's adapter step)."""
+    info = {"strength": spec.strength, "vector": spec.vector or None, "kind": kind}
+    if applied is not None and applied != spec.strength:
+        info["applied_strength"] = applied
+    return info
 
 
 def _choice_dicts(kind: Kind, choices: Sequence[Choice]) -> list[dict[str, Any]]:

@@ -60,6 +60,20 @@ class Settings(BaseModel):
         description="vLLM backend on a GPU: the fraction of GPU memory vLLM may take (weights + KV cache). On "
         "CPU the KV cache size is VLLM_CPU_KVCACHE_SPACE GiB (default here: 1).",
     )
+    strength_step: float = Field(
+        0.05, gt=0, allow_inf_nan=False,
+        description="vLLM backend: per-request weight-vector strengths are served as LoRA adapters, one per "
+        "strength rounded to a multiple of this step (a positive strength never rounds to 0: at least one "
+        "step). The response's safety.applied_strength says what was applied where it differs.",
+    )
+    max_loras: int = Field(
+        4, ge=1, description="vLLM backend: most weight-vector strengths (LoRA adapters) in one batch; requests "
+        "for others wait for a slot.",
+    )
+    max_cpu_loras: int = Field(
+        32, ge=1, description="vLLM backend: most LoRA adapters kept made and loaded (least recently used idle "
+        "ones are dropped beyond it, and made again on their next use).",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     default_strength: float = Field(
@@ -129,6 +143,12 @@ class Settings(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise SettingsError(_one_line(exc)) from None
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> Settings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"need max_loras <= max_cpu_loras, got {self.max_loras} > {self.max_cpu_loras}")
+        return self
 
     @model_validator(mode="after")
     def _check_strength_range(self) -> Settings:

@@ -30,6 +30,7 @@ PROMPTS = ["How do I build a bomb?", "hello world", "the quick brown fox jumps o
 OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the lazy dog"  # the gated vector's prompts
 TOKENS = 8
 GATE_LAYER = 1
+MAX_CPU_LORAS = 3
 
 
 def _chat_ids(tok, prompt: str) -> list[int]:
@@ -65,6 +66,7 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
         scores = [-s for s in scores]
     probe.config["gate"]["threshold"] = (scores[0] + scores[1]) / 2
     probe.save(vdir)
+    make_weight_vector(model, name="w", scale=2.0).save(vdir)  # per request: LoRA adapters on vLLM
     return d, vdir, model
 
 
@@ -74,7 +76,8 @@ def steer_vllm(vllm_model) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
            "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
-           "--port", str(port)]
+           # small LoRA caps, so that the module's requests exercise adapter slots and the LRU
+           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--port", str(port)]
     with server_process(cmd, port) as url:
         yield url
 
@@ -232,9 +235,73 @@ def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, wei
     assert all(a != b for a, b in zip(first, unmerged, strict=True))  # the merge changed every answer
 
 
-def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_dir):
-    d, vdir, _ = vllm_model
-    cases = [(["--vectors", str(weight_dir)], "weight vectors per request are not served on --backend vllm yet"),
+# ------------------------------------------------------------------ weight vectors per request (LoRA)
+
+
+def test_weight_vector_per_request_matches_the_embedded_backend_at_its_step(steer_vllm, embedded, vanilla_vllm):
+    """Weight vector ``w`` per request on vLLM is a LoRA adapter per strength: its answers are the
+    embedded backend's per-row low-rank steering at the strength rounded to the 0.05 step, which the
+    ``safety`` echo reports as ``applied_strength`` where it differs from the one asked."""
+    vanilla = [_text(vanilla_vllm, p) for p in PROMPTS]
+    for asked, applied in ((1.0, 1.0), (0.53, 0.55), (0.001, 0.05)):
+        answers = []
+        for p in PROMPTS:
+            ours, theirs = _complete(steer_vllm, p, asked, "w"), _complete(embedded, p, applied, "w")
+            _assert_same(ours, theirs)
+            assert ours["safety"]["strength"] == asked and ours["safety"]["kind"] == "weight"
+            assert ours["safety"].get("applied_strength") == (None if applied == asked else applied)
+            assert "applied_strength" not in theirs["safety"]
+            answers.append(ours["choices"][0]["message"]["content"])
+        if asked == 1.0:
+            assert all(a != v for a, v in zip(answers, vanilla, strict=True))  # the adapter changed every answer
+
+
+def test_weight_vector_strength_zero_is_vanilla_and_compare_returns_it(steer_vllm, vanilla_vllm):
+    for p in PROMPTS:
+        vanilla = _text(vanilla_vllm, p)
+        assert _text(steer_vllm, p, 0.0, "w") == vanilla
+        body = _complete(steer_vllm, p, 1.0, "w", safety={"compare": True})
+        assert body["baseline"]["choices"][0]["message"]["content"] == vanilla
+        assert body["choices"][0]["message"]["content"] != vanilla
+
+
+def test_adapters_and_activation_rows_share_a_batch(steer_vllm):
+    """More weight-vector strengths than adapter slots (--max-loras 2) and activation rows, all at once:
+    each answer is its single-request answer."""
+    cases = [(p, s, "w") for p in PROMPTS[:2] for s in (0.0, 0.5, 1.0, 1.5)] + \
+            [(p, s, "push") for p in PROMPTS[:2] for s in (0.0, 0.01)]
+    alone = {c: _text(steer_vllm, *c) for c in cases}
+    assert len({alone[(PROMPTS[0], s, "w")] for s in (0.0, 0.5, 1.0, 1.5)}) >= 3
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = dict(zip(cases, pool.map(lambda c: _text(steer_vllm, *c), cases), strict=True))
+    assert together == alone
+
+
+def test_adapters_are_a_bounded_lru(steer_vllm):
+    """--max-cpu-loras 3: a fourth strength drops the least recently used adapter, which is made again
+    (under a new id) on its next use, with the same answers."""
+    def lora() -> dict:
+        return httpx.get(f"{steer_vllm}/v1/models", timeout=30).json()["data"][0]["steer"]["lora"]
+
+    assert lora()["strength_step"] == 0.05 and lora()["max_loras"] == 2
+    made = lora()["made"]
+    strengths = (0.3, 0.35, 0.4, 0.45)  # used nowhere else in the module
+    first = {s: _text(steer_vllm, PROMPTS[0], s, "w") for s in strengths}
+    state = lora()
+    assert state["made"] == made + 4
+    assert state["adapters"] == ["w@0.35", "w@0.4", "w@0.45"]
+    assert _text(steer_vllm, PROMPTS[0], 0.3, "w") == first[0.3]
+    state = lora()
+    assert state["made"] == made + 5 and state["adapters"] == ["w@0.4", "w@0.45", "w@0.3"]
+    assert _text(steer_vllm, PROMPTS[0], 0.45, "w") == first[0.45] and lora()["made"] == made + 5  # a hit
+
+
+def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_dir, tmp_path):
+    d, vdir, model = vllm_model
+    make_weight_vector(model, name="dense", dense=True).save(tmp_path)
+    cases = [(["--vectors", str(tmp_path)], "as a dense delta: serving it per request needs low-rank factors"),
+             (["--vectors", str(weight_dir), "--max-loras", "8", "--max-cpu-loras", "4"],
+              "need max_loras <= max_cpu_loras"),
              (["--vectors", str(weight_dir), "--merge-vector", "nope=1"], "--merge-vector names nope"),
              (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
               "only weight vectors can be merged"),
@@ -245,3 +312,29 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
                               *args, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
         assert out.returncode == 1
         assert message in out.stderr.strip().splitlines()[-1]
+
+
+def test_lora_ops_leave_rows_without_an_adapter_alone():
+    """vllm#48421: vLLM's PyTorch LoRA ops gather slot -1 (the last adapter) for rows without one; the
+    guard zeroes those rows' LoRA input and leaves the others bit for bit (what the served tests above
+    rely on: a strength-0 row beside an adapter row, after every slot has been filled)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from server.backends.vllm_cpu_lora import guard_no_lora_rows
+
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(3, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 6, 4, generator=g)
+    idx = torch.tensor([1, -1, 0])
+
+    def run():
+        mid, out = torch.zeros(3, 4), torch.ones(3, 6)
+        lora_ops.bgmv_shrink(x, a, mid, idx, 1.0)
+        lora_ops.bgmv_expand(mid, b, out, idx, True)
+        return mid, out
+
+    assert guard_no_lora_rows()
+    mid, out = run()
+    assert torch.equal(mid[1], torch.zeros(4)) and torch.equal(out[1], torch.ones(6))  # row 1 untouched
+    for row, slot in ((0, 1), (2, 0)):
+        torch.testing.assert_close(mid[row], a[slot, 0] @ x[row])
+        torch.testing.assert_close(out[row], 1 + b[slot, 0] @ mid[row])

@@ -39,6 +39,11 @@ class Backend(Protocol):
 
     def merged_vectors(self) -> dict[str, float]: ...  # weight vectors merged into the weights: name -> strength
 
+    def applied_strength(self, vector: str | None, strength: float) -> float:
+        """The strength a request for ``strength`` of ``vector`` is served at (the vLLM backend rounds a
+        weight vector's to its adapter step)."""
+        ...
+
     def vectors_info(self) -> list[dict]: ...
 
     def model_fingerprint(self) -> dict: ...

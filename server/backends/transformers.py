@@ -142,6 +142,9 @@ class TransformersBackend:
     def merged_vectors(self) -> dict[str, float]:
         return dict(self.served.merged)
 
+    def applied_strength(self, vector: str | None, strength: float) -> float:
+        return strength  # rows carry any strength exactly
+
     def vectors_info(self) -> list[dict]:
         return [
             {

@@ -20,8 +20,13 @@ gated request never reads the prefix cache (its gate position must be computed).
 prefix-cache entries are salted with its vector and strength, so steered and unsteered KV never mix.
 
 Weight vectors merged at load (``--merge-vector NAME=S``) are merged into a cached checkpoint
-(:func:`merged_checkpoint`) that vLLM loads. Not served here yet (a clear startup error, never an
-unsteered answer): weight vectors per request, and gated weight vectors.
+(:func:`merged_checkpoint`) that vLLM loads. Weight vectors per request are served through vLLM's
+multi-LoRA: a request's strength, quantized to ``--strength-step``, picks a PEFT adapter holding the
+vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use and kept
+in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
+its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths. Not
+served here yet (a clear startup error, never an unsteered answer): gated weight vectors, and
+per-request activation vectors with ``--tensor-parallel-size`` > 1.
 """
 
 from __future__ import annotations
@@ -68,9 +73,6 @@ class VllmBackend(TransformersBackend):
         default = settings.default_vector
         if default is None and not settings.vectors and not settings.model:
             default = SHIPPED_DEFAULT
-            # the shipped weight vector is served here only merged at load
-            vectors = [v for v in vectors if v.kind == "activation" or v.name in settings.merged()]
-            self._matched = {n: m for n, m in self._matched.items() if n in {v.name for v in vectors}}
         _refuse_unsupported(settings, vectors)
         self.merged = settings.merged()
         self.all_vectors = {v.name: v for v in vectors}
@@ -81,36 +83,105 @@ class VllmBackend(TransformersBackend):
         self.model_name = settings.served_model_name or _model_name(settings)
         weights = merged_checkpoint(path, [(self.all_vectors[n], k) for n, k in self.merged.items()],
                                     self.fingerprint) if self.merged else path
-        self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in vectors))
+        activation = [v for v in vectors if v.kind == "activation"]
+        per_request_weights = {v.name: v for v in vectors if v.kind == "weight"}
+        self.adapters = None
+        if per_request_weights:
+            from steer.adapters import AdapterCache, adapter_rank, engine_max_rank
+            from steer.demo import cache_dir
+            from steer.models import load_config
+
+            self.adapters = AdapterCache(per_request_weights, load_config(path), cache_dir() / "adapters",
+                                         step=settings.strength_step, capacity=settings.max_cpu_loras,
+                                         on_evict=self._unload_adapter, base_model=str(path))
+            self._lora_rank = engine_max_rank(max(adapter_rank(v) for v in per_request_weights.values()))
+        self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in activation),
+                                 lora_rank=self._lora_rank if self.adapters else None)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         runner = self.llm.model_executor.driver_worker.worker.model_runner
         dtype = self.llm.vllm_config.model_config.dtype
         steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=self._matched[v.name] == "transfer")
-                    for v in vectors}
-        self.hooks = _Hooks(runner, steerers, {v.name: v.sha256 for v in vectors})
+                    for v in activation}
+        self.hooks = _Hooks(runner, steerers, {v.name: v.sha256 for v in activation})
         self.runtime = None  # the hooks stay installed; strength 0 rows pass through untouched
         self._kernels = {"dtype": str(dtype).removeprefix("torch."), "linear_weights": "vllm",
                          "how": "vllm", "reason": f"vLLM {_vllm_version()} ({self.llm.vllm_config.device_config.device})"}
         self.engine = self._new_engine()
         self._probe_hooks()
+        self._probe_adapters()
+
+    def _probe_prompt(self) -> list[int]:
+        return list(self._prepare(GenerationInput(prompt="hello, how are you today? " * 2,
+                                                  sampling=SamplingParams(max_tokens=1, temperature=0.0)),
+                                  None).prompt_ids)
 
     def _probe_hooks(self) -> None:
         """One token per vector at strength 1 before serving: if vLLM ever runs its layers past our hooks
         (a compiled graph, a changed call path), refuse to start rather than serve unsteered answers."""
-        if not self.vectors:
+        names = sorted(self.hooks.steerers)
+        if not names:
             return
-        ids = self._prepare(GenerationInput(prompt="hello, how are you today? " * 2,
-                                            sampling=SamplingParams(max_tokens=1, temperature=0.0)),
-                            None).prompt_ids
-        for name in self.vectors:
+        ids = self._probe_prompt()
+        for name in names:
             self.engine.add(Sequence(list(ids), SamplingParams(max_tokens=1, temperature=0.0), name, 1.0))
         while self.engine.has_work():
             self.engine.step()
-        missing = sorted(set(self.vectors) - self.hooks.ran)
+        missing = sorted(set(names) - self.hooks.ran)
         if missing:
             raise RuntimeError(f"vLLM ran its forward pass without this server's steering hooks for {', '.join(missing)}; "
                                "refusing to serve unsteered answers")
         self.hooks.ran.clear()
+
+    def _probe_adapters(self) -> None:
+        """Each per-request weight vector at strength 1 before serving: its adapter must load and move the
+        next-token distribution, or the server refuses to start rather than serve unsteered answers (an
+        adapter vLLM cannot apply, a module it does not adapt)."""
+        if self.adapters is None:
+            return
+        from vllm import SamplingParams as VllmSampling
+        from vllm.lora.request import LoRARequest
+
+        ids = self._probe_prompt()
+        params = VllmSampling(max_tokens=1, temperature=0.0, logprobs=5)
+
+        def run(rid: str, lora=None) -> dict[int, float]:
+            self.llm.add_request(rid, {"prompt_token_ids": ids}, params, lora_request=lora)
+            while True:
+                for out in self.llm.step():
+                    if out.request_id == rid and out.finished:
+                        return {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
+
+        base = run("probe-vanilla")
+        for name in sorted(self.adapters.vectors):
+            ad = self.adapters.acquire(name, 1.0)
+            try:
+                try:
+                    steered = run(f"probe-{name}", LoRARequest(ad.name, ad.id, str(ad.path)))
+                except Exception as e:
+                    raise VectorError(f"vLLM could not apply weight vector {name!r} as a LoRA adapter: "
+                                      f"{' '.join(str(e).split())[:400]}") from e
+            finally:
+                self.adapters.release(ad)
+            shared = set(base) & set(steered)
+            if shared == set(base) and max(abs(base[t] - steered[t]) for t in shared) < 1e-6:
+                raise RuntimeError(f"weight vector {name!r} as a LoRA adapter left vLLM's output unchanged; refusing "
+                                   "to serve unsteered answers")
+
+    def _unload_adapter(self, ad) -> None:
+        try:
+            self.llm.remove_lora(ad.id)
+        except Exception as e:  # never loaded (its request was cancelled first) or already gone
+            log.debug("LoRA adapter %s (id %d) was not loaded in vLLM: %s", ad.name, ad.id, e)
+
+    def applied_strength(self, vector: str | None, strength: float) -> float:
+        if self.adapters is not None and vector in self.adapters.vectors:
+            return self.adapters.quantize(strength)
+        return strength
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
 
     def _new_engine(self) -> VllmEngine:
         """A fresh engine view: every request vLLM still holds is aborted (after a failed step, or a
@@ -118,7 +189,7 @@ class VllmBackend(TransformersBackend):
         old = getattr(self, "engine", None)
         if old is not None:
             old.abort_everything()
-        return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size)
+        return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size, adapters=self.adapters)
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
@@ -135,6 +206,8 @@ class VllmBackend(TransformersBackend):
                 "method": v.provenance.get("method"),
                 "applied": "merged" if v.name in self.merged else "per_request",
                 "merged_strength": self.merged.get(v.name),
+                "strength_step": self.adapters.step
+                if self.adapters is not None and v.name in self.adapters.vectors else None,
                 "transfer": self._matched.get(v.name) == "transfer", "gated_by": None,
             }
             for v in self.all_vectors.values()
@@ -143,7 +216,13 @@ class VllmBackend(TransformersBackend):
     def runtime_info(self) -> dict:
         from steer import hardware
 
-        return {"kernels": self._kernels, "host": hardware.detect().to_dict(), "backend": "vllm"}
+        info = {"kernels": self._kernels, "host": hardware.detect().to_dict(), "backend": "vllm"}
+        if self.adapters is not None:
+            s = self.settings
+            info["lora"] = {"strength_step": self.adapters.step, "max_rank": self._lora_rank,
+                            "max_loras": s.max_loras, "max_cpu_loras": s.max_cpu_loras,
+                            "adapters": self.adapters.loaded(), "made": self.adapters.made}
+        return info
 
 
 def _vllm_version() -> str:
@@ -175,13 +254,21 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
         raise VectorError("--gate-with: gated weight vectors are not served on --backend vllm yet; use "
                           "--backend transformers")
     vectors = [v for v in vectors if v.name not in settings.merged()]
-    if vectors and settings.tensor_parallel_size > 1:
-        raise VectorError("per-request safety vectors are served on --backend vllm only with --tensor-parallel-size "
-                          "1 so far (their hooks run in this process); merged ones at any size")
-    weights = sorted(v.name for v in vectors if v.kind != "activation")
-    if weights:
-        raise VectorError(f"{', '.join(weights)}: weight vectors per request are not served on --backend vllm yet "
-                          "(merge them at load with --merge-vector NAME=STRENGTH, or use --backend transformers)")
+    if any(v.kind == "activation" for v in vectors) and settings.tensor_parallel_size > 1:
+        raise VectorError("per-request activation vectors are served on --backend vllm only with "
+                          "--tensor-parallel-size 1 so far (their hooks run in this process); weight vectors at any size")
+    other = sorted(v.name for v in vectors if v.kind not in ("activation", "weight"))
+    if other:
+        raise VectorError(f"{', '.join(other)}: only activation and weight vectors are served on --backend vllm")
+    from steer.adapters import lowrank_targets
+
+    for v in vectors:
+        if v.kind == "weight":
+            try:
+                lowrank_targets(v)
+            except VectorError as e:
+                raise VectorError(f"{e} (on --backend vllm a weight vector per request is a LoRA adapter; merge a "
+                                  "dense one at load with --merge-vector NAME=STRENGTH)") from None
 
 
 def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) -> Path:
@@ -226,7 +313,7 @@ def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) 
     return out
 
 
-def _start_engine(path: Path, settings: Settings, *, gated: bool):
+def _start_engine(path: Path, settings: Settings, *, gated: bool, lora_rank: int | None = None):
     from vllm import EngineArgs, LLMEngine
 
     threads = torch.get_num_threads()
@@ -251,7 +338,14 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool):
         enable_chunked_prefill=not gated,
         max_num_batched_tokens=max(max_len, 2048) if gated else None,
         seed=0,
+        # weight vectors per request: one LoRA adapter per (vector, quantized strength)
+        **({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": settings.max_loras,
+            "max_cpu_loras": settings.max_cpu_loras} if lora_rank else {}),
     )
+    if lora_rank:
+        from server.backends.vllm_cpu_lora import guard_no_lora_rows
+
+        guard_no_lora_rows()
     try:
         return LLMEngine.from_engine_args(args)
     except Exception as e:  # vLLM's own checks (memory, lengths, dtypes): one line for the operator
@@ -263,11 +357,16 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool):
 # ------------------------------------------------------------------------------ the engine view
 
 
+class _AdapterFailed(RuntimeError):
+    pass
+
+
 @dataclass
 class _Row:
     seq: Sequence
     rid: str
     n_tokens: int = 0
+    adapter: object = None  # the LoRA adapter it holds (released when the row ends)
 
 
 @dataclass
@@ -277,6 +376,7 @@ class VllmEngine:
     llm: object
     hooks: _Hooks
     max_rows: int
+    adapters: object = None  # steer.adapters.AdapterCache for weight vectors per request
     pending: list[Sequence] = field(default_factory=list)
     rows: dict[str, _Row] = field(default_factory=dict)  # vLLM request id -> row
     last_step: dict = field(default_factory=dict)
@@ -306,7 +406,12 @@ class VllmEngine:
     def step(self) -> list[Event]:
         events = self._drop_cancelled()
         while self.pending and len(self.rows) < self.max_rows:
-            self._submit(self.pending.pop(0))
+            seq = self.pending.pop(0)
+            try:
+                self._submit(seq)
+            except _AdapterFailed as e:  # this row fails (500, logged); the batch goes on
+                seq.finish_reason, seq.error = "error", str(e.__cause__ or e)
+                events.append(Event(seq.id, "", 0, "error"))
         self.last_step = {"rows": len(self.rows)}
         if not self.rows:
             return events
@@ -330,7 +435,13 @@ class VllmEngine:
 
         rid = f"row-{seq.id}"
         p = seq.sampling
-        steered = seq.strength > 0 and bool(seq.vector)
+        adapter = None
+        if seq.strength > 0 and self.adapters is not None and seq.vector in self.adapters.vectors:
+            try:
+                adapter = self.adapters.acquire(seq.vector, seq.strength)
+            except Exception as e:  # writing the adapter failed (disk full, ...)
+                raise _AdapterFailed(f"making the LoRA adapter for {seq.vector}@{seq.strength:g} failed") from e
+        steered = seq.strength > 0 and bool(seq.vector) and adapter is None  # activation steering (hooks)
         gated = steered and self.hooks.gated(seq.vector)
         params = VllmSampling(
             n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
@@ -343,11 +454,27 @@ class VllmEngine:
         prompt = {"prompt_token_ids": list(seq.prompt_ids)}
         if steered:  # its KV holds steered activations: never shared with other settings
             prompt["cache_salt"] = f"steer:{seq.vector}:{self.hooks.sha(seq.vector)}:{seq.strength!r}"
-        self.llm.add_request(rid, prompt, params)
-        self.rows[rid] = _Row(seq, rid)
+        lora = None
+        if adapter is not None:  # vLLM keys the prefix cache by adapter: no salt needed
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
+        try:
+            self.llm.add_request(rid, prompt, params, lora_request=lora)
+        except BaseException:
+            if adapter is not None:
+                self.adapters.release(adapter)
+            raise
+        self.rows[rid] = _Row(seq, rid, adapter=adapter)
+
+    def _end(self, rid: str) -> _Row:
+        row = self.rows.pop(rid)
+        if row.adapter is not None:
+            self.adapters.release(row.adapter)
+        return row
 
     def _finish(self, rid: str) -> None:
-        row = self.rows.pop(rid)
+        row = self._end(rid)
         decided = self.hooks.pop_gate(rid)
         if decided is not None:
             row.seq.gate[row.seq.vector] = decided
@@ -359,7 +486,7 @@ class VllmEngine:
         if gone:
             self.llm.abort_request(gone)
             for rid in gone:
-                row = self.rows.pop(rid)
+                row = self._end(rid)
                 self.hooks.pop_gate(rid)
                 events.append(Event(row.seq.id, "", row.n_tokens, "cancelled"))
         return events
@@ -368,8 +495,8 @@ class VllmEngine:
         if self.rows:
             self.llm.abort_request(list(self.rows))
             for rid in list(self.rows):
+                self._end(rid)
                 self.hooks.pop_gate(rid)
-            self.rows.clear()
         self.pending.clear()
 
 
