@@ -6,9 +6,11 @@ Do-Not-Answer (harmful) and aplomb (benign), the first ``--limit`` of each, at s
 greedy, ``--max-tokens``, refusal-phrase judge. Records each backend's rates per suite and strength, the
 difference in points, and how many answers are identical text (bf16 on two engines' kernels: near-ties
 part ways, so identical is not expected everywhere; the refusal rates are what must agree).
-Writes bench/results/backend_parity.json (and each eval's directory beside it).
+Writes bench/results/backend_parity.json (and each eval's directory beside it). ``--vector enchtable``
+runs the same with the shipped weight vector per request (LoRA adapters on vLLM, per-row low-rank
+steering on the embedded backend) and writes backend_parity_enchtable.json.
 
-    .venv/bin/python bench/backend_parity.py [--limit 40] [--strengths 0,1]
+    .venv/bin/python bench/backend_parity.py [--limit 40] [--strengths 0,1] [--vector NAME]
 """
 
 from __future__ import annotations
@@ -42,15 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suites", default="harmbench,donotanswer,aplomb")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=8520)
+    ap.add_argument("--vector", default=None, help="the vector to send (default: the server's default vector)")
     ns = ap.parse_args(argv)
+    suffix = f"_{ns.vector}" if ns.vector else ""
     runs = {}
     for i, backend in enumerate(BACKENDS):
-        out = ROOT / "bench" / "results" / f"backend_parity_{backend}"
+        out = ROOT / "bench" / "results" / f"backend_parity_{backend}{suffix}"
         proc = _serve(backend, ns.port + i)
         try:
             subprocess.run([str(BIN / "steer"), "eval", "--base-url", f"http://127.0.0.1:{ns.port + i}/v1",
                             "--suites", *ns.suites.split(","), "--strengths", ns.strengths, "--limit", str(ns.limit),
-                            "--max-tokens", str(ns.max_tokens), "--concurrency", "8", "--out", str(out)], check=True)
+                            "--max-tokens", str(ns.max_tokens), "--concurrency", "8", "--out", str(out),
+                            *(["--vector", ns.vector] if ns.vector else [])], check=True)
         finally:
             proc.terminate()
             proc.wait(60)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python bench/backend_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows, "identical_answers": same, "answers": len(runs["vllm"]["items"]),
               "max_abs_diff_points": max(abs(r["diff_points"]) for r in rows)}
-    (ROOT / "bench" / "results" / "backend_parity.json").write_text(json.dumps(result, indent=1) + "\n")
+    (ROOT / "bench" / "results" / f"backend_parity{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("| suite | strength | metric | n | --backend vllm | embedded | difference (points) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['suite']} | {r['strength']:g} | {r['metric']} | {r['n']} | {r['vllm']:.1%} | {r['embedded']:.1%} | "

@@ -67,7 +67,7 @@ class Settings(BaseModel):
         "step). The response's safety.applied_strength says what was applied where it differs.",
     )
     max_loras: int = Field(
-        4, ge=1, description="vLLM backend: most weight-vector strengths (LoRA adapters) in one batch; requests "
+        8, ge=1, description="vLLM backend: most weight-vector strengths (LoRA adapters) in one batch; requests "
         "for others wait for a slot.",
     )
     max_cpu_loras: int = Field(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -114,6 +115,22 @@ def export_lora(vector: SafetyVector, strength: float, out: Path, model_config, 
     return out
 
 
+def _remove_orphans(root: Path) -> None:
+    """Delete the adapter directories of servers that are gone (killed before they could clean up):
+    each server's directory under ``root`` starts with its process id."""
+    for d in root.iterdir():
+        pid = d.name.split("-", 1)[0]
+        if not (d.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed the adapters of a server that is gone: %s", d)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @dataclass
 class Adapter:
     vector: str
@@ -142,7 +159,8 @@ class AdapterCache:
         self.vectors, self.model_config, self.base_model = vectors, model_config, base_model
         self.step, self.capacity, self.on_evict = step, capacity, on_evict
         root.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix="adapters-", dir=root))
+        _remove_orphans(root)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
         self._lru: OrderedDict[tuple[str, float], Adapter] = OrderedDict()
         self._next_id = 1
         self._lock = threading.Lock()

@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +135,18 @@ def test_adapter_cache_lru(tiny_qwen, tmp_path):
     assert [e.name for e in evicted] == ["w@1", "w@0.5"]  # the least recently used idle one
     cache.close()
     assert not cache.root.exists()
+
+
+def test_adapters_of_dead_servers_are_removed(tiny_qwen, tmp_path):
+    """Each server's adapters live in a directory named by its pid; a new cache deletes those of
+    processes that are gone and keeps live ones'."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"{dead.pid}-abc" / "w-1").mkdir(parents=True)
+    (tmp_path / f"{os.getppid()}-def").mkdir()  # alive
+    (tmp_path / "notes").mkdir()  # not ours
+    cache = AdapterCache({"w": make_weight_vector(tiny_qwen, name="w")}, tiny_qwen.config, tmp_path, step=0.1,
+                         capacity=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{os.getppid()}-def", "notes", cache.root.name])
+    assert cache.root.name.startswith(f"{os.getpid()}-")
+    cache.close()

@@ -314,27 +314,36 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
         assert message in out.stderr.strip().splitlines()[-1]
 
 
-def test_lora_ops_leave_rows_without_an_adapter_alone():
-    """vllm#48421: vLLM's PyTorch LoRA ops gather slot -1 (the last adapter) for rows without one; the
-    guard zeroes those rows' LoRA input and leaves the others bit for bit (what the served tests above
-    rely on: a strength-0 row beside an adapter row, after every slot has been filled)."""
-    from vllm.lora.ops.torch_ops import lora_ops
+@pytest.mark.parametrize("indices", [[1, -1, 0, 2, 1], [1, 1, 1, 1, 1], [-1] * 5, [0, -1, 0, -1, 0], [2, 0, 1, 3, 1]])
+def test_grouped_lora_ops_equal_vllms_ops_and_skip_rows_without_an_adapter(indices):
+    """The grouped LoRA ops the vLLM backend installs on CPU compute what vLLM's PyTorch ops compute,
+    checked on the same inputs, except that a row without an adapter (index -1) gets nothing, where
+    vLLM's ops give it the last slot's product (vllm#48421): one slot, two, more (the gathered path)."""
+    from server.backends.vllm_cpu_lora import GROUPED, vllm_ops
 
-    from server.backends.vllm_cpu_lora import guard_no_lora_rows
-
+    theirs = vllm_ops()
     g = torch.Generator().manual_seed(0)
-    x, a, b = torch.randn(3, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 6, 4, generator=g)
-    idx = torch.tensor([1, -1, 0])
+    idx = torch.tensor(indices)
+    none = idx < 0
+    x = torch.randn(5, 8, generator=g)
+    a, b = torch.randn(4, 1, 3, 8, generator=g), torch.randn(4, 1, 6, 3, generator=g)
 
-    def run():
-        mid, out = torch.zeros(3, 4), torch.ones(3, 6)
-        lora_ops.bgmv_shrink(x, a, mid, idx, 1.0)
-        lora_ops.bgmv_expand(mid, b, out, idx, True)
-        return mid, out
-
-    assert guard_no_lora_rows()
-    mid, out = run()
-    assert torch.equal(mid[1], torch.zeros(4)) and torch.equal(out[1], torch.ones(6))  # row 1 untouched
-    for row, slot in ((0, 1), (2, 0)):
-        torch.testing.assert_close(mid[row], a[slot, 0] @ x[row])
-        torch.testing.assert_close(out[row], 1 + b[slot, 0] @ mid[row])
+    # shrink: overwrites the buffer (zeros for rows without an adapter)
+    want, got = torch.full((5, 3), 7.0), torch.full((5, 3), 7.0)
+    theirs["bgmv_shrink"](x.masked_fill(none[:, None], 0), a, want, idx.clamp(min=0), 0.5)
+    GROUPED["bgmv_shrink"](x, a, got, idx, 0.5)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[none], torch.zeros(int(none.sum()), 3))
+    # expand (adding) and expand_slice: rows without an adapter keep their values
+    mid = torch.randn(5, 3, generator=g)
+    for name, extra, width in (("bgmv_expand", (), 6), ("bgmv_expand_slice", (2, 6), 10)):
+        base = torch.randn(5, width, generator=g)
+        want, got = base.clone(), base.clone()
+        theirs[name](mid.masked_fill(none[:, None], 0), b, want, idx.clamp(min=0), *extra, True)
+        GROUPED[name](mid, b, got, idx, *extra, True)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got[none], base[none])
+    if bool(none.any()):  # what the grouped ops fix: vLLM's own ops give those rows the last slot
+        leaked = torch.zeros(5, 3)
+        theirs["bgmv_shrink"](x, a, leaked, idx, 1.0)
+        assert leaked[none].abs().sum() > 0

@@ -95,8 +95,9 @@ class VllmBackend(TransformersBackend):
                                          step=settings.strength_step, capacity=settings.max_cpu_loras,
                                          on_evict=self._unload_adapter, base_model=str(path))
             self._lora_rank = engine_max_rank(max(adapter_rank(v) for v in per_request_weights.values()))
+            self._lora_modules = _lora_modules(per_request_weights.values())
         self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in activation),
-                                 lora_rank=self._lora_rank if self.adapters else None)
+                                 lora=(self._lora_rank, self._lora_modules) if self.adapters else None)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         runner = self.llm.model_executor.driver_worker.worker.model_runner
         dtype = self.llm.vllm_config.model_config.dtype
@@ -220,6 +221,7 @@ class VllmBackend(TransformersBackend):
         if self.adapters is not None:
             s = self.settings
             info["lora"] = {"strength_step": self.adapters.step, "max_rank": self._lora_rank,
+                            "target_modules": self._lora_modules,
                             "max_loras": s.max_loras, "max_cpu_loras": s.max_cpu_loras,
                             "adapters": self.adapters.loaded(), "made": self.adapters.made}
         return info
@@ -313,7 +315,21 @@ def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) 
     return out
 
 
-def _start_engine(path: Path, settings: Settings, *, gated: bool, lora_rank: int | None = None):
+# vLLM fuses these projections into one layer; its LoRA target names are the fused ones
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}
+
+
+def _lora_modules(vectors) -> list[str]:
+    """vLLM's LoRA target module suffixes for the weights these vectors change (only those layers get
+    LoRA wrappers: the others cost nothing)."""
+    from steer.adapters import lowrank_targets
+
+    suffixes = {name.rsplit(".", 1)[-1] for v in vectors for name in lowrank_targets(v)}
+    return sorted({_FUSED.get(s, s) for s in suffixes})
+
+
+def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[int, list[str]] | None = None):
     from vllm import EngineArgs, LLMEngine
 
     threads = torch.get_num_threads()
@@ -339,19 +355,27 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora_rank: int
         max_num_batched_tokens=max(max_len, 2048) if gated else None,
         seed=0,
         # weight vectors per request: one LoRA adapter per (vector, quantized strength)
-        **({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": settings.max_loras,
-            "max_cpu_loras": settings.max_cpu_loras} if lora_rank else {}),
+        **(_lora_args(settings, *lora) if lora else {}),
     )
-    if lora_rank:
-        from server.backends.vllm_cpu_lora import guard_no_lora_rows
-
-        guard_no_lora_rows()
     try:
         return LLMEngine.from_engine_args(args)
     except Exception as e:  # vLLM's own checks (memory, lengths, dtypes): one line for the operator
         from server.app import StartupError
 
         raise StartupError(f"vLLM could not start {path}: {' '.join(str(e).split())[:600]}") from e
+
+
+def _lora_args(settings: Settings, rank: int, modules: list[str]) -> dict:
+    from vllm.platforms import current_platform
+
+    args = {"enable_lora": True, "max_lora_rank": rank, "max_loras": settings.max_loras,
+            "max_cpu_loras": settings.max_cpu_loras, "lora_target_modules": modules}
+    if current_platform.is_cpu():
+        from server.backends.vllm_cpu_lora import install_grouped_ops
+
+        install_grouped_ops()  # vLLM's PyTorch LoRA ops: a bug and a 3x slowdown (see that module)
+        args["lora_dtype"] = torch.float32  # small float32 matmuls are 3-5x faster than bf16 ones on CPU
+    return args
 
 
 # ------------------------------------------------------------------------------ the engine view
