@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 procs[n] = start_transformers(ports[n], model_dir, cb=n == "transformers-cb")
         for c in clients:
             modes = _modes(names, ports, c, ns.tokens, str(model_dir))
-            for port, model, safeties, body in modes.values():  # warm-up: first requests compile/allocate
-                if port is not None:
-                    asyncio.run(_load(port, safeties[:2], 4, model=model, body=body and _hf_body(4)))
+            for name, (port, model, safeties, body) in modes.items():  # warm-up: first requests compile/allocate
+                if port is not None:  # (and, for LoRA strengths, make each adapter: a first-use cost, see RESULTS)
+                    warm = safeties if name.startswith("steer-vllm-lora") else safeties[:2]
+                    asyncio.run(_load(port, warm, 4, model=model, body=body and _hf_body(4)))
             res = results[str(c)] = {m: [] for m in modes}
             for name in interleaved(list(modes), ns.repeats):
                 port, model, safeties, body = modes[name]
