@@ -10,6 +10,7 @@ serves the same model and vectors for the cross-check.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -254,6 +255,14 @@ def test_weight_vector_per_request_matches_the_embedded_backend_at_its_step(stee
             answers.append(ours["choices"][0]["message"]["content"])
         if asked == 1.0:
             assert all(a != v for a, v in zip(answers, vanilla, strict=True))  # the adapter changed every answer
+    # streaming: the final chunk before [DONE] carries the same echo
+    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": TOKENS, "temperature": 0,
+            "stream": True, "safety": {"strength": 0.53, "vector": "w"}}
+    with httpx.stream("POST", f"{steer_vllm}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    final = json.loads(lines[-2].removeprefix("data: "))
+    assert final["choices"] == [] and final["safety"]["applied_strength"] == 0.55
 
 
 def test_weight_vector_strength_zero_is_vanilla_and_compare_returns_it(steer_vllm, vanilla_vllm):
