@@ -45,6 +45,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 REQUEST_TIMEOUT = 30.0  # seconds for one whole response; longer is a hang
+STREAM_EVENTS = 100_000  # more than any stream within the context (n <= MAX_N rows x the context's tokens)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Examples per operation and generation mode; operations without parameters have one request only.
 EXAMPLES = {"/v1/chat/completions": 90, "/v1/completions": 60}
@@ -82,6 +83,7 @@ def error_envelope(ctx, response, case) -> None:
         assert err["param"] is None or (isinstance(err["param"], str) and err["param"]), err
         assert "Traceback" not in err["message"], err
     elif status == 200 and _is_stream(response):
+        assert not response.stream_cut_short, "the client stopped reading the stream (over STREAM_EVENTS or the timeout)"
         events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
         assert events and events[-1] == "[DONE]", events[-3:]
         for ev in events[:-1]:
@@ -117,7 +119,11 @@ class Run:
 
 @pytest.fixture(scope="module")
 def schema(api: Served):
-    return schemathesis.openapi.from_url(f"{api.srv.base_url}/openapi.json")
+    loaded = schemathesis.openapi.from_url(f"{api.srv.base_url}/openapi.json")
+    # schemathesis stops reading an event stream after 20 events by default (and reports it cut short);
+    # read whole streams, so that the check below sees every event and the closing [DONE]
+    loaded.config.max_stream_events = STREAM_EVENTS
+    return loaded
 
 
 def test_the_fuzzed_operations_are_all_of_them(schema) -> None:
