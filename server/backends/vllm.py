@@ -25,8 +25,8 @@ multi-LoRA: a request's strength, quantized to ``--strength-step``, picks a PEFT
 vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use and kept
 in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
 its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths. Not
-served here yet (a clear startup error, never an unsteered answer): gated weight vectors, and
-per-request activation vectors with ``--tensor-parallel-size`` > 1.
+served here yet (a clear startup error, never an unsteered answer): gated weight vectors, per-request
+activation vectors with ``--tensor-parallel-size`` > 1, and per-request weight vectors with it on CPU.
 """
 
 from __future__ import annotations
@@ -259,6 +259,13 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
     if any(v.kind == "activation" for v in vectors) and settings.tensor_parallel_size > 1:
         raise VectorError("per-request activation vectors are served on --backend vllm only with "
                           "--tensor-parallel-size 1 so far (their hooks run in this process); weight vectors at any size")
+    if any(v.kind == "weight" for v in vectors) and settings.tensor_parallel_size > 1:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():  # the LoRA ops fix (vllm_cpu_lora) reaches only this process
+            raise VectorError("per-request weight vectors on CPU are served with --tensor-parallel-size 1 only: "
+                              "vLLM's CPU LoRA ops in worker processes give rows without an adapter the last "
+                              "adapter's delta (vllm#48421); merge them at load with --merge-vector NAME=STRENGTH")
     other = sorted(v.name for v in vectors if v.kind not in ("activation", "weight"))
     if other:
         raise VectorError(f"{', '.join(other)}: only activation and weight vectors are served on --backend vllm")
