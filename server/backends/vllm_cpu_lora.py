@@ -38,15 +38,15 @@ def _leaks(shrink) -> bool:
 
 # ------------------------------------------------------------------------------ grouped ops
 
-GATHER_SLOTS = 1  # more adapter slots than this in a call of at most GATHER_ROWS rows: one matmul over
-GATHER_ROWS = 128  # all slots (cheap for decode batches, not for prefill: its cost grows with slots x rows)
+ALL_SLOTS_ABOVE = 1  # more adapter slots than this in a call of at most ALL_SLOTS_ROWS rows: one matmul
+ALL_SLOTS_ROWS = 128  # over all slots (cheap for decode batches, not prefill: its cost grows with slots x rows)
 
 
 class _Plan:
     """How one call's rows map to adapter slots. Every LoRA call of a forward pass gets the same
     indices (views of one tensor), so the plan is computed once per pass and reused."""
 
-    __slots__ = ("key", "groups", "gather", "none", "rows", "clamped", "used")
+    __slots__ = ("key", "groups", "all_slots", "none", "rows", "clamped", "used")
 
     def __init__(self, indices: torch.Tensor):
         self.key = _key(indices)
@@ -55,8 +55,8 @@ class _Plan:
         self.clamped = indices.clamp(min=0)
         slots = indices.unique().tolist() if indices.numel() else []
         used = self.used = [s for s in slots if s >= 0]
-        self.gather = len(used) > GATHER_SLOTS and indices.numel() <= GATHER_ROWS
-        if self.gather:
+        self.all_slots = len(used) > ALL_SLOTS_ABOVE and indices.numel() <= ALL_SLOTS_ROWS
+        if self.all_slots:
             self.groups = []
         elif len(slots) == 1:
             self.groups = [(used[0], None)] if used else []  # every row the same slot (or none)
@@ -87,6 +87,21 @@ def _plan(indices: torch.Tensor) -> _Plan:
     return plan
 
 
+_PER_VERSION: dict[tuple, tuple] = {}
+
+
+def _per_version(w: torch.Tensor, what: str, compute):
+    """``compute(w)``, cached until the buffer is written (its version changes); the entry holds the
+    buffer, so no other tensor can take its address while cached."""
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), what)
+    hit = _PER_VERSION.get(key)
+    if hit is not None and hit[0] == w._version:
+        return hit[1]
+    value = compute(w)
+    _PER_VERSION[key] = (w._version, value, w)
+    return value
+
+
 def _weights(w: torch.Tensor, slot: int) -> torch.Tensor:
     m = w[slot]
     return (m.squeeze(0) if m.dim() == 3 else m).float()  # (out, in)
@@ -97,21 +112,14 @@ def _flat_a(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(-1, w.shape[-1]).float()
 
 
-_B_FLAT: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
-
-
 def _flat_b(w: torch.Tensor) -> torch.Tensor:
-    """(slots, 1, out, r) -> (out, slots * r): every slot's B side by side, contiguous. A copy, kept
-    per buffer until vLLM writes into it (loading an adapter into a slot bumps its version). The entry
-    holds the buffer itself, so no other tensor can take its address while it is cached."""
-    key = (w.data_ptr(), tuple(w.shape), w.stride())
-    hit = _B_FLAT.get(key)
-    if hit is not None and hit[0] == w._version:
-        return hit[1]
-    ws = w.squeeze(1) if w.dim() == 4 else w
-    flat = ws.permute(1, 0, 2).reshape(ws.shape[1], -1).float().contiguous()
-    _B_FLAT[key] = (w._version, flat, w)
-    return flat
+    """(slots, 1, out, r) -> (out, slots * r): every slot's B side by side, contiguous (a copy, kept
+    until vLLM writes into the buffer)."""
+    def flatten(w: torch.Tensor) -> torch.Tensor:
+        ws = w.squeeze(1) if w.dim() == 4 else w
+        return ws.permute(1, 0, 2).reshape(ws.shape[1], -1).float().contiguous()
+
+    return _per_version(w, "flat_b", flatten)
 
 
 def _all_slots_shrink(x: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -134,20 +142,6 @@ def _all_slots_expand(x: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Te
 # strength. Slots that relate so are found once per buffer version (vLLM writes a slot when it loads an
 # adapter into it), and a call whose slots are all one such family costs what a single adapter costs:
 # x @ A for every row, then (mid * each row's scale) @ B.
-
-_FAMILY: dict[tuple, tuple] = {}
-
-
-def _per_version(w: torch.Tensor, what: str, compute):
-    """``compute(w)``, cached until the buffer is written (its version changes); the entry holds the
-    buffer, so no other tensor can take its address while cached."""
-    key = (w.data_ptr(), tuple(w.shape), w.stride(), what)
-    hit = _FAMILY.get(key)
-    if hit is not None and hit[0] == w._version:
-        return hit[1]
-    value = compute(w)
-    _FAMILY[key] = (w._version, value, w)
-    return value
 
 
 def _a_classes(w: torch.Tensor) -> list[int]:
@@ -212,7 +206,7 @@ def grouped_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, s
         y = (x @ _weights(lora_a_weights, ref).t()).mul_(scaling)
         out.copy_(y.masked_fill_(plan.none[:, None], 0) if bool(plan.none.any()) else y)
         return
-    if plan.gather:
+    if plan.all_slots:
         out.copy_(_all_slots_shrink(x, lora_a_weights, plan).mul_(scaling))
         return
     if len(plan.groups) != 1 or plan.groups[0][1] is not None:
@@ -237,7 +231,7 @@ def _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, lo:
         y = ((x * scale[:, None]) @ _weights(lora_b_weights, ref)[:width].t()).to(target.dtype)
         target.add_(y) if add_inputs else target.copy_(y)
         return
-    if plan.gather:  # rows without an adapter add zeros
+    if plan.all_slots:  # rows without an adapter add zeros
         y = _all_slots_expand(x, lora_b_weights[..., :width, :], plan).to(target.dtype)
         target.add_(y) if add_inputs else target.copy_(y)
         return
