@@ -288,7 +288,7 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
         metrics.compare.inc()
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     if req.stream:
-        gen = _stream(backend, metrics, prepared, meta, safety, req.include_usage, endpoint)
+        gen = _stream(backend, metrics, prepared, meta, safety, req.include_usage, endpoint, req.include_baseline)
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await _collect(backend, metrics, prepared, meta, safety, endpoint, request)
 
@@ -369,19 +369,26 @@ async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint:
     return r.completion_response(meta, rows.choices(n, False), usage, safety, baseline)
 
 
-async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str
-                  ) -> AsyncIterator[str]:
+async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str,
+                  include_baseline: bool = False) -> AsyncIterator[str]:
     t0 = time.perf_counter()
     n, rows, first, started = prepared.inp.n, _Rows(prepared.inp.n), None, set()
     try:
         async with aclosing(backend.generate(prepared)) as events:
             async for ev in events:
                 rows.add(ev)
-                if ev.baseline or (not ev.text and ev.finish_reason is None):
+                if not ev.text and ev.finish_reason is None:
+                    continue
+                finish = ev.finish_reason if ev.finish_reason != "cancelled" else None
+                if ev.baseline:
+                    if include_baseline:
+                        role = None if (ev.index, True) in started else "assistant"
+                        started.add((ev.index, True))
+                        yield r.sse_line(r.baseline_chunk(meta, ev.index, role=role, content=ev.text,
+                                                          finish_reason=finish))
                     continue
                 if first is None:
                     first = time.perf_counter() - t0
-                finish = ev.finish_reason if ev.finish_reason != "cancelled" else None
                 if meta.kind == "chat":
                     role = None if ev.index in started else "assistant"
                     started.add(ev.index)

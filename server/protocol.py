@@ -60,6 +60,11 @@ class SafetyOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    include_baseline: StrictBool = Field(
+        False, description="With safety.compare: also stream the baseline's text as it is generated, in "
+        "chunks with no choices and a 'baseline' holding the baseline's choice deltas (the whole baseline "
+        "still comes on the final chunk).",
+    )
 
 
 class ChatMessageIn(BaseModel):
@@ -171,6 +176,10 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def include_baseline(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_baseline)
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, name of the field it came from), so an error names what the client sent."""

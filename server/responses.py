@@ -149,6 +149,28 @@ def completion_chunk(
     return meta.body("text_completion", [choice])
 
 
+def baseline_chunk(
+    meta: ResponseMeta,
+    index: int = 0,
+    *,
+    role: str | None = None,
+    content: str = "",
+    finish_reason: FinishReason | None = None,
+) -> dict[str, Any]:
+    """New text of one baseline choice while it streams (``stream_options.include_baseline``): a chunk
+    with no choices (so a client reading ``choices`` sees nothing) and the baseline choice's delta under
+    ``baseline``, shaped like a steered chunk's choice (``delta`` for chat, ``text`` for completions)."""
+    if meta.kind == "chat":
+        delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
+        choice: dict[str, Any] = {"index": index, "delta": delta}
+        object_ = "chat.completion.chunk"
+    else:
+        choice, object_ = {"index": index, "text": content}, "text_completion"
+    body = meta.body(object_, [])
+    body["baseline"] = {"choices": [choice | {"logprobs": None, "finish_reason": finish_reason}]}
+    return body
+
+
 def final_chunk(
     meta: ResponseMeta, usage: Usage | None, safety: Mapping[str, Any], baseline: Baseline | None = None
 ) -> dict[str, Any]:

@@ -318,6 +318,44 @@ def test_raw_sse_wire_format(api: Served) -> None:
     assert text == answer(api, PROMPTS[0], WEAK)
 
 
+@pytest.mark.parametrize("path", [_CHAT, "/v1/completions"])
+def test_stream_include_baseline_streams_the_baseline(api: Served, path: str) -> None:
+    """stream_options.include_baseline: the baseline's text arrives as it is generated, in chunks with no
+    choices (a client reading only choices sees the usual stream), and still whole on the final chunk."""
+    n = 2
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "n": n, "stream": True,
+                            "stream_options": {"include_baseline": True}, "safety": {"strength": WEAK, "compare": True}}
+    body |= {"messages": msgs(PROMPTS[1])} if path == _CHAT else {"prompt": PROMPTS[1]}
+    with api.http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        payloads = [json.loads(e) for e in sse_events(r.iter_lines())[:-1]]
+    *chunks, final = payloads
+    steered = [p for p in chunks if p["choices"]]
+    base = [p for p in chunks if not p["choices"]]
+    assert all("baseline" not in p for p in steered) and all(set(p["baseline"]) == {"choices"} for p in base)
+    assert all("safety" not in p for p in chunks)
+    delta = (lambda c: c["delta"].get("content", "")) if path == _CHAT else (lambda c: c["text"])
+    for i in range(n):
+        mine = [c for p in base for c in p["baseline"]["choices"] if c["index"] == i]
+        assert len(mine) >= 2, "the baseline should stream in several chunks"
+        assert "".join(delta(c) for c in mine) == (
+            final["baseline"]["choices"][i]["message"]["content"] if path == _CHAT else
+            final["baseline"]["choices"][i]["text"])
+        assert [c["finish_reason"] for c in mine][-1] == "length"
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        if path == _CHAT:
+            assert [c["delta"].get("role") for c in mine] == ["assistant"] + [None] * (len(mine) - 1)
+        steered_text = "".join(delta(c) for p in steered for c in p["choices"] if c["index"] == i)
+        assert steered_text != "".join(delta(c) for c in mine)  # two different answers, not one twice
+    assert final["choices"] == [] and final["safety"]["strength"] == WEAK
+    assert final["baseline"]["choices"][0]["finish_reason"] == "length"
+    # without compare there is no baseline to stream
+    body["safety"] = {"strength": WEAK}
+    with api.http.stream("POST", path, json=body) as r:
+        payloads = [json.loads(e) for e in sse_events(r.iter_lines())[:-1]]
+    assert all("baseline" not in p for p in payloads) and all(p["choices"] for p in payloads[:-1])
+
+
 # ---------------------------------------------------------------- /v1/completions
 
 
