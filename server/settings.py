@@ -7,6 +7,7 @@ None so that an env var is not shadowed by a flag the user never typed.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import typing
@@ -75,6 +76,12 @@ class Settings(BaseModel):
         "ones are dropped beyond it, and made again on their next use).",
     )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
+    playground: bool | None = Field(
+        None,
+        description="Serve the playground page at / and /playground (a browser client of this API: steered "
+        "and baseline answers side by side, strength sweeps). Omitted: on when --host is a loopback "
+        "address (127.0.0.1, ::1, localhost), off otherwise. --no-playground turns it off.",
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     default_strength: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Safety strength for requests that do not set one."
@@ -172,6 +179,10 @@ class Settings(BaseModel):
                              "per-request weight vector can be gated")
         return self
 
+    def playground_enabled(self) -> bool:
+        """--playground as set, else on only where the server listens on a loopback address."""
+        return self.playground if self.playground is not None else is_loopback(self.host)
+
     def merged(self) -> dict[str, float]:
         """--merge-vector parsed: {name: strength}."""
         out: dict[str, float] = {}
@@ -216,6 +227,17 @@ class Settings(BaseModel):
         return cls(**data)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address ("localhost", 127.0.0.0/8, ::1). "0.0.0.0", "::", "" and
+    any other name are not: they may be reachable from other machines."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _items(raw: str | None) -> list[str]:
     return [x.strip() for x in (raw or "").split(",") if x.strip()]
 
@@ -248,16 +270,24 @@ def _cli_type(annotation: Any) -> tuple[Any, list[str] | None]:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per Settings field (help = the field description; default None)."""
     for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"env {ENV_PREFIX}{name.upper()}"
+        if bool in typing.get_args(field.annotation) or field.annotation is bool:
+            # --flag / --no-flag; neither given: None, so the environment or the field's default decides
+            shown = "auto" if field.default is None else ("on" if field.default else "off")
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{field.description} [{env}=1|0; default: {shown}]")
+            continue
         arg_type, choices = _cli_type(field.annotation)
         shown = "none" if field.default is None or field.repr is False else field.default
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag,
             dest=name,
             type=arg_type,
             choices=choices,
             default=None,
             metavar=None if choices else name.upper(),
-            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}; default: {shown}]",
+            help=f"{field.description} [{env}; default: {shown}]",
         )
 
 
