@@ -24,6 +24,7 @@ from conftest import make_model
 from server.app import playground_html
 from server.cli import _parser
 from server.settings import Settings, settings_from_args
+from steer.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -290,3 +291,30 @@ def test_keyboard_only_send(tab: Tab, api: Served) -> None:
         reached.add(page.evaluate("document.activeElement.id"))
     assert {"prompt", "vector", "strength-slider", "strength", "compare", "temperature", "top-p", "max-tokens",
             "seed", "send", "sweep-strengths", "sweep"} <= reached, reached
+
+
+def test_error_inside_the_stream_is_shown(tab: Tab, api: Served, monkeypatch) -> None:
+    """A forward pass that fails after the answer has begun: the API reports it as an SSE error event after
+    its 200, and the page shows that message (not a half answer passed off as done)."""
+    step, steps = Engine.step, []
+
+    def faulty(self):
+        steps.append(1)
+        if len(steps) == 4:
+            raise RuntimeError("injected engine fault")
+        return step(self)
+
+    page = tab.page
+    page.locator("#prompt").fill("hello world")
+    page.locator("#max-tokens").fill(str(MAX_TOKENS))
+    monkeypatch.setattr(Engine, "step", faulty)
+    page.locator("#send").click()
+    tab.wait_idle()
+    monkeypatch.undo()
+    steered = tab.card("#steered")
+    assert steered["state"] == "error" and steered["chunks"] >= 1, steered
+    assert re.fullmatch(r"the model failed while generating; retry \(request id [\w.-]+\)", tab.alert()), tab.alert()
+    assert "injected" not in tab.alert()
+    page.locator("#send").click()  # the server recovered, and so does the page
+    tab.wait_idle()
+    assert tab.card("#steered")["state"] == "done" and tab.alert() == ""
