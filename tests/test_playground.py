@@ -14,11 +14,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from api_utils import API_KEY, DEFAULT_STRENGTH, MAX_STRENGTH, MODEL, Served, chat, serve
+from api_utils import API_KEY, DEFAULT_STRENGTH, MAX_STRENGTH, MODEL, Served, chat, serve, wait
 from conftest import make_model
 
 from server.app import playground_html
@@ -318,3 +319,24 @@ def test_error_inside_the_stream_is_shown(tab: Tab, api: Served, monkeypatch) ->
     page.locator("#send").click()  # the server recovered, and so does the page
     tab.wait_idle()
     assert tab.card("#steered")["state"] == "done" and tab.alert() == ""
+
+
+def test_escape_stops_a_running_answer(tab: Tab, api: Served, monkeypatch) -> None:
+    step = Engine.step
+
+    def slow(self):  # a slow model: the answer is still streaming when Escape is pressed
+        time.sleep(0.05)
+        return step(self)
+
+    page = tab.page
+    page.locator("#prompt").fill("hello world")
+    page.locator("#max-tokens").fill("200")
+    monkeypatch.setattr(Engine, "step", slow)
+    page.locator("#prompt").press("Control+Enter")
+    page.locator("#steered[data-state=streaming] .answer:not(:empty)").wait_for(state="attached")
+    page.keyboard.press("Escape")
+    tab.wait_idle()
+    steered = tab.card("#steered")
+    assert steered["state"] == "stopped" and 1 <= steered["chunks"] < 150, steered
+    assert page.locator("#status").inner_text() == "stopped" and tab.alert() == ""
+    assert wait(lambda: api.backend.engine.running == 0), "the server should free the rows of a closed stream"
