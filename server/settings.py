@@ -53,8 +53,8 @@ class Settings(BaseModel):
     )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
     tensor_parallel_size: int = Field(
-        1, ge=1, description="vLLM backend: GPUs the model is split over (tensor parallel). Activation vectors "
-        "are served only at 1 (their hooks run in this process)."
+        1, ge=1, description="vLLM backend: GPUs (on CPU: worker processes, each bound to its own CPUs) the "
+        "model is split over (tensor parallel). Every vector kind is served at any size."
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, allow_inf_nan=False,

@@ -11,6 +11,7 @@ serves the same model and vectors for the cross-check.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -312,10 +313,8 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
              (["--vectors", str(weight_dir), "--max-loras", "8", "--max-cpu-loras", "4"],
               "need max_loras <= max_cpu_loras"),
              (["--vectors", str(weight_dir), "--merge-vector", "nope=1"], "--merge-vector names nope"),
-             (["--vectors", str(weight_dir), "--tensor-parallel-size", "2"],
-              "per-request weight vectors on CPU are served with --tensor-parallel-size 1 only"),
-             (["--vectors", str(vdir), "--default-vector", "push", "--tensor-parallel-size", "2"],
-              "per-request activation vectors are served on --backend vllm only with --tensor-parallel-size 1"),
+             (["--vectors", str(weight_dir), "--tensor-parallel-size", str(len(os.sched_getaffinity(0)) + 1)],
+              "on CPU needs at least"),
              (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
               "only weight vectors can be merged"),
              (["--vectors", str(vdir), "--default-vector", "push", "--dtype", "float32", "--max-batch-size", "100000"],
@@ -534,3 +533,37 @@ def test_fused_lora_linear_needs_one_ratio_per_slot_across_slices():
     got = base.clone()
     L.fused_add_lora_linear(w, got, x, a_stacked, b_stacked, 1.0, slices)
     torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices, indices))
+
+
+# ------------------------------------------------------------------ tensor parallel
+
+
+def test_tensor_parallel_serves_every_vector_kind_as_one_process_does(vllm_model, steer_vllm):
+    """--tensor-parallel-size 2: vLLM runs the model in two worker processes (on CPU each bound to its
+    own CPUs). The activation hooks (gate included) and the LoRA ops fix are installed in every worker,
+    and each answer, and each gate decision, is the single-process server's, alone and batched."""
+    d, vdir, _ = vllm_model
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
+           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
+           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--tensor-parallel-size", "2",
+           "--port", str(port)]
+    cases = [(p, s, v) for p in PROMPTS[:2] for v, s in (("push", 0.0), ("push", 1.0), ("w", 0.5), ("w", 1.0))]
+    cases += [(p, s, "gated") for p in (OPEN, CLOSED) for s in (0.0, 2.0)]
+    with server_process(cmd, port) as url:
+        info = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["steer"]
+        assert info["lora"]["max_loras"] == 2
+        one = {c: _complete(steer_vllm, *c) for c in cases}
+        two = {c: _complete(url, *c) for c in cases}
+        with ThreadPoolExecutor(len(cases)) as pool:
+            batched = dict(zip(cases, pool.map(lambda c: _complete(url, *c), cases), strict=True))
+    for c in cases:
+        for got in (two[c], batched[c]):
+            assert got["choices"][0]["message"]["content"] == one[c]["choices"][0]["message"]["content"], c
+            assert got["safety"] == one[c]["safety"], c
+    texts = {c: two[c]["choices"][0]["message"]["content"] for c in cases}
+    # each gate decided as in one process: open for OPEN (steered), closed for CLOSED (vanilla)
+    assert texts[(OPEN, 2.0, "gated")] != texts[(OPEN, 0.0, "gated")]
+    assert texts[(CLOSED, 2.0, "gated")] == texts[(CLOSED, 0.0, "gated")]
+    assert texts[(PROMPTS[0], 1.0, "push")] != texts[(PROMPTS[0], 0.0, "push")]  # the hooks acted
+    assert texts[(PROMPTS[0], 1.0, "w")] != texts[(PROMPTS[0], 0.0, "push")]  # the adapters acted

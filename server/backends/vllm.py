@@ -24,9 +24,13 @@ Weight vectors merged at load (``--merge-vector NAME=S``) are merged into a cach
 multi-LoRA: a request's strength, quantized to ``--strength-step``, picks a PEFT adapter holding the
 vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use and kept
 in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
-its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths. Not
-served here yet (a clear startup error, never an unsteered answer): gated weight vectors, per-request
-activation vectors with ``--tensor-parallel-size`` > 1, and per-request weight vectors with it on CPU.
+its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths.
+
+With ``--tensor-parallel-size`` > 1 vLLM runs the model in one worker process per rank: the hooks (and,
+on CPU, the LoRA ops fix of :mod:`server.backends.vllm_cpu_lora`) are installed in every worker through
+vLLM's ``collective_rpc`` (:class:`_WorkerHooks`), and gate decisions are read back from them. On a CPU
+host with one NUMA node the workers are bound to disjoint CPU sets (vLLM's own binding needs a node per
+worker). Not served here yet (a clear startup error, never an unsteered answer): gated weight vectors.
 """
 
 from __future__ import annotations
@@ -99,11 +103,16 @@ class VllmBackend(TransformersBackend):
         self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in activation),
                                  lora=(self._lora_rank, self._lora_modules) if self.adapters else None)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
-        runner = self.llm.model_executor.driver_worker.worker.model_runner
         dtype = self.llm.vllm_config.model_config.dtype
-        steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=self._matched[v.name] == "transfer")
-                    for v in activation}
-        self.hooks = _Hooks(runner, steerers, {v.name: v.sha256 for v in activation})
+        transfer = {v.name: self._matched[v.name] == "transfer" for v in activation}
+        shas = {v.name: v.sha256 for v in activation}
+        if settings.tensor_parallel_size == 1:  # the model runs in this process
+            runner = self.llm.model_executor.driver_worker.worker.model_runner
+            steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=transfer[v.name]) for v in activation}
+            self.hooks = _Hooks(runner, steerers, shas)
+        else:  # in vLLM's worker processes, one per rank: the hooks and the LoRA ops fix are installed there
+            self.hooks = _WorkerHooks(self.llm, activation, transfer, shas, str(dtype).removeprefix("torch."),
+                                      lora_fix=self.adapters is not None)
         self.runtime = None  # the hooks stay installed; strength 0 rows pass through untouched
         self._kernels = {"dtype": str(dtype).removeprefix("torch."), "linear_weights": "vllm",
                          "how": "vllm", "reason": f"vLLM {_vllm_version()} ({self.llm.vllm_config.device_config.device})"}
@@ -127,11 +136,10 @@ class VllmBackend(TransformersBackend):
             self.engine.add(Sequence(list(ids), SamplingParams(max_tokens=1, temperature=0.0), name, 1.0))
         while self.engine.has_work():
             self.engine.step()
-        missing = sorted(set(names) - self.hooks.ran)
+        missing = sorted(set(names) - self.hooks.take_ran())
         if missing:
             raise RuntimeError(f"vLLM ran its forward pass without this server's steering hooks for {', '.join(missing)}; "
                                "refusing to serve unsteered answers")
-        self.hooks.ran.clear()
 
     def _probe_adapters(self) -> None:
         """Each per-request weight vector at strength 1 before serving: its adapter must load and move the
@@ -256,16 +264,6 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
         raise VectorError("--gate-with: gated weight vectors are not served on --backend vllm yet; use "
                           "--backend transformers")
     vectors = [v for v in vectors if v.name not in settings.merged()]
-    if any(v.kind == "activation" for v in vectors) and settings.tensor_parallel_size > 1:
-        raise VectorError("per-request activation vectors are served on --backend vllm only with "
-                          "--tensor-parallel-size 1 so far (their hooks run in this process); weight vectors at any size")
-    if any(v.kind == "weight" for v in vectors) and settings.tensor_parallel_size > 1:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():  # the LoRA ops fix (vllm_cpu_lora) reaches only this process
-            raise VectorError("per-request weight vectors on CPU are served with --tensor-parallel-size 1 only: "
-                              "vLLM's CPU LoRA ops in worker processes give rows without an adapter the last "
-                              "adapter's delta (vllm#48421); merge them at load with --merge-vector NAME=STRENGTH")
     other = sorted(v.name for v in vectors if v.kind not in ("activation", "weight"))
     if other:
         raise VectorError(f"{', '.join(other)}: only activation and weight vectors are served on --backend vllm")
@@ -346,6 +344,8 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[in
     from steer.models import load_config
 
     dtype = {"auto": "auto", "bfloat16": "bfloat16", "float32": "float32"}[settings.dtype]
+    if settings.tensor_parallel_size > 1:
+        _bind_cpu_workers(settings.tensor_parallel_size)
     # as the embedded backend: the setting, capped at the model's context
     ctx = getattr(load_config(path), "max_position_embeddings", None)
     max_len = min(settings.max_model_len, int(ctx)) if ctx else settings.max_model_len
@@ -370,6 +370,34 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[in
         from server.app import StartupError
 
         raise StartupError(f"vLLM could not start {path}: {' '.join(str(e).split())[:600]}") from e
+
+
+def _bind_cpu_workers(tp: int) -> None:
+    """vllm-cpu binds each tensor-parallel worker's threads to a NUMA node of its own and refuses to start
+    on a host with fewer nodes than workers (one-node hosts: most VMs). There, unless the operator set
+    VLLM_CPU_OMP_THREADS_BIND, this process's CPUs are split into ``tp`` contiguous groups, one per
+    worker; fewer CPUs than workers is a startup error."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    try:
+        nodes = sum(n.startswith("node") and n[4:].isdigit() for n in os.listdir("/sys/devices/system/node"))
+    except OSError:
+        nodes = 1
+    if nodes >= tp:
+        return  # vLLM's own binding (auto) works
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tp:
+        from server.app import StartupError
+
+        raise StartupError(f"--tensor-parallel-size {tp} on CPU needs at least {tp} CPUs, this process has "
+                           f"{len(cpus)}")
+    per = len(cpus) // tp
+    groups = [cpus[i * per:(i + 1) * per] for i in range(tp)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+    log.info("vLLM CPU workers bound to CPUs %s (one NUMA node; set VLLM_CPU_OMP_THREADS_BIND to choose)",
+             os.environ["VLLM_CPU_OMP_THREADS_BIND"])
 
 
 def _lora_args(settings: Settings, rank: int, modules: list[str]) -> dict:
@@ -497,6 +525,8 @@ class VllmEngine:
                 self.adapters.release(adapter)
             raise
         self.rows[rid] = _Row(seq, rid, adapter=adapter)
+        if gated:
+            self.hooks.expect_gate(rid)
 
     def _end(self, rid: str) -> _Row:
         row = self.rows.pop(rid)
@@ -577,6 +607,13 @@ class _Hooks:
     def pop_gate(self, rid: str) -> float | None:
         return self.gates.pop(rid, None)
 
+    def expect_gate(self, rid: str) -> None:
+        """A gated request was submitted (the worker-process hooks use it to skip needless calls)."""
+
+    def take_ran(self) -> set[str]:
+        ran, self.ran = self.ran, set()
+        return ran
+
     def _begin(self, module, args) -> None:
         """Before the decoder stack: map this pass's token rows to requests and their steering."""
         self.step = None
@@ -655,3 +692,83 @@ class _Hooks:
 def _our_id(rid: str) -> str:
     """vLLM's internal request id is ours plus '-' and 8 random characters."""
     return rid.rsplit("-", 1)[0]
+
+
+# ------------------------------------------------------------------------------ tensor parallel
+
+# With --tensor-parallel-size > 1 vLLM runs the model in one worker process per rank. Every rank holds the
+# whole residual stream at a decoder layer's input (it is all-reduced after each layer), so the same
+# hooks installed in every worker steer, and decide gates, identically; each request's steering reaches
+# the workers inside its SamplingParams. This process talks to them through vLLM's collective_rpc.
+
+_WORKER: dict = {}  # in a worker process: its _Hooks
+
+
+def _worker_install(worker, vectors: list, transfer: dict, shas: dict, dtype: str, lora_fix: bool) -> dict:
+    import torch as _torch
+
+    if lora_fix:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from server.backends.vllm_cpu_lora import install_grouped_ops
+
+            install_grouped_ops()
+    steerers = {v.name: ActivationSteerer(v, dtype=getattr(_torch, dtype), transfer=transfer[v.name]) for v in vectors}
+    _WORKER["hooks"] = _Hooks(worker.model_runner, steerers, shas)
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    return {"pid": os.getpid(), "rank": getattr(worker, "rank", None), "hooks": sorted(steerers),
+            "lora_fix": bool(getattr(lora_ops.bgmv_shrink, "__steer_grouped__", False))}
+
+
+def _worker_pop_gates(worker, rids: list[str]) -> list:
+    hooks = _WORKER["hooks"]
+    return [hooks.pop_gate(r) for r in rids]
+
+
+def _worker_take_ran(worker) -> list[str]:
+    return sorted(_WORKER["hooks"].take_ran())
+
+
+class _WorkerHooks:
+    """The main process's view of the hooks in vLLM's worker processes (tensor parallel): the same
+    interface as :class:`_Hooks`. Gate decisions are read from the workers when a gated request ends;
+    the ranks must agree, or the server fails the request rather than guess."""
+
+    def __init__(self, llm, vectors: list[SafetyVector], transfer: dict, shas: dict, dtype: str, *, lora_fix: bool):
+        self.llm, self.shas = llm, shas
+        self.steerers = {v.name: ActivationSteerer(v, dtype=torch.float32, transfer=transfer[v.name]) for v in vectors}
+        self.expected: set[str] = set()
+        self.workers = llm.collective_rpc(_worker_install, args=(vectors, transfer, shas, dtype, lora_fix))
+        if lora_fix and not all(w["lora_fix"] for w in self.workers):
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                raise RuntimeError("the LoRA ops fix did not reach every vLLM worker; refusing to serve weight "
+                                   "vectors whose unsteered rows could get a steered delta (vllm#48421)")
+        log.info("steering hooks installed in %d vLLM workers (pids %s)", len(self.workers),
+                 ", ".join(str(w["pid"]) for w in self.workers))
+
+    def gated(self, name: str) -> bool:
+        st = self.steerers.get(name)
+        return st is not None and st.gate is not None
+
+    def sha(self, name: str) -> str:
+        return self.shas[name][:16]
+
+    def expect_gate(self, rid: str) -> None:
+        self.expected.add(rid)
+
+    def pop_gate(self, rid: str) -> float | None:
+        if rid not in self.expected:
+            return None
+        self.expected.discard(rid)
+        per_rank = [d[0] for d in self.llm.collective_rpc(_worker_pop_gates, args=([rid],))]
+        if len(set(per_rank)) > 1:
+            raise RuntimeError(f"tensor-parallel ranks decided the gate differently for {rid}: {per_rank}")
+        return per_rank[0]
+
+    def take_ran(self) -> set[str]:
+        ran = [set(r) for r in self.llm.collective_rpc(_worker_take_ran)]
+        return set.intersection(*ran) if ran else set()

@@ -319,7 +319,7 @@ class _Fused:
 
     def __init__(self, key: tuple, a_stacked, b_stacked):
         self.key = key
-        self.keep = (tuple(a_stacked), tuple(b_stacked))  # hold the buffers: their addresses stay ours
+        self.keep = (a_stacked, b_stacked)  # held: their ids and addresses stay theirs while cached
         self.slices = [(a, b, _a_classes(a), *_b_scales(b)) for a, b in zip(a_stacked, b_stacked, strict=True)]
         self.decisions: dict[tuple, tuple | None] = {}
 
@@ -354,9 +354,11 @@ def _canonical(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(a_stacked, b_stacked, used: tuple, widths) -> tuple | None:
-    key = tuple((t.data_ptr(), t._version) for t in a_stacked) + tuple((t.data_ptr(), t._version) for t in b_stacked)
+    # the entry holds the stacked tuples themselves (their ids cannot be reused while it lives); a write
+    # into any slot (vLLM loading an adapter) bumps that buffer's version
+    key = tuple(t._version for t in a_stacked) + tuple(t._version for t in b_stacked)
     entry = _FUSED.get(id(a_stacked))
-    if entry is None or entry.key != key:
+    if entry is None or entry.key != key or entry.keep[1] is not b_stacked:
         entry = _FUSED[id(a_stacked)] = _Fused(key, a_stacked, b_stacked)
     try:
         return entry.decisions[used]
@@ -375,8 +377,8 @@ def _row_scale(plan: _Plan, scale: torch.Tensor) -> torch.Tensor:
 def fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                           add_inputs: bool = True, **kwargs):
     indices = self.token_lora_indices
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.view(-1, y.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
     width = sum(output_slices)
     target = y2 if width == y2.shape[1] else y2[:, :width]
 
