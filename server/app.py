@@ -327,6 +327,7 @@ class _Rows:
         self.text = {(i, b): "" for i in range(n) for b in (False, True)}
         self.finish: dict[tuple[int, bool], str] = {}
         self.tokens = {(i, b): 0 for i in range(n) for b in (False, True)}
+        self.gate: dict[int, bool | None] = {}
 
     def add(self, ev) -> None:
         key = (ev.index, ev.baseline)
@@ -334,6 +335,17 @@ class _Rows:
         self.tokens[key] = ev.n_tokens
         if ev.finish_reason:
             self.finish[key] = ev.finish_reason
+            if not ev.baseline:
+                self.gate[ev.index] = getattr(ev, "gate", None)
+
+    def safety(self, safety: dict, spec, n: int) -> dict:
+        """The response's ``safety`` with what steering did to each choice: ``steered`` (a vector acted
+        on it: strength > 0 and its gate, if it has one, open) and ``gate`` (the gate's decision; null
+        for a vector without a gate, or where none was decided)."""
+        acting = spec.strength > 0 and bool(spec.vector)
+        per = [{"index": i, "steered": acting and self.gate.get(i) is not False, "gate": self.gate.get(i)}
+               for i in range(n)]
+        return {**safety, "choices": per}
 
     def choices(self, n: int, baseline: bool) -> list[r.Choice]:
         return [r.Choice(self.text[(i, baseline)], self.finish.get((i, baseline), "stop")) for i in range(n)]
@@ -393,7 +405,8 @@ async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint:
     if prepared.steering.compare:
         baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    return r.completion_response(meta, rows.choices(n, False), usage, safety, baseline)
+    return r.completion_response(meta, rows.choices(n, False), usage, rows.safety(safety, prepared.steering, n),
+                                 baseline)
 
 
 async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str,
@@ -432,7 +445,8 @@ async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_us
     if prepared.steering.compare:
         baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    yield r.sse_line(r.final_chunk(meta, usage if include_usage else None, safety, baseline))
+    yield r.sse_line(r.final_chunk(meta, usage if include_usage else None, rows.safety(safety, prepared.steering, n),
+                                   baseline))
     yield r.SSE_DONE
 
 

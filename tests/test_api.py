@@ -168,6 +168,14 @@ def test_safety_vectors_endpoint(api: Served, api_vector, api_model) -> None:
 # ---------------------------------------------------------------- chat: non-streaming
 
 
+def echoed(strength: float, *, vector: str | None = "refusal", kind: str | None = "activation", n: int = 1) -> dict:
+    """The ``safety`` echo for this module's ungated vector: each choice steered exactly when the
+    strength is above 0 and a vector is in play, no gate decision."""
+    acting = strength > 0 and vector is not None
+    return {"strength": strength, "vector": vector, "kind": kind,
+            "choices": [{"index": i, "steered": acting, "gate": None} for i in range(n)]}
+
+
 def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenizer) -> None:
     r = chat(api, PROMPTS[1])  # no `safety`: the server default applies
     assert r.object == "chat.completion"
@@ -181,11 +189,7 @@ def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenize
     assert r.usage.completion_tokens == MAX_TOKENS
     assert r.usage.prompt_tokens == prompt_len(tiny_tokenizer, PROMPTS[1])
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert ext(r, "safety") == {
-        "strength": api.settings.default_strength,
-        "vector": "refusal",
-        "kind": "activation",
-    }
+    assert ext(r, "safety") == echoed(api.settings.default_strength)
     assert ext(r, "baseline") is None
     # the default is really applied, not just reported
     assert choice.message.content == answer(api, PROMPTS[1], DEFAULT_STRENGTH)
@@ -194,7 +198,7 @@ def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenize
 
 def test_explicit_strength_and_vector_are_echoed(api: Served) -> None:
     r = chat(api, safety={"strength": STRONG, "vector": "refusal"})
-    assert ext(r, "safety") == {"strength": STRONG, "vector": "refusal", "kind": "activation"}
+    assert ext(r, "safety") == echoed(STRONG)
     assert r.choices[0].message.content == answer(api, PROMPTS[0], STRONG)  # vector omitted: the default one
 
 
@@ -202,7 +206,8 @@ def test_strength_zero_is_the_vanilla_model(api: Served, vanilla: Served) -> Non
     for prompt in PROMPTS:
         steered0 = chat(api, prompt, 0)
         plain = chat(vanilla, prompt)  # vanilla server: no vectors, no hooks, default strength 0
-        assert ext(plain, "safety") == {"strength": 0.0, "vector": None, "kind": None}
+        assert ext(plain, "safety") == echoed(0.0, vector=None, kind=None)
+        assert ext(steered0, "safety") == echoed(0.0)
         assert steered0.choices[0].message.content == plain.choices[0].message.content, prompt
         assert steered0.usage.to_dict() == plain.usage.to_dict()
 
@@ -229,7 +234,7 @@ def test_vanilla_server_refuses_steering_without_vectors(vanilla: Served) -> Non
 def test_compare_returns_the_strength_zero_baseline(api: Served, strength: float) -> None:
     for prompt in PROMPTS[:3]:
         r = chat(api, prompt, strength, safety={"compare": True})
-        assert ext(r, "safety") == {"strength": strength, "vector": "refusal", "kind": "activation"}
+        assert ext(r, "safety") == echoed(strength)
         baseline = ext(r, "baseline")
         assert set(baseline) == {"choices", "usage"}
         [b] = baseline["choices"]
@@ -274,7 +279,7 @@ def test_chat_stream_matches_non_stream(api: Served) -> None:
     assert final.choices == []
     assert final.usage is not None and final.usage.completion_tokens == MAX_TOKENS
     assert final.usage.total_tokens == final.usage.prompt_tokens + MAX_TOKENS
-    assert ext(final, "safety") == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    assert ext(final, "safety") == echoed(WEAK)
     baseline = ext(final, "baseline")
     assert baseline["choices"][0]["message"]["content"] == answer(api, prompt, 0)
     assert baseline["choices"][0]["finish_reason"] == "length"
@@ -308,11 +313,7 @@ def test_raw_sse_wire_format(api: Served) -> None:
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
     final = payloads[-1]
-    assert final["choices"] == [] and final["safety"] == {
-        "strength": WEAK,
-        "vector": "refusal",
-        "kind": "activation",
-    }
+    assert final["choices"] == [] and final["safety"] == echoed(WEAK)
     assert final["usage"]["completion_tokens"] == MAX_TOKENS
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-1])
     assert text == answer(api, PROMPTS[0], WEAK)
@@ -368,7 +369,7 @@ def test_completions_non_stream_and_stream(api: Served, tiny_tokenizer) -> None:
     assert isinstance(choice.text, str) and choice.finish_reason == "length"
     assert r.usage.prompt_tokens == len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert r.usage.completion_tokens == MAX_TOKENS
-    assert ext(r, "safety") == {"strength": WEAK, "vector": "refusal", "kind": "activation"}
+    assert ext(r, "safety") == echoed(WEAK)
     baseline = ext(r, "baseline")
     zero = api.client.completions.create(**kw, extra_body=safety_body(0))
     assert baseline["choices"][0]["text"] == zero.choices[0].text
@@ -435,6 +436,7 @@ def test_n_streaming_matches_non_streaming(api: Served) -> None:
         assert finishes[i][-1] == plain.choices[i].finish_reason and not any(finishes[i][:-1])
     assert ext(final, "baseline") == ext(plain, "baseline")
     assert len(ext(final, "baseline")["choices"]) == 2
+    assert ext(final, "safety") == ext(plain, "safety") == echoed(WEAK, n=2)
 
 
 def test_stop_sequence_truncates_the_answer(api: Served) -> None:

@@ -37,7 +37,8 @@ def test_harmful_prompt_is_refused_at_default_strength(client):
     c, _ = client
     resp = _ask(c, HARMFUL, compare=True)  # default strength, with the vanilla answer beside it
     extra = resp.model_extra
-    assert extra["safety"] == {"strength": 1.0, "vector": "refusal", "kind": "activation"}
+    assert extra["safety"] == {"strength": 1.0, "vector": "refusal", "kind": "activation",
+                               "choices": [{"index": 0, "steered": True, "gate": True}]}  # the gate opened
     baseline = extra["baseline"]["choices"][0]["message"]["content"]
     steered = resp.choices[0].message.content
     assert not is_refusal(baseline), f"vanilla model should answer; got {baseline!r}"

@@ -170,7 +170,12 @@ def test_prefix_cache_keeps_steered_and_unsteered_answers_apart(steer_vllm, embe
     assert got[0] == got[2] != got[1] == got[3]
 
 
-def test_gate_is_decided_per_request_from_its_own_prompt(steer_vllm):
+@pytest.mark.parametrize("server", ["steer_vllm", "embedded"])
+def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
+    """Each request's gate from its own prompt, alone and batched, on both backends: counted in /metrics
+    and echoed per choice in ``safety.choices`` (``gate``, ``steered``), streamed too."""
+    steer_vllm = request.getfixturevalue(server)
+
     def gate_counts() -> dict[str, float]:
         text = httpx.get(f"{steer_vllm}/metrics", timeout=30).text
         return {f: float(line.rsplit(" ", 1)[1]) for f in ("true", "false") for line in text.splitlines()
@@ -184,6 +189,15 @@ def test_gate_is_decided_per_request_from_its_own_prompt(steer_vllm):
     after = gate_counts()
     assert after.get("true", 0) - before.get("true", 0) == 1
     assert after.get("false", 0) - before.get("false", 0) == 1
+    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True}]
+    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False}]
+    assert _complete(steer_vllm, OPEN, 0.0, "gated")["safety"]["choices"] == [{"index": 0, "steered": False,
+                                                                               "gate": None}]
+    body = {"messages": [{"role": "user", "content": CLOSED}], "max_tokens": TOKENS, "temperature": 0,
+            "stream": True, "safety": {"strength": 2.0, "vector": "gated"}}
+    with httpx.stream("POST", f"{steer_vllm}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-2].removeprefix("data: "))["safety"]["choices"] == closed["safety"]["choices"]
     # in one batch: each row's own gate
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda p: _text(steer_vllm, p, 2.0, "gated"), [OPEN, CLOSED]))

@@ -18,6 +18,9 @@ class RowEvent:
     text: str
     n_tokens: int
     finish_reason: str | None
+    # on a steered row's last event: its vector's gate decision (True: open, False: closed), None where
+    # the vector has no gate or no gate was decided (strength 0, baseline rows, cancelled before prefill)
+    gate: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,7 @@ class TransformersBackend:
     async def generate(self, req: Prepared) -> AsyncIterator[RowEvent]:
         job = self._job(req)
         by_id = {s.id: (i, b) for i, b, s in job.rows}
+        seqs = {s.id: s for _, _, s in job.rows}
         self._submit(job)
         self._inflight.add(id(job))
         try:
@@ -232,9 +233,13 @@ class TransformersBackend:
                     raise APIError(500, f"internal error while generating (request id {job.request_id})",
                                    type=SERVER_ERROR)
                 i, b = by_id[item.seq_id]
+                gate = None
                 if item.finish_reason is not None:
                     job.remaining.discard(item.seq_id)
-                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason)
+                    s = seqs[item.seq_id]
+                    decided = s.gate.get(s.vector) if not b and s.strength > 0 and s.vector else None
+                    gate = None if decided is None else bool(decided)
+                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason, gate)
         finally:
             self._inflight.discard(id(job))
             if job.remaining:  # consumer left early or a row failed: free the other rows
