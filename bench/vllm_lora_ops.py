@@ -6,8 +6,8 @@ the shipped weight vector at 8 strengths exported by ``steer.adapters.export_lor
 each in its own process:
 
   vllm   vLLM's defaults: its PyTorch LoRA ops, every supported layer wrapped, adapters in the model dtype
-  steer  what ``steer serve --backend vllm`` sets on CPU: the grouped ops of
-         server/backends/vllm_cpu_lora.py, LoRA only on the layers the vector changes, float32 adapters
+  steer  what ``steer serve --backend vllm`` sets on CPU: the grouped ops and the fused add_lora_linear
+         of server/backends/vllm_cpu_lora.py, LoRA only on the layers the vector changes, float32 adapters
 
 Reports tok/s per K (median of --repeats) and K / K=0 ratios; greedy tokens per K are compared between
 the two configurations (the first 16 of each request). Writes bench/results/vllm_lora_ops.json.
