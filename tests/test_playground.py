@@ -229,7 +229,7 @@ def test_send_streams_both_columns(tab: Tab, api: Served) -> None:
     assert steered["echo"]["safety.strength"] == str(PICKED)
     assert steered["echo"]["safety.vector"] == "refusal" and steered["echo"]["safety.kind"] == "activation"
     # what steering did to the answer: this module's vector has no gate, and it acted
-    assert steered["echo"]["safety.gate"] == "none (no gate)" and steered["echo"]["safety.steered"] == "yes"
+    assert steered["echo"]["safety.gate"] == "n/a (no gate, or not evaluated)" and steered["echo"]["safety.steered"] == "yes"
     assert steered["echo"]["finish_reason"] == "length" and steered["echo"]["completion_tokens"] == str(MAX_TOKENS)
     assert baseline["echo"]["strength"].startswith("0 ") and baseline["echo"]["finish_reason"] == "length"
     assert tab.alert() == ""
