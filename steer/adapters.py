@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,11 @@ class AdapterCache:
     ``acquire`` returns the adapter for (vector, quantized strength), making it if needed, and counts
     a user; ``release`` uncounts. Beyond ``capacity`` the least recently used adapter with no users is
     dropped: ``on_evict(adapter)`` (an engine unloads it) and its files removed. Adapters in use are
-    never dropped, so the cache may exceed its capacity while every adapter is in use."""
+    never dropped, so the cache may exceed its capacity while every adapter is in use.
+
+    ``ready`` lets an engine keep serving while an adapter is written: it starts writing a missing
+    adapter on a background thread (once per adapter) and says whether ``acquire`` would now return
+    without writing files; a write that failed is raised by the next ``acquire``."""
 
     def __init__(self, vectors: dict[str, SafetyVector], model_config, root: Path, *, step: float, capacity: int,
                  on_evict: Callable[[Adapter], None] = lambda a: None, base_model: str | None = None) -> None:
@@ -165,28 +170,85 @@ class AdapterCache:
         self._next_id = 1
         self._lock = threading.Lock()
         self.made = 0  # adapters written (first uses and re-makes after eviction)
+        self._making: dict[tuple[str, float], Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="steer-adapters")
 
     def quantize(self, strength: float) -> float:
         return quantize_strength(strength, self.step)
 
-    def acquire(self, vector: str, strength: float) -> Adapter:
+    def _key(self, vector: str, strength: float) -> tuple[str, float]:
         q = self.quantize(strength)
         if q == 0:
             raise ValueError("strength 0 is the vanilla model: no adapter")
+        return vector, q
+
+    def _new(self, key: tuple[str, float]) -> Adapter:
+        """Write the adapter for ``key`` (never with the lock held: writing takes a while)."""
         with self._lock:
-            key = (vector, q)
-            ad = self._lru.get(key)
-            if ad is None:
-                ad = Adapter(vector, q, self._next_id, self.root / f"{vector}-{self._next_id}")
-                self._next_id += 1
-                export_lora(self.vectors[vector], q, ad.path, self.model_config, base_model=self.base_model)
-                self.made += 1
-                log.info("made LoRA adapter %s (id %d)", ad.name, ad.id)
-                self._lru[key] = ad
-            self._lru.move_to_end(key)
-            ad.users += 1
-            self._evict()
-            return ad
+            ad = Adapter(key[0], key[1], self._next_id, self.root / f"{key[0]}-{self._next_id}")
+            self._next_id += 1
+        export_lora(self.vectors[key[0]], key[1], ad.path, self.model_config, base_model=self.base_model)
+        log.info("made LoRA adapter %s (id %d)", ad.name, ad.id)
+        return ad
+
+    def _keep(self, key: tuple[str, float], ad: Adapter) -> Adapter:
+        """Add a freshly written adapter (lock held); if another write of the same key got there first,
+        keep that one and delete this one's files."""
+        self.made += 1
+        kept = self._lru.setdefault(key, ad)
+        if kept is not ad:
+            shutil.rmtree(ad.path, ignore_errors=True)
+        return kept
+
+    def _make_in_background(self, key: tuple[str, float]) -> None:
+        ad = self._new(key)  # an exception stays in the future, for acquire() to raise
+        with self._lock:
+            self._keep(key, ad)
+            self._making.pop(key, None)
+
+    def ready(self, vector: str, strength: float) -> bool:
+        key = self._key(vector, strength)
+        with self._lock:
+            if key in self._lru:
+                return True
+            fut = self._making.get(key)
+            if fut is None:
+                self._making[key] = self._pool.submit(self._make_in_background, key)
+                return False
+            return fut.done()
+
+    def pending(self) -> list[Future]:
+        """Adapters being written (an engine with nothing else to do waits on these)."""
+        with self._lock:
+            return [f for f in self._making.values() if not f.done()]
+
+    def acquire(self, vector: str, strength: float) -> Adapter:
+        key = self._key(vector, strength)
+        while True:
+            with self._lock:
+                ad = self._lru.get(key)
+                if ad is not None:
+                    return self._use(key, ad)
+                fut = self._making.get(key)
+            if fut is None:
+                break
+            try:  # being written in the background: wait for it, then look again
+                fut.result()
+            except BaseException:  # the write failed: this request fails, the next one retries
+                with self._lock:
+                    if self._making.get(key) is fut:
+                        del self._making[key]
+                raise
+        made = self._new(key)
+        with self._lock:
+            return self._use(key, self._keep(key, made))
+
+    def _use(self, key: tuple[str, float], ad: Adapter) -> Adapter:
+        """Count a user and mark recently used (lock held: no eviction can come between)."""
+        self._lru.move_to_end(key)
+        ad.users += 1
+        self._evict()
+        return ad
 
     def release(self, ad: Adapter) -> None:
         with self._lock:
@@ -211,4 +273,5 @@ class AdapterCache:
             return [a.name for a in self._lru.values()]
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.root, ignore_errors=True)

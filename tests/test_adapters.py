@@ -150,3 +150,50 @@ def test_adapters_of_dead_servers_are_removed(tiny_qwen, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{os.getppid()}-def", "notes", cache.root.name])
     assert cache.root.name.startswith(f"{os.getpid()}-")
     cache.close()
+
+
+def test_adapters_are_written_in_the_background(tiny_qwen, tmp_path, monkeypatch):
+    """``ready`` starts writing a missing adapter on a background thread (once) and says when
+    ``acquire`` would not write files; ``acquire`` then returns that adapter without writing another. A
+    background write that fails fails the next ``acquire`` (one request), and the one after retries."""
+    import threading
+
+    import steer.adapters as adapters
+
+    cache = AdapterCache({"w": make_weight_vector(tiny_qwen, name="w")}, tiny_qwen.config, tmp_path,
+                         step=0.1, capacity=4)
+    gate, real = threading.Event(), adapters.export_lora
+    writers = []
+
+    def slow_export(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapters, "export_lora", slow_export)
+    assert cache.ready("w", 0.5) is False
+    assert cache.ready("w", 0.5) is False and len(cache.pending()) == 1  # one write, not two
+    assert cache.made == 0 and cache.loaded() == []
+    gate.set()
+    for f in cache.pending():
+        f.result(timeout=30)
+    assert cache.ready("w", 0.5) is True and cache.made == 1
+    a = cache.acquire("w", 0.5)
+    assert cache.made == 1 and a.users == 1 and (a.path / "adapter_config.json").exists()
+    assert writers == ["steer-adapters_0"]  # written off the caller's thread
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapters, "export_lora", broken)
+    assert cache.ready("w", 1.0) is False
+    for f in cache.pending():
+        f.exception(timeout=30)
+    assert cache.ready("w", 1.0) is True  # done: acquire will not block, it reports the failure
+    with pytest.raises(OSError, match="disk full"):
+        cache.acquire("w", 1.0)
+    monkeypatch.setattr(adapters, "export_lora", real)
+    assert cache.ready("w", 1.0) is False  # the next request writes it again
+    b = cache.acquire("w", 1.0)  # waits for that write
+    assert b.name == "w@1" and cache.made == 2 and cache.loaded() == ["w@0.5", "w@1"]
+    cache.close()

@@ -22,8 +22,8 @@ prefix-cache entries are salted with its vector and strength, so steered and uns
 Weight vectors merged at load (``--merge-vector NAME=S``) are merged into a cached checkpoint
 (:func:`merged_checkpoint`) that vLLM loads. Weight vectors per request are served through vLLM's
 multi-LoRA: a request's strength, quantized to ``--strength-step``, picks a PEFT adapter holding the
-vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use and kept
-in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
+vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use (on a
+background thread: the request waits, the batch does not) and kept in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
 its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths.
 
 With ``--tensor-parallel-size`` > 1 vLLM runs the model in one worker process per rank: the hooks (and,
@@ -462,17 +462,32 @@ class VllmEngine:
     def has_work(self) -> bool:
         return bool(self.pending) or bool(self.rows)
 
+    def _waits_for_adapter(self, seq: Sequence) -> bool:
+        """Its strength's adapter is still being written (in the background: the batch goes on)."""
+        if seq.strength <= 0 or self.adapters is None or seq.vector not in self.adapters.vectors:
+            return False
+        return not self.adapters.ready(seq.vector, seq.strength)
+
     def step(self) -> list[Event]:
         events = self._drop_cancelled()
+        waiting: list[Sequence] = []
         while self.pending and len(self.rows) < self.max_rows:
             seq = self.pending.pop(0)
+            if self._waits_for_adapter(seq):
+                waiting.append(seq)
+                continue
             try:
                 self._submit(seq)
             except _AdapterFailed as e:  # this row fails (500, logged); the batch goes on
                 seq.finish_reason, seq.error = "error", str(e.__cause__ or e)
                 events.append(Event(seq.id, "", 0, "error"))
+        self.pending[:0] = waiting  # first in line once their adapters are written
         self.last_step = {"rows": len(self.rows)}
         if not self.rows:
+            if waiting and not events:  # nothing to run until an adapter is written: wait, don't spin
+                import concurrent.futures
+
+                concurrent.futures.wait(self.adapters.pending(), timeout=0.05)
             return events
         for out in self.llm.step():
             row = self.rows.get(out.request_id)
