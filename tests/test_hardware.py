@@ -280,10 +280,11 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_EN
 
 @needs_onednn
 @pytest.mark.skipif(not detect().avx2, reason="emulating an AVX2 host needs AVX2 hardware")
-def test_real_probe_under_avx2_emulation_picks_the_hybrid():
+def test_real_probe_under_avx2_emulation_picks_its_best_candidate():
     """torch limited to AVX2 (as on an AVX2-only host): no oneDNN bf16, so the probe decides, on the real
-    shapes of the demo model. Measured here: one row is ~2x faster through bf16's gemv (half the bytes),
-    8 rows ~3x and 128 rows 4-5x faster through packed float32: the hybrid wins, plain bf16 never."""
+    shapes of the demo model, and serves the candidate it measured fastest. Which one that is, is a
+    measurement, not asserted here (usually the hybrid or packed float32; on an Intel AMX host under
+    emulation float32+plain has won a run): see bench/RESULTS.md, "Speed on AVX2-only hosts"."""
     import os
 
     code = (
@@ -299,4 +300,5 @@ def test_real_probe_under_avx2_emulation_picks_the_hybrid():
     assert caps["torch_capability"] == "AVX2" and caps["onednn_bf16"] is False
     assert choice["how"] == "probe" and set(choice["probe"]) == {F32_PACKED, F32_PLAIN, BF16_PLAIN, F32_HYBRID}
     assert got["s"] < 4
-    assert choice["linear_weights"] in ("hybrid", "packed") and choice["linear_weights"] != "plain", choice
+    scores = {k: v["score"] for k, v in choice["probe"].items()}
+    assert f"{choice['dtype']}+{choice['linear_weights']}" == min(scores, key=scores.get), choice
