@@ -714,6 +714,7 @@ def test_metrics_endpoint(api: Served) -> None:
     assert metric_value(text, "steer_request_latency_seconds_bucket", {"endpoint": _CHAT, "le": "+Inf"}) >= 2
     assert metric_value(text, "steer_completion_tokens_total") >= 2 * MAX_TOKENS
     assert metric_value(text, "steer_batch_size") is not None
+    assert "steer_gate_total{" not in text  # this module's vector has no gate: no gate decisions counted
 
 
 # ---------------------------------------------------------------- disconnect

@@ -423,9 +423,11 @@ class TransformersBackend:
         self._send(job, replace(failure, message=f"{failure.message} (request id {job.request_id})"))
 
     def _gate_value(self, job: _Job, seq_id: int):
+        """(vector, fired) for a steered row whose vector's gate was decided; None otherwise (a vector
+        without a gate is not counted as a gate that fired)."""
         for _, baseline, s in job.rows:
-            if s.id == seq_id and not baseline and s.strength > 0:
-                return s.vector, bool(s.gate.get(s.vector, 1.0))
+            if s.id == seq_id and not baseline and s.strength > 0 and s.vector in s.gate:
+                return s.vector, bool(s.gate[s.vector])
         return None
 
     def _observe(self) -> None:
