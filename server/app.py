@@ -336,7 +336,7 @@ class _Rows:
         if ev.finish_reason:
             self.finish[key] = ev.finish_reason
             if not ev.baseline:
-                self.gate[ev.index] = getattr(ev, "gate", None)
+                self.gate[ev.index] = ev.gate
 
     def safety(self, safety: dict, spec, n: int) -> dict:
         """The response's ``safety`` with what steering did to each choice: ``steered`` (a vector acted

@@ -68,6 +68,13 @@ class _Stopped(Exception):
     """Raised on the worker thread by a stop request, to leave the loop through its one exit."""
 
 
+def _row_gate(seq: Sequence, baseline: bool) -> bool | None:
+    """A row's gate decision: True (open) or False (closed) for a steered row whose vector's gate was
+    decided; None for baseline rows, strength 0, vectors without a gate, and rows ended before it."""
+    if baseline or seq.strength <= 0 or not seq.vector or seq.vector not in seq.gate:
+        return None
+    return bool(seq.gate[seq.vector])
+
 class TransformersBackend:
     def __init__(self, settings: Settings, *, model=None, tokenizer=None, vectors: list[SafetyVector] | None = None,
                  metrics: Metrics | None = None):
@@ -236,9 +243,7 @@ class TransformersBackend:
                 gate = None
                 if item.finish_reason is not None:
                     job.remaining.discard(item.seq_id)
-                    s = seqs[item.seq_id]
-                    decided = s.gate.get(s.vector) if not b and s.strength > 0 and s.vector else None
-                    gate = None if decided is None else bool(decided)
+                    gate = _row_gate(seqs[item.seq_id], b)
                 yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason, gate)
         finally:
             self._inflight.discard(id(job))
@@ -426,8 +431,9 @@ class TransformersBackend:
         """(vector, fired) for a steered row whose vector's gate was decided; None otherwise (a vector
         without a gate is not counted as a gate that fired)."""
         for _, baseline, s in job.rows:
-            if s.id == seq_id and not baseline and s.strength > 0 and s.vector in s.gate:
-                return s.vector, bool(s.gate[s.vector])
+            if s.id == seq_id:
+                fired = _row_gate(s, baseline)
+                return None if fired is None else (s.vector, fired)
         return None
 
     def _observe(self) -> None:

@@ -23,8 +23,9 @@ Weight vectors merged at load (``--merge-vector NAME=S``) are merged into a cach
 (:func:`merged_checkpoint`) that vLLM loads. Weight vectors per request are served through vLLM's
 multi-LoRA: a request's strength, quantized to ``--strength-step``, picks a PEFT adapter holding the
 vector's low-rank factors scaled by that strength (:mod:`steer.adapters`), made on first use (on a
-background thread: the request waits, the batch does not) and kept in a bounded LRU (``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys
-its prefix cache by adapter, and adapter ids are never reused, so KV never crosses strengths.
+background thread: the request waits, the batch does not) and kept in a bounded LRU
+(``--max-cpu-loras``); strength 0 routes to no adapter, i.e. vanilla vLLM. vLLM keys its prefix cache
+by adapter, and adapter ids are never reused, so KV never crosses strengths.
 
 With ``--tensor-parallel-size`` > 1 vLLM runs the model in one worker process per rank: the hooks (and,
 on CPU, the LoRA ops fix of :mod:`server.backends.vllm_cpu_lora`) are installed in every worker through
@@ -35,6 +36,7 @@ worker). Not served here yet (a clear startup error, never an unsteered answer):
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -111,8 +113,7 @@ class VllmBackend(TransformersBackend):
             steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=transfer[v.name]) for v in activation}
             self.hooks = _Hooks(runner, steerers, shas)
         else:  # in vLLM's worker processes, one per rank: the hooks and the LoRA ops fix are installed there
-            self.hooks = _WorkerHooks(self.llm, activation, transfer, shas, str(dtype).removeprefix("torch."),
-                                      lora_fix=self.adapters is not None)
+            self.hooks = _WorkerHooks(self.llm, activation, transfer, shas, dtype, lora_fix=self.adapters is not None)
         self.runtime = None  # the hooks stay installed; strength 0 rows pass through untouched
         self._kernels = {"dtype": str(dtype).removeprefix("torch."), "linear_weights": "vllm",
                          "how": "vllm", "reason": f"vLLM {_vllm_version()} ({self.llm.vllm_config.device_config.device})"}
@@ -401,16 +402,25 @@ def _bind_cpu_workers(tp: int) -> None:
 
 
 def _lora_args(settings: Settings, rank: int, modules: list[str]) -> dict:
-    from vllm.platforms import current_platform
 
     args = {"enable_lora": True, "max_lora_rank": rank, "max_loras": settings.max_loras,
             "max_cpu_loras": settings.max_cpu_loras, "lora_target_modules": modules}
-    if current_platform.is_cpu():
-        from server.backends.vllm_cpu_lora import install_grouped_ops
-
-        install_grouped_ops()  # vLLM's PyTorch LoRA ops: a bug and a 3x slowdown (see that module)
+    if _install_cpu_lora_fix():
         args["lora_dtype"] = torch.float32  # small float32 matmuls are 3-5x faster than bf16 ones on CPU
     return args
+
+
+def _install_cpu_lora_fix() -> bool:
+    """On CPU, replace vLLM's PyTorch LoRA ops in this process (a bug and a 3x slowdown: see
+    :mod:`server.backends.vllm_cpu_lora`); True if on CPU."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from server.backends.vllm_cpu_lora import install_grouped_ops
+
+    install_grouped_ops()
+    return True
 
 
 # ------------------------------------------------------------------------------ the engine view
@@ -485,8 +495,6 @@ class VllmEngine:
         self.last_step = {"rows": len(self.rows)}
         if not self.rows:
             if waiting and not events:  # nothing to run until an adapter is written: wait, don't spin
-                import concurrent.futures
-
                 concurrent.futures.wait(self.adapters.pending(), timeout=0.05)
             return events
         for out in self.llm.step():
@@ -591,7 +599,22 @@ class _Step:
     multiplier: dict[str, torch.Tensor] = field(default_factory=dict)  # vector -> (T,) strength * gate
 
 
-class _Hooks:
+class _HookInfo:
+    """What the engine view asks of the hooks wherever they run: which vectors are gated, and the hash a
+    steered request's prefix-cache salt carries."""
+
+    steerers: dict[str, ActivationSteerer]
+    shas: dict[str, str]
+
+    def gated(self, name: str) -> bool:
+        st = self.steerers.get(name)
+        return st is not None and st.gate is not None
+
+    def sha(self, name: str) -> str:
+        return self.shas[name][:16]
+
+
+class _Hooks(_HookInfo):
     """Forward-pre-hooks on vLLM's decoder layers: per-token activation steering and gates."""
 
     def __init__(self, runner, steerers: dict[str, ActivationSteerer], shas: dict[str, str]):
@@ -611,13 +634,6 @@ class _Hooks:
         for st in steerers.values():
             for ly in sorted(st.layers()):
                 layers[ly].register_forward_pre_hook(self._layer_hook(st, ly), with_kwargs=True)
-
-    def gated(self, name: str) -> bool:
-        st = self.steerers.get(name)
-        return st is not None and st.gate is not None
-
-    def sha(self, name: str) -> str:
-        return self.shas[name][:16]
 
     def pop_gate(self, rid: str) -> float | None:
         return self.gates.pop(rid, None)
@@ -719,17 +735,10 @@ def _our_id(rid: str) -> str:
 _WORKER: dict = {}  # in a worker process: its _Hooks
 
 
-def _worker_install(worker, vectors: list, transfer: dict, shas: dict, dtype: str, lora_fix: bool) -> dict:
-    import torch as _torch
-
+def _worker_install(worker, vectors: list, transfer: dict, shas: dict, dtype: torch.dtype, lora_fix: bool) -> dict:
     if lora_fix:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            from server.backends.vllm_cpu_lora import install_grouped_ops
-
-            install_grouped_ops()
-    steerers = {v.name: ActivationSteerer(v, dtype=getattr(_torch, dtype), transfer=transfer[v.name]) for v in vectors}
+        _install_cpu_lora_fix()
+    steerers = {v.name: ActivationSteerer(v, dtype=dtype, transfer=transfer[v.name]) for v in vectors}
     _WORKER["hooks"] = _Hooks(worker.model_runner, steerers, shas)
     from vllm.lora.ops.torch_ops import lora_ops
 
@@ -746,12 +755,13 @@ def _worker_take_ran(worker) -> list[str]:
     return sorted(_WORKER["hooks"].take_ran())
 
 
-class _WorkerHooks:
+class _WorkerHooks(_HookInfo):
     """The main process's view of the hooks in vLLM's worker processes (tensor parallel): the same
     interface as :class:`_Hooks`. Gate decisions are read from the workers when a gated request ends;
     the ranks must agree, or the server fails the request rather than guess."""
 
-    def __init__(self, llm, vectors: list[SafetyVector], transfer: dict, shas: dict, dtype: str, *, lora_fix: bool):
+    def __init__(self, llm, vectors: list[SafetyVector], transfer: dict, shas: dict, dtype: torch.dtype, *,
+                 lora_fix: bool):
         self.llm, self.shas = llm, shas
         self.steerers = {v.name: ActivationSteerer(v, dtype=torch.float32, transfer=transfer[v.name]) for v in vectors}
         self.expected: set[str] = set()
@@ -764,13 +774,6 @@ class _WorkerHooks:
                                    "vectors whose unsteered rows could get a steered delta (vllm#48421)")
         log.info("steering hooks installed in %d vLLM workers (pids %s)", len(self.workers),
                  ", ".join(str(w["pid"]) for w in self.workers))
-
-    def gated(self, name: str) -> bool:
-        st = self.steerers.get(name)
-        return st is not None and st.gate is not None
-
-    def sha(self, name: str) -> str:
-        return self.shas[name][:16]
 
     def expect_gate(self, rid: str) -> None:
         self.expected.add(rid)

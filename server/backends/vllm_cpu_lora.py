@@ -58,7 +58,7 @@ class _Plan:
         slots = indices.unique().tolist() if indices.numel() else []
         used = self.used = [s for s in slots if s >= 0]
         self.used_t = tuple(used)
-        self.row_scales: dict[int, torch.Tensor] = {}
+        self.row_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(scale) -> (scale, per row)
         self.all_slots = len(used) > ALL_SLOTS_ABOVE and indices.numel() <= ALL_SLOTS_ROWS
         if self.all_slots:
             self.groups = []
@@ -332,10 +332,9 @@ class _Fused:
             ca, rb = classes[used[0]], refs[used[0]]
             if rb < 0 or any(classes[s] != ca or refs[s] != rb for s in used):
                 return None
-            mine = scale[list(used)]
             if scales is None:
                 scales = scale
-            elif not torch.allclose(scales[list(used)], mine, rtol=1e-5, atol=0):
+            elif not torch.allclose(scales[list(used)], scale[list(used)], rtol=1e-5, atol=0):
                 return None
             a_parts.append(_weights(a, ca))
             b_parts.append(_weights(b, rb)[:width])
@@ -349,7 +348,10 @@ _SCALES: dict[tuple, torch.Tensor] = {}
 
 
 def _canonical(scale: torch.Tensor) -> torch.Tensor:
-    """One tensor object per distinct scale vector, so a forward pass's plan computes each row scale once."""
+    """One tensor object per distinct scale vector, so a forward pass's plan computes each row scale once
+    for all layers. Bounded: slot contents change as adapters come and go."""
+    if len(_SCALES) >= 256:
+        _SCALES.clear()
     return _SCALES.setdefault(tuple(scale.tolist()), scale)
 
 
@@ -368,10 +370,21 @@ def _fused(a_stacked, b_stacked, used: tuple, widths) -> tuple | None:
 
 
 def _row_scale(plan: _Plan, scale: torch.Tensor) -> torch.Tensor:
-    s = plan.row_scales.get(id(scale))
-    if s is None:
-        s = plan.row_scales[id(scale)] = scale[plan.clamped].masked_fill(plan.none, 0)[:, None]
-    return s
+    """Each row's scale (0 for rows without an adapter), once per plan and scale vector (the entry holds
+    the vector, so another one cannot take its id)."""
+    hit = plan.row_scales.get(id(scale))
+    if hit is None or hit[0] is not scale:
+        hit = plan.row_scales[id(scale)] = (scale, scale[plan.clamped].masked_fill(plan.none, 0)[:, None])
+    return hit[1]
+
+
+def _vllm_linear(self, y, x, target, lora_a_stacked, lora_b_stacked, scale, output_slices, add_inputs: bool,
+                 buffer, kwargs):
+    """vLLM's own CPU add_lora_linear (over the grouped ops); it always adds, so an overwrite
+    (add_inputs=False: vLLM's CUDA dual-stream path) zeroes the target first."""
+    if not add_inputs:
+        target.zero_()
+    return _VLLM_LINEAR[0](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
 
 
 def fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
@@ -381,15 +394,9 @@ def fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, out
     y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
     width = sum(output_slices)
     target = y2 if width == y2.shape[1] else y2[:, :width]
-
-    def theirs():  # vLLM's CPU add_lora_linear always adds (add_inputs=False is its CUDA dual-stream path)
-        if not add_inputs:
-            target.zero_()
-        return _VLLM_LINEAR[0](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
-                               **kwargs)
-
     if indices.numel() != x2.shape[0]:
-        return theirs()
+        return _vllm_linear(self, y, x, target, lora_a_stacked, lora_b_stacked, scale, output_slices, add_inputs,
+                            buffer, kwargs)
     plan = _plan(indices)
     if not plan.used:  # no row has an adapter
         if not add_inputs:
@@ -397,7 +404,8 @@ def fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, out
         return None
     fused = _fused(lora_a_stacked, lora_b_stacked, plan.used_t, output_slices)
     if fused is None:
-        return theirs()
+        return _vllm_linear(self, y, x, target, lora_a_stacked, lora_b_stacked, scale, output_slices, add_inputs,
+                            buffer, kwargs)
     a_cat, b_bd, slot_scale = fused
     mid = torch.mm(x2.float(), a_cat.t())
     row = _row_scale(plan, slot_scale)
