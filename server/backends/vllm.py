@@ -344,7 +344,7 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[in
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
     from steer.models import load_config
 
-    dtype = {"auto": "auto", "bfloat16": "bfloat16", "float32": "float32"}[settings.dtype]
+    dtype = _engine_dtype(settings.dtype)
     if settings.tensor_parallel_size > 1:
         _bind_cpu_workers(settings.tensor_parallel_size)
     # as the embedded backend: the setting, capped at the model's context
@@ -373,6 +373,21 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[in
         raise StartupError(f"vLLM could not start {path}: {' '.join(str(e).split())[:600]}") from e
 
 
+def _engine_dtype(asked: str) -> str:
+    """vLLM's dtype. 'auto' on CPU follows the embedded backend's rule: the checkpoint's dtype (vLLM's
+    auto) where the host has oneDNN bf16, float32 where it has not (AVX2 hosts, where vLLM's bf16 CPU
+    path has no fast kernel; under AVX2 emulation on an AMX host it died on an illegal instruction)."""
+    if asked != "auto":
+        return asked
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "auto"
+    from steer import hardware
+
+    return "auto" if hardware.detect().onednn_bf16 else "float32"
+
+
 def _bind_cpu_workers(tp: int) -> None:
     """vllm-cpu binds each tensor-parallel worker's threads to a NUMA node of its own and refuses to start
     on a host with fewer nodes than workers (one-node hosts: most VMs). There, unless the operator set
@@ -394,6 +409,14 @@ def _bind_cpu_workers(tp: int) -> None:
 
         raise StartupError(f"--tensor-parallel-size {tp} on CPU needs at least {tp} CPUs, this process has "
                            f"{len(cpus)}")
+    from steer import hardware
+
+    if hardware.detect().torch_capability != "AVX512" and "TORCH_COMPILE_DISABLE" not in os.environ:
+        # torch limited to AVX2 (inductor then vectorizes for AVX2): vLLM's torch.compile'd vocab-parallel
+        # masking (get_masked_input_and_mask) gave worker ranks out-of-range token ids (seen under AVX2
+        # emulation, with plain vLLM too; eager is right). The workers, spawned after this, run it eagerly
+        # (the model itself is eager anyway)
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
     per = len(cpus) // tp
     groups = [cpus[i * per:(i + 1) * per] for i in range(tp)]
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
