@@ -6,6 +6,10 @@ One tiny random qwen2 (head size 32, which vLLM's CPU attention supports) saved 
 of two prompts, so one opens and one stays closed). The vanilla reference is vLLM's own OpenAI server
 (``python -m vllm.entrypoints.openai.api_server``) on the same checkpoint; the embedded backend
 serves the same model and vectors for the cross-check.
+
+On a CUDA machine the same tests run on vLLM's GPU kernels (``make test-gpu``): each vLLM process gets
+:func:`vllm_args`, the tests of the CPU LoRA op replacements are skipped, and so are the token-for-token
+cross-checks with the embedded backend (see ``VLLM_DTYPE``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,25 @@ OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the laz
 TOKENS = 8
 GATE_LAYER = 1
 MAX_CPU_LORAS = 3
+
+CUDA = torch.cuda.is_available()
+# vLLM's dtype in this module. On CPU float32, the embedded backend's here, so that their answers compare
+# token for token. On a GPU bfloat16: vLLM's Triton LoRA kernels (weight vectors per request) take fp16 and
+# bf16 only, and the embedded backend runs on the CPU, so the cross-checks with it are skipped there.
+VLLM_DTYPE = "bfloat16" if CUDA else "float32"
+cpu_only = pytest.mark.skipif(CUDA, reason="checks the CPU LoRA op replacements (server/backends/vllm_cpu_lora.py), "
+                              "which the backend installs only on CPU; on a GPU vLLM's own LoRA kernels run")
+vs_embedded = pytest.mark.skipif(CUDA, reason="compares vLLM with the embedded backend token for token in float32; "
+                                 "on a GPU vLLM runs bfloat16 here (its LoRA kernels take no float32)")
+
+
+def vllm_args(gpu_share: float = 0.15) -> list[str]:
+    """The engine args every vLLM process of this module gets (``steer serve --backend vllm`` and vLLM's own
+    api_server take both): its dtype, and on a GPU a small share of GPU memory, since up to four run at
+    once on it (steer_vllm, vanilla_vllm, one test's own server or a tensor-parallel rank), where vLLM's
+    default 0.9 would leave the second none. Nothing else differs by device: the backend itself picks
+    the CPU-only parts (LoRA op fix, worker CPU binding, dtype ``auto``)."""
+    return ["--dtype", VLLM_DTYPE, *(["--gpu-memory-utilization", str(gpu_share)] if CUDA else [])]
 
 
 def _chat_ids(tok, prompt: str) -> list[int]:
@@ -77,7 +100,7 @@ def steer_vllm(vllm_model) -> Iterator[str]:
     d, vdir, _ = vllm_model
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
-           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
+           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", *vllm_args(),
            # small LoRA caps, so that the module's requests exercise adapter slots and the LRU
            "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--port", str(port)]
     with server_process(cmd, port) as url:
@@ -89,7 +112,7 @@ def vanilla_vllm(vllm_model) -> Iterator[str]:
     d, _, _ = vllm_model
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--served-model-name",
-           d.name, "--max-model-len", "512", "--dtype", "float32", "--enforce-eager", "--port", str(port)]
+           d.name, "--max-model-len", "512", *vllm_args(), "--enforce-eager", "--port", str(port)]
     with server_process(cmd, port) as url:
         yield url
 
@@ -157,6 +180,7 @@ def test_mixed_strengths_in_one_batch_match_their_single_request_answers(steer_v
     assert together == alone
 
 
+@vs_embedded
 def test_prefix_cache_keeps_steered_and_unsteered_answers_apart(steer_vllm, embedded):
     """A prompt longer than one KV block (128 tokens), asked steered and unsteered in turn: each answer is
     the embedded backend's (which has no prefix cache), whichever came first and filled the cache."""
@@ -204,6 +228,7 @@ def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
     assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
 
 
+@vs_embedded
 def test_matches_the_embedded_backend(steer_vllm, embedded):
     """Same checkpoint, same vectors, float32 on both: the same greedy answers, gate included."""
     for p in PROMPTS:
@@ -228,6 +253,7 @@ def weight_dir(vllm_model, tmp_path_factory):
     return vdir
 
 
+@vs_embedded
 def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, weight_dir, vanilla_vllm, tmp_path):
     """--merge-vector on vLLM: a merged checkpoint built once (cached under STEER_CACHE) and loaded by
     vLLM gives the embedded backend's merged-at-load answers; the vector shows as merged."""
@@ -237,8 +263,9 @@ def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, wei
     answers = {}
     for backend in ("vllm", "transformers", "vllm"):  # the second vLLM start reuses the cached checkpoint
         port = free_port()
-        with server_process([sys.executable, "-m", "server.cli", "serve", "--backend", backend, *common, "--port",
-                       str(port)], port, env={"STEER_CACHE": str(tmp_path)}) as url:
+        engine = vllm_args() if backend == "vllm" else []  # before common: its float32 is the one compared
+        with server_process([sys.executable, "-m", "server.cli", "serve", "--backend", backend, *engine, *common,
+                             "--port", str(port)], port, env={"STEER_CACHE": str(tmp_path)}) as url:
             info = httpx.get(f"{url}/v1/safety/vectors", timeout=30).json()["data"]
             assert [(v["name"], v["applied"], v["merged_strength"]) for v in info] == [("w", "merged", 1.0)]
             answers.setdefault(backend, []).append([_complete(url, p) for p in PROMPTS])
@@ -254,6 +281,7 @@ def test_weight_vector_merged_at_load_matches_the_embedded_merge(vllm_model, wei
 # ------------------------------------------------------------------ weight vectors per request (LoRA)
 
 
+@vs_embedded
 def test_weight_vector_per_request_matches_the_embedded_backend_at_its_step(steer_vllm, embedded, vanilla_vllm):
     """Weight vector ``w`` per request on vLLM is a LoRA adapter per strength: its answers are the
     embedded backend's per-row low-rank steering at the strength rounded to the 0.05 step, which the
@@ -327,19 +355,22 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
              (["--vectors", str(weight_dir), "--max-loras", "8", "--max-cpu-loras", "4"],
               "need max_loras <= max_cpu_loras"),
              (["--vectors", str(weight_dir), "--merge-vector", "nope=1"], "--merge-vector names nope"),
-             (["--vectors", str(weight_dir), "--tensor-parallel-size", str(len(os.sched_getaffinity(0)) + 1)],
-              "on CPU needs at least"),
              (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
               "only weight vectors can be merged"),
-             (["--vectors", str(vdir), "--default-vector", "push", "--dtype", "float32", "--max-batch-size", "100000"],
+             (["--vectors", str(vdir), "--default-vector", "push", "--max-batch-size", "100000"],
               "vLLM could not start")]
+    if not CUDA:  # the backend's own check of CPU workers (on a GPU vLLM checks the GPU count)
+        cases.append((["--vectors", str(weight_dir), "--tensor-parallel-size", str(len(os.sched_getaffinity(0)) + 1)],
+                      "on CPU needs at least"))
     for args, message in cases:
         out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d),
-                              *args, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+                              *vllm_args(), *args, "--port", str(free_port())], capture_output=True, text=True,
+                             timeout=120)
         assert out.returncode == 1
         assert message in out.stderr.strip().splitlines()[-1]
 
 
+@cpu_only
 @pytest.mark.parametrize("indices", [[1, -1, 0, 2, 1], [1, 1, 1, 1, 1], [-1] * 5, [0, -1, 0, -1, 0], [2, 0, 1, 3, 1]])
 def test_grouped_lora_ops_equal_vllms_ops_and_skip_rows_without_an_adapter(indices):
     """The grouped LoRA ops the vLLM backend installs on CPU compute what vLLM's PyTorch ops compute,
@@ -375,6 +406,7 @@ def test_grouped_lora_ops_equal_vllms_ops_and_skip_rows_without_an_adapter(indic
         assert leaked[none].abs().sum() > 0
 
 
+@cpu_only
 def test_grouped_lora_ops_follow_indices_rewritten_in_place():
     """vLLM rewrites its per-token LoRA indices in place between forward passes; the grouped ops' plan
     (cached per pass) must follow, and fresh index tensors are never served a stale plan."""
@@ -393,6 +425,7 @@ def test_grouped_lora_ops_follow_indices_rewritten_in_place():
             torch.testing.assert_close(got, want)
 
 
+@cpu_only
 @pytest.mark.parametrize("per_seq", [[1, -1, 0], [1, 1, 1], [0, 2, 1], [-1, -1, -1]])
 def test_grouped_sequence_lora_ops_equal_vllms(per_seq):
     """The sequence-level ops (what vLLM's v1 runner calls on CPU): the same products as vLLM's, per
@@ -426,6 +459,7 @@ def test_grouped_sequence_lora_ops_equal_vllms(per_seq):
             assert torch.equal(got[none], base[none])
 
 
+@cpu_only
 @pytest.mark.parametrize("per_row", [[0, 1, 2, 1, -1], [0, 1, 3, 2, 1]])
 def test_grouped_lora_ops_serve_one_vectors_strengths_as_one_adapter(per_row):
     """Adapters of one vector at several strengths (shared A, B scaled: what steer.adapters writes) take
@@ -478,6 +512,7 @@ def _lora_linear_reference(y, x, a_stacked, b_stacked, scale, slices, indices):
     return y
 
 
+@cpu_only
 @pytest.mark.parametrize("indices", [[1, -1, 0, 2, 1], [2, 2, 2, 2, 2], [-1] * 5, [0, 3, 1, -1, 0]])
 def test_fused_lora_linear_equals_vllms_semantics(indices):
     """The fused add_lora_linear the backend installs on CPU (a whole q/k/v layer in two matmuls when its
@@ -521,6 +556,7 @@ def test_fused_lora_linear_equals_vllms_semantics(indices):
                                                            [0, 0, -1, 1, 2]))
 
 
+@cpu_only
 def test_fused_lora_linear_needs_one_ratio_per_slot_across_slices():
     """Slots whose B factors are multiples of one slot's in every slice, but by different factors per
     slice, are not one vector at several strengths: the fused path declines them and the answer is still
@@ -552,14 +588,17 @@ def test_fused_lora_linear_needs_one_ratio_per_slot_across_slices():
 # ------------------------------------------------------------------ tensor parallel
 
 
+@pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2,
+                    reason=f"tensor parallel on CUDA needs 2 GPUs, this machine has {torch.cuda.device_count()}")
 def test_tensor_parallel_serves_every_vector_kind_as_one_process_does(vllm_model, steer_vllm):
     """--tensor-parallel-size 2: vLLM runs the model in two worker processes (on CPU each bound to its
-    own CPUs). The activation hooks (gate included) and the LoRA ops fix are installed in every worker,
-    and each answer, and each gate decision, is the single-process server's, alone and batched."""
+    own CPUs, on CUDA each on its own GPU). The activation hooks (gate included) and, on CPU, the LoRA ops
+    fix are installed in every worker, and each answer, and each gate decision, is the single-process
+    server's, alone and batched."""
     d, vdir, _ = vllm_model
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
-           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", "--dtype", "float32",
+           "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", *vllm_args(),
            "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--tensor-parallel-size", "2",
            "--port", str(port)]
     cases = [(p, s, v) for p in PROMPTS[:2] for v, s in (("push", 0.0), ("push", 1.0), ("w", 0.5), ("w", 1.0))]

@@ -55,6 +55,9 @@ from steer.vectors import SafetyVector, VectorError, choose_default, load_direct
 
 # Before vllm is imported anywhere: the engine core must live in this process (see above).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# The hooks read the batch from the V1 model runner (input_batch, requests, query_start_loc); on a GPU
+# with Triton vLLM 0.32 would pick its V2 runner, which has none of them.
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 log = logging.getLogger("steer.server")
 
@@ -345,6 +348,8 @@ def _start_engine(path: Path, settings: Settings, *, gated: bool, lora: tuple[in
     from steer.models import load_config
 
     dtype = _engine_dtype(settings.dtype)
+    if lora:
+        _check_gpu_lora_dtype(dtype, load_config(path))
     if settings.tensor_parallel_size > 1:
         _bind_cpu_workers(settings.tensor_parallel_size)
     # as the embedded backend: the setting, capped at the model's context
@@ -386,6 +391,21 @@ def _engine_dtype(asked: str) -> str:
     from steer import hardware
 
     return "auto" if hardware.detect().onednn_bf16 else "float32"
+
+
+def _check_gpu_lora_dtype(dtype: str, config) -> None:
+    """vLLM's GPU LoRA kernels take float16/bfloat16 only (an assertion deep inside vLLM otherwise)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return
+    eff = dtype if dtype != "auto" else str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", ""))
+    if eff.removeprefix("torch.") in ("float32", "float"):
+        from server.app import StartupError
+
+        raise StartupError(f"weight vectors per request run on vLLM's GPU LoRA kernels, which take float16 or "
+                           f"bfloat16 only, and the model would run in {eff}: pass --dtype bfloat16, or merge "
+                           "the vector at load (--merge-vector)")
 
 
 def _bind_cpu_workers(tp: int) -> None:
@@ -714,6 +734,7 @@ class _Hooks(_HookInfo):
 
     def _layer_hook(self, st: ActivationSteerer, layer: int):
         r = st.directions.get(layer)
+        on: dict = {}  # the direction on the model's device and dtype, moved once
 
         def hook(module, args, kwargs):
             step = self.step
@@ -727,7 +748,8 @@ class _Hooks(_HookInfo):
                 rows = step.gate_rows.pop(st.name)
                 idx = torch.tensor([row for _, row in rows])
                 stream = h[idx] if res is None else h[idx] + res[idx]
-                for (rid, _), f in zip(rows, st.gate.fired(stream).tolist(), strict=True):
+                decided = st.gate.fired(stream.float().cpu())  # a few rows; the gate's tensors live on the CPU
+                for (rid, _), f in zip(rows, decided.tolist(), strict=True):
                     self.gates[rid] = float(f)
             if r is None:
                 return None
@@ -735,7 +757,10 @@ class _Hooks(_HookInfo):
             if not bool(k.any()):
                 return None
             h2 = h.clone()
-            h2[:t] = h[:t] + k.to(h.dtype)[:, None] * r.to(h.device)
+            rd = on.get((h.device, h.dtype))
+            if rd is None:
+                rd = on[(h.device, h.dtype)] = r.to(device=h.device, dtype=h.dtype)
+            h2[:t] = h[:t] + k.to(device=h.device, dtype=h.dtype)[:, None] * rd
             if len(args) > 1:
                 return (args[0], h2, *args[2:]), kwargs
             return args, {**kwargs, "hidden_states": h2}
