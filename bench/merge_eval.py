@@ -13,7 +13,9 @@ measured the same way, and so are two served (not merged) rows: the ft with the 
 request from its low-rank factors at each ``--per-request`` strength, the same behind the gate of the gated
 activation vector ``--gate`` at each ``--gated`` strength (``steer serve --gate-with``), and the
 EnchTable-merged model (each EnchTable row's) with the gated activation vector per request at strength 1
-(both kinds together). Rows are appended to ``--out`` as
+(both kinds together). ``--own-gate`` names a gated activation vector fitted on the ft itself (``steer
+extract --model FT``): the ft served with it per request, and with the weight vector per request behind
+its gate (a gate that reads the served model's own residual stream). Rows are appended to ``--out`` as
 they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
 plot (unsafe vs pass@1, one point per row) from every results file named.
 
@@ -71,10 +73,16 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
     vdir = work / "vectors"
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir()
+    def install(ref: str | None) -> str | None:  # copied into the served vectors dir; returns its name
+        if not ref:
+            return None
+        manifest = _manifest(ref)
+        shutil.copy(manifest, vdir)
+        shutil.copy(manifest.with_suffix(".safetensors"), vdir)
+        return json.loads(manifest.read_text())["name"]
+
+    vector, gate = install(vector), install(gate)
     loaded = [v for v in (vector, gate) if v]
-    for name in loaded:
-        for ext in ("json", "safetensors"):
-            shutil.copy(ROOT / "vectors" / f"{name}.{ext}", vdir)
     cmd = [str(BIN / "steer"), "serve", "--model", str(model), "--vectors", str(vdir), "--port", str(ns.port),
            "--default-strength", str(strength)]
     if loaded and transfer:
@@ -112,6 +120,11 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
     return {"harmful_unsafe": _pool(summary, HARMFUL), "jailbreak_unsafe": _pool(summary, JAILBREAK),
             "over_refusal": _pool(summary, ("aplomb",)), "pass_at_1": _pool(summary, ("humaneval",)),
             "suites": per_suite, "gate_decisions": gates, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def _manifest(ref: str) -> Path:
+    """A vector's manifest: a path to a ``*.json`` manifest, or the name of a shipped vector."""
+    return Path(ref) if ref.endswith(".json") else ROOT / "vectors" / f"{ref}.json"
 
 
 def _gate_counts(metrics: str) -> dict:
@@ -177,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gated", default="1", help="strengths of the rows with the weight vector per request behind "
                     "--gate's gate ('' for none)")
     ap.add_argument("--gate", default="refusal", help="the shipped gated activation vector whose gate --gated uses")
+    ap.add_argument("--own-gate", default=None, metavar="MANIFEST",
+                    help="a gated activation vector fitted on the ft itself (steer extract --model FT): adds "
+                         "rows with it per request at --own-strengths, and with the weight vector per request "
+                         "behind its gate at --gated")
+    ap.add_argument("--own-strengths", default="1")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--jb-limit", type=int, default=20)
     ap.add_argument("--humaneval", type=int, default=40)
@@ -216,13 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         for s in [float(x) for x in ns.per_request.split(",") if x.strip()]:
             label = f"ft + {Path(ns.vector).stem} per request @{s:g}"
             if label not in done:
-                record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
+                record({"row": label, **evaluate(Path(ft), ns, work, vector=ns.vector, strength=s,
                                                   transfer=True)})
         for s in [float(x) for x in ns.gated.split(",") if x.strip()]:
             label = f"ft + {Path(ns.vector).stem} per request behind {ns.gate}'s gate @{s:g}"
             if label not in done:
-                record({"row": label, **evaluate(Path(ft), ns, work, vector=Path(ns.vector).stem, strength=s,
+                record({"row": label, **evaluate(Path(ft), ns, work, vector=ns.vector, strength=s,
                                                   transfer=True, gate=ns.gate)})
+        if ns.own_gate:
+            for s in [float(x) for x in ns.own_strengths.split(",") if x.strip()]:
+                label = f"ft + {json.loads(Path(ns.own_gate).read_text())['name']} (fitted on the ft) @{s:g}"
+                if label not in done:
+                    record({"row": label, "vector": ns.own_gate,
+                            **evaluate(Path(ft), ns, work, vector=ns.own_gate, strength=s)})
+            for s in [float(x) for x in ns.gated.split(",") if x.strip()]:
+                own = json.loads(Path(ns.own_gate).read_text())["name"]
+                label = f"ft + {Path(ns.vector).stem} per request behind {own}'s gate (fitted on the ft) @{s:g}"
+                if label not in done:
+                    record({"row": label, "gate": ns.own_gate, **evaluate(Path(ft), ns, work, vector=ns.vector,
+                                                                          strength=s, transfer=True,
+                                                                          gate=ns.own_gate)})
         for m in [m for m in ns.methods.split(",") if m.strip()]:
             if m in done and (m.split(":")[0] != "enchtable" or COMBINED.replace("enchtable", m, 1) in done):
                 continue

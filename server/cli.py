@@ -48,6 +48,17 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed,
     )
+    if ns.refit_gate:
+        from steer.calibrate import run_refit_gate
+        from steer.vectors import VectorError
+
+        if ns.layers:
+            raise CLIError("--layers: --refit-gate keeps the source vector's steered layers")
+        try:
+            print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
+        except (VectorError, OSError) as e:
+            raise CLIError(str(e)) from None
+        return
     print(run_extract(cfg, command=_command(ns)))
 
 
@@ -108,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--gate-layer", type=int, default=None, help="gate layer (default: chosen on the dev split)")
     ex.add_argument("--limit", type=int, default=None, help="use at most N prompts per set (quick runs)")
     ex.add_argument("--seed", type=int, default=0, help="split seed")
+    ex.add_argument("--refit-gate", default=None, metavar="VECTOR.json",
+                    help="keep this gated activation vector's direction and coefficient, refit its gate on --model "
+                         "(e.g. the fine-tune it will guard: a fine-tune moves the residual stream the gate reads)")
     ex.set_defaults(fn=_cmd_extract)
 
     from server.evaluation.config import add_arguments as add_eval_arguments

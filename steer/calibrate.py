@@ -46,7 +46,7 @@ from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
 from steer.types import SamplingParams
-from steer.vectors import SafetyVector
+from steer.vectors import SafetyVector, VectorError
 
 GATE_POSITION = -5  # ChatML: <|im_end|> of the user turn, before "\n<|im_start|>assistant\n"
 COEF_GRID = (1.0, 2.0, 3.0, 4.0, 6.0)
@@ -199,6 +199,57 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     test_sets = {k: v for k, v in all_sets.items() if k.startswith("test_")}
     prov = _provenance(cfg, {**sets, **test_sets}, steer_layers, search, command, time.time() - t0)
     return SafetyVector(cfg.name, "activation", fp, {**dirs, **cand["tensors"]}, config, prov).save(cfg.out)
+
+
+def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> Path:
+    """A copy of the gated activation vector ``source`` whose gate is refitted on ``cfg.model``.
+
+    A gate reads the served model's residual stream, and a fine-tune moves it: the gate fitted on the
+    aligned model misses harmful prompts on the fine-tune (measured in bench/RESULTS.md). The steering
+    direction and coefficient are kept (the refusal direction transfers across fine-tunes); the probe is
+    refitted with the same protocol and sets as ``steer extract`` at the source gate's layer (or
+    ``cfg.gate_layer``) and L2, and its threshold set at zero dev-benign fires. The new vector is made
+    for ``cfg.model`` (its gate is valid only there); the provenance names the vector the direction
+    came from and the model that was made on."""
+    from steer.demo import ensure_demo_model
+
+    t0 = time.time()
+    src = SafetyVector.load(source)
+    gcfg = src.config.get("gate")
+    if src.kind != "activation" or not gcfg:
+        raise VectorError(f"--refit-gate {source}: {src.name!r} is not a gated activation vector")
+    model, tok = load_model(cfg.model or ensure_demo_model())
+    fp = fingerprint(model)
+    src.check_model(fp, transfer=True)  # same architecture and shape, or a clear error
+    layer = cfg.gate_layer if cfg.gate_layer is not None else int(gcfg["layer"])
+    if not 0 <= layer <= min(src.layer_directions()):
+        raise VectorError(f"gate layer {layer}: must be in 0..{min(src.layer_directions())} (the first steered "
+                          "layer)")
+    l2 = float(gcfg.get("probe_l2", PROBE_L2[0]))
+    position = int(gcfg.get("position", GATE_POSITION))
+    names = GATE_HARMFUL + GATE_BENIGN + ("dev_harmful",) + BENIGN_DEV
+    sets = {k: v.take(cfg.limit) for k, v in splits(cfg.seed).items() if k in names}
+    R = {k: residuals(model, tok, s.prompts, (position,), desc=k)[:, 0, layer] for k, s in sets.items()}
+    direction, center = fit_linear_probe([R[k] for k in GATE_HARMFUL], [R[k] for k in GATE_BENIGN], l2=l2)
+    pos = linear_scores(R["dev_harmful"], direction, center)
+    neg = torch.cat([linear_scores(R[k], direction, center) for k in BENIGN_DEV])
+    threshold, tpr = best_threshold(pos, neg, max_fpr=0.0)
+    gate = {"layer": layer, "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
+    tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}
+    tensors |= {"gate.direction": direction, "gate.center": center}
+    prov = {
+        "method": f"{src.name!r}'s steering direction and coefficient with its gate refitted on this model "
+                  "(steer extract --refit-gate)",
+        "direction_from": {"vector": src.name, "tensors_sha256": src.sha256, "model": src.model.to_dict()},
+        "positions": {"gate": position},
+        "datasets": {k: s.describe() for k, s in sets.items()},
+        "split": {"seed": cfg.seed, "limit": cfg.limit},
+        "dev": {"dev_harmful_gate_fires": tpr, "dev_benign_gate_fires": float((neg > threshold).float().mean())},
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 1),
+    }
+    return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
 
 
 def _provenance(cfg, sets, steer_layers, search, command, seconds) -> dict:

@@ -22,6 +22,8 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["serve", "--max-strength", "nan"], "max_strength"),
         (["serve", "--vectors", "/nonexistent/vectors", "--model", "{tiny}"], "vector directory"),
         (["serve", "--model", "{tiny}"], "no safety vectors are loaded"),
+        (["extract", "--refit-gate", "/nonexistent/v.json", "--model", "{tiny}"], "cannot read vector manifest"),
+        (["extract", "--refit-gate", "v.json", "--layers", "3"], "keeps the source vector's steered layers"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):
