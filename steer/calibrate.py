@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -169,8 +170,16 @@ def _search(model, tok, sets, R, dirs, steer_layers, fp, name, gate_layers) -> t
             key = (hr, -row["benign_gate_fires"], -coef)
             if br <= van_benign_rate and (best is None or key > best[0]):
                 best = (key, c, coef)
+    # steering moved no dev refusal at any coefficient (e.g. a model whose refusal direction was ablated,
+    # or a tiny random model): the vector is written, but it is worth saying that it cannot steer here
+    no_effect = all(bool(torch.equal(st, van_ref)) for st in steered.values())
     summary = {"vanilla_dev_harmful_refusal": float(van_ref[:nh].float().mean()),
-               "vanilla_dev_benign_refusal": van_benign_rate, "grid": log}
+               "vanilla_dev_benign_refusal": van_benign_rate, "steering_changed_no_dev_answer": no_effect,
+               "grid": log}
+    if no_effect:
+        print("steer extract: warning: steering changed no dev refusal at any coefficient "
+              f"({', '.join(map(str, COEF_GRID))}); the direction does not steer this model (for a fine-tune, "
+              "keep the aligned model's direction: --refit-gate)", file=sys.stderr, flush=True)
     return best[1], best[2], summary
 
 

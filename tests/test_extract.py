@@ -33,6 +33,7 @@ def test_extract_writes_a_complete_gated_vector(tmp_path, tiny_tokenizer):
     assert all(len(d["prompts_sha256"]) == 64 for d in prov["datasets"].values())
     assert prov["split"]["held_out"] == ["test_harmful", "test_benign"]
     assert prov["dev"]["grid"], "the dev search is recorded"
+    assert isinstance(prov["dev"]["steering_changed_no_dev_answer"], bool)
     SteeringRuntime(model, [vec])  # loads onto the model it was made for
 
 
