@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     below = {k: [i for i, x in enumerate(scores[k].tolist()) if x < t_lo] for k in sets}
     ungated = SafetyVector(vec.name, "activation", vec.model,
                            {k: v for k, v in vec.tensors.items() if not k.startswith("gate.")},
-                           {**{k: v for k, v in vec.config.items() if k != "gate"}}, {})
+                           {k: v for k, v in vec.config.items() if k != "gate"}, {})
 
     def answers(key: str, idx: list[int], strength: float) -> list[str]:
         prompts = [sets[key].prompts[i] for i in idx]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "examples": [{"prompt": sets[key].prompts[i][:200], "vanilla": b[:200], "steered": t[:200]}
                                               for i, b, t in list(zip(idx, base, texts, strict=True))[:6]]}
         if key == "aplomb":  # the whole set's over-refusal: rows above t_lo keep their vanilla answers
-            rest = [i for i in range(len(sets[key].prompts)) if i not in set(idx)]
+            rest = sorted(set(range(len(sets[key].prompts))) - set(idx))
             kept = sum(map(is_refusal, answers(key, rest, 0.0)))
             row["over_refusal"] = {"vanilla": (kept + row["vanilla_refused_below"]) / row["n"],
                                    **{c: (kept + x["refused_below"]) / row["n"] for c, x in row["at"].items()}}

@@ -48,16 +48,12 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed,
     )
-    if ns.refit_gate:
+    if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
-        from steer.vectors import VectorError
 
         if ns.layers:
             raise CLIError("--layers: --refit-gate keeps the source vector's steered layers")
-        try:
-            print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
-        except (VectorError, OSError) as e:
-            raise CLIError(str(e)) from None
+        print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
         return
     print(run_extract(cfg, command=_command(ns)))
 

@@ -445,7 +445,6 @@ def _bind_cpu_workers(tp: int) -> None:
 
 
 def _lora_args(settings: Settings, rank: int, modules: list[str]) -> dict:
-
     args = {"enable_lora": True, "max_lora_rank": rank, "max_loras": settings.max_loras,
             "max_cpu_loras": settings.max_cpu_loras, "lora_target_modules": modules}
     if _install_cpu_lora_fix():
