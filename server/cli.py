@@ -46,7 +46,7 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
 
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
-        limit=ns.limit, seed=ns.seed,
+        limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates,
     )
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--refit-gate", default=None, metavar="VECTOR.json",
                     help="keep this gated activation vector's direction and coefficient, refit its gate on --model "
                          "(e.g. the fine-tune it will guard: a fine-tune moves the residual stream the gate reads)")
+    ex.add_argument("--gate-templates", action="store_true",
+                    help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
+                         "template families, and choose its threshold with benign requests inside dev-family templates "
+                         "(held-out families never used; see steer/templates.py). Default: off, the shipped recipe")
     ex.set_defaults(fn=_cmd_extract)
 
     from server.evaluation.config import add_arguments as add_eval_arguments

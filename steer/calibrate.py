@@ -18,6 +18,14 @@ Protocol (every choice is validated on a source other than the ones it was fitte
 
 The gate reads the end-of-user-turn position (-5 in ChatML): harmfulness of the request separates far
 better there than at the last position, which encodes the model's own (fine-tune-eroded) decision.
+
+With ``--gate-templates`` (off by default: the shipped vector's recipe is the above) the gate also sees
+requests inside jailbreak templates, split by family (``steer.templates``): fitting adds the gate sets'
+harmful and benign requests wrapped in templates of the *gate* families (both labels, so a template is not
+evidence of harm; one source group per template kind and label, weighted like every other source), and
+the dev benign sets that choose the threshold add the dev benign requests wrapped in templates of the
+*dev* families. Templates of the held-out families are never used (the ``*_heldout`` eval suites measure
+on them).
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ from steer.extract import (
 from steer.hooks import SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
+from steer.templates import KINDS as TEMPLATE_KINDS
+from steer.templates import sha as _sha
+from steer.templates import template_split
 from steer.types import SamplingParams
 from steer.vectors import SafetyVector, VectorError
 
@@ -59,6 +70,13 @@ MAX_BENIGN_FIRES = 6
 SPLIT_SEED = 0
 N_DEV_HARMFUL = 40
 N_DEV_CODE = 40
+N_TEMPLATED = 40  # prompts per templated set (--gate-templates): one set per template kind and role
+# --gate-templates: (templated set prefix, template part, label, the sets whose requests are wrapped)
+TEMPLATED_ROLES = (
+    ("gate_tpl", "gate", "harmful", GATE_HARMFUL),
+    ("gate_tpl", "gate", "benign", GATE_BENIGN),
+    ("dev_tpl", "dev", "benign", BENIGN_DEV),
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,7 @@ class ExtractConfig:
     gate_layer: int | None = None
     limit: int | None = None
     seed: int = SPLIT_SEED
+    gate_templates: bool = False  # fit and tune the gate with templated requests too (steer.templates)
 
 
 def hard_negatives() -> data.PromptSet:
@@ -103,6 +122,118 @@ def splits(seed: int = SPLIT_SEED) -> dict[str, data.PromptSet]:
     }
 
 
+def context_tokens(model, tok) -> int | None:
+    """The longest prompt the model takes: its position limit, or the tokenizer's where that is smaller."""
+    limits = (getattr(model.config, "max_position_embeddings", None), getattr(tok, "model_max_length", None))
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**9]  # no limit: a huge sentinel
+    return min(limits) if limits else None
+
+
+def templated_sets(sets: dict[str, data.PromptSet], tok, *, seed: int = SPLIT_SEED, limit: int | None = None,
+                   max_tokens: int | None = None) -> tuple[dict[str, data.PromptSet], dict]:
+    """The ``--gate-templates`` sets built on ``sets`` (the bare fitting/dev sets) and their record.
+
+    For each role of TEMPLATED_ROLES and each template kind (dan, itw): the requests of the role's bare
+    sets taken round-robin (the first N_TEMPLATED, or ``limit``, for kind dan, the next ones for itw),
+    request i wrapped (``steer.data.wrap``) in template i % n of the kind's templates of the role's family
+    part (``template_split(seed)``: gate families for fitting, dev families for the threshold), in the
+    split's seeded order; where that prompt is longer than ``max_tokens`` chat tokens, the next template
+    that fits, and no template fitting drops the request. A kind with no prompt left is skipped (recorded);
+    a role with none at all is a DataError."""
+    split = template_split(seed)
+    templates, family = split["templates"], split["family"]
+    out: dict[str, data.PromptSet] = {}
+    sources = {k: data.load(v) for k, v in (("dan", "dan_templates"), ("itw", "inthewild_templates"))}
+    rec_sets: dict[str, dict] = {}
+    skipped: list[str] = []
+    for prefix, part, label, names in TEMPLATED_ROLES:
+        pools = [list(sets[k].prompts) for k in names]
+        rr = [(k, pool[i]) for i in range(max(map(len, pools))) for k, pool in zip(names, pools, strict=True)
+              if i < len(pool)]
+        n = min(N_TEMPLATED, N_TEMPLATED if limit is None else limit, len(rr) // len(TEMPLATE_KINDS))
+        made = 0
+        for j, kind in enumerate(TEMPLATE_KINDS):
+            name = f"{prefix}_{kind}_{label}"
+            ts = templates[f"{kind}_{part}"]
+            prompts, shas, from_sets, dropped = [], [], [], 0
+            for i, (src, req) in enumerate(rr[j * n:(j + 1) * n]):
+                for step in range(len(ts)):
+                    t = ts[(i + step) % len(ts)]
+                    text = data.wrap(t, req)
+                    if max_tokens is None or len(chat_prompt_ids(tok, text)) <= max_tokens:
+                        prompts.append(text)
+                        shas.append(_sha(t))
+                        from_sets.append(src)
+                        break
+                else:
+                    dropped += 1
+            if len(set(prompts)) != len(prompts):
+                raise data.DataError(f"{name}: wrapped prompts are not distinct")
+            if not prompts:
+                skipped.append(f"{name}: no {kind} {part}-family template ({len(ts)}) fits a request in "
+                               f"{max_tokens} tokens")
+                continue
+            made += 1
+            src_set = sources[kind]
+            out[name] = data.PromptSet(f"{name}[{kind} {part} families x {'+'.join(names)}]", label, tuple(prompts),
+                                       f"{src_set.source} + steer.calibrate.splits()", src_set.sha256)
+            rec_sets[name] = {
+                "kind": kind, "part": part, "label": label,
+                "requests": f"round-robin over {list(names)} (as limited), items {j * n}..{(j + 1) * n - 1}",
+                "requests_from": {k: from_sets.count(k) for k in names if k in from_sets},
+                "dropped_for_length": dropped,
+                "pairing": "prompt i: template_sha256[i]",
+                "template_sha256": shas,
+                "families": sorted({family[h] for h in shas}),
+            }
+        if not made:
+            raise data.DataError(f"--gate-templates: no {part}-family jailbreak template fits a {label} request in the "
+                                 f"model's {max_tokens} tokens")
+    rec = split["record"]
+    parts = {}
+    for part in ("gate", "dev"):
+        parts[part] = {k: {"count": len(templates[f"{k}_{part}"]),
+                           "families": sorted({family[_sha(t)] for t in templates[f"{k}_{part}"]}),
+                           "template_sha256": [_sha(t) for t in templates[f"{k}_{part}"]]} for k in TEMPLATE_KINDS}
+    held = {}
+    for k in TEMPLATE_KINDS:
+        shas = sorted(_sha(t) for t in templates[f"{k}_test"])
+        held[k] = {"count": len(shas), "families": sorted({family[h] for h in shas}),
+                   "template_sha256_digest": _sha("\n".join(shas)),
+                   "digest_rule": "sha256 of the sorted template sha256s joined by newlines"}
+    record = {
+        "rule": "the gate's fitting sets plus gate_tpl_* (requests of the bare gate sets in gate-family templates, "
+                "both labels); its benign dev sets plus dev_tpl_* (dev benign requests in dev-family templates); "
+                "held-out families never used",
+        "seed": seed, "max_tokens": max_tokens,
+        "family_split": {**{k: v for k, v in rec.items() if not (isinstance(v, dict) and "template_sha256" in v)},
+                         "gate_dev_rule": split["dev_record"]["rule"]},
+        "templates": {**parts, "held_out": held},
+        "sets": rec_sets, "skipped": skipped,
+    }
+    return out, record
+
+
+def gate_roles(sets) -> dict[str, tuple[str, ...]]:
+    """The names of the gate's harmful and benign fitting sets and of its benign dev sets among ``sets``:
+    the bare ones, plus the --gate-templates ones where present."""
+    def tpl(prefix: str, label: str) -> tuple[str, ...]:
+        return tuple(k for k in sets if k.startswith(prefix + "_") and k.endswith("_" + label))
+
+    return {"harmful": GATE_HARMFUL + tpl("gate_tpl", "harmful"), "benign": GATE_BENIGN + tpl("gate_tpl", "benign"),
+            "dev_benign": BENIGN_DEV + tpl("dev_tpl", "benign")}
+
+
+def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, dict | None]:
+    """``sets`` plus the --gate-templates sets (and their record) when ``cfg.gate_templates``."""
+    if not cfg.gate_templates:
+        return sets, None
+    tsets, record = templated_sets(sets, tok, seed=cfg.seed, limit=cfg.limit, max_tokens=context_tokens(model, tok))
+    for line in record["skipped"]:
+        print(f"steer extract: warning: --gate-templates: skipped {line}", file=sys.stderr, flush=True)
+    return {**sets, **tsets}, record
+
+
 def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength: float, max_tokens: int = 32,
                    batch_size: int = 16, desc: str | None = None) -> tuple[list[str], list[float]]:
     """Greedy answers (and gate decisions) for prompts through the serving engine."""
@@ -120,17 +251,18 @@ def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength
     return texts, [s.gate.get(name, 0.0) for s in seqs]
 
 
-def _gate_candidates(R: dict, layers: list[int]) -> list[dict]:
-    """Linear-probe gates per (layer, L2) fitted on the gate sets, and for each number k of benign dev
-    prompts allowed through (0..MAX_BENIGN_FIRES), the threshold and which dev rows it lets through."""
+def _gate_candidates(R: dict, layers: list[int], roles: dict[str, tuple[str, ...]]) -> list[dict]:
+    """Linear-probe gates per (layer, L2) fitted on the gate sets (``roles``: see gate_roles), and for each
+    number k of benign dev prompts allowed through (0..MAX_BENIGN_FIRES), the threshold and which dev rows
+    it lets through."""
     out = []
     for ly in layers:
-        harm = [R[k][:, 1, ly] for k in GATE_HARMFUL]
-        ben = [R[k][:, 1, ly] for k in GATE_BENIGN]
+        harm = [R[k][:, 1, ly] for k in roles["harmful"]]
+        ben = [R[k][:, 1, ly] for k in roles["benign"]]
         for l2 in PROBE_L2:
             direction, center = fit_linear_probe(harm, ben, l2=l2)
             pos = linear_scores(R["dev_harmful"][:, 1, ly], direction, center)
-            neg = torch.cat([linear_scores(R[k][:, 1, ly], direction, center) for k in BENIGN_DEV])
+            neg = torch.cat([linear_scores(R[k][:, 1, ly], direction, center) for k in roles["dev_benign"]])
             for k in range(MAX_BENIGN_FIRES + 1):
                 thr, _ = best_threshold(pos, neg, max_fpr=k / len(neg))
                 out.append({"layer": ly, "l2": l2, "threshold": thr, "fires_harmful": pos > thr,
@@ -144,8 +276,9 @@ def _search(model, tok, sets, R, dirs, steer_layers, fp, name, gate_layers) -> t
     is no higher than the vanilla model's. Only rows a gate lets through can change, so each row's
     answer is generated once vanilla and once per coefficient with the gate forced open."""
     harmful = list(sets["dev_harmful"].prompts)
-    benign = [p for k in BENIGN_DEV for p in sets[k].prompts]
-    cands = _gate_candidates(R, gate_layers)
+    roles = gate_roles(sets)
+    benign = [p for k in roles["dev_benign"] for p in sets[k].prompts]
+    cands = _gate_candidates(R, gate_layers, roles)
     maybe = torch.stack([c["fires_benign"] for c in cands]).any(0)  # benign rows some gate lets through
     rows = harmful + [p for p, m in zip(benign, maybe.tolist(), strict=True) if m]
     van, _ = generate_texts(model, tok, None, rows, strength=0.0, desc="dev vanilla")
@@ -191,6 +324,7 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     n_layers = len(decoder_layers(model))
     all_sets = splits(cfg.seed)
     sets = {k: v.take(cfg.limit) for k, v in all_sets.items() if not k.startswith("test_")}
+    sets, templated = _with_templates(cfg, sets, model, tok)
     R = {k: residuals(model, tok, s.prompts, (-1, GATE_POSITION), desc=k) for k, s in sets.items()}
     steer_layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else [round(0.55 * n_layers)]
     dirs = {f"layers.{ly}": mean_difference(R["fit_harmful"][:, 0, ly], R["fit_harmless"][:, 0, ly])
@@ -207,6 +341,8 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     }
     test_sets = {k: v for k, v in all_sets.items() if k.startswith("test_")}
     prov = _provenance(cfg, {**sets, **test_sets}, steer_layers, search, command, time.time() - t0)
+    if templated is not None:
+        prov["gate_templates"] = templated
     return SafetyVector(cfg.name, "activation", fp, {**dirs, **cand["tensors"]}, config, prov).save(cfg.out)
 
 
@@ -217,7 +353,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     aligned model misses harmful prompts on the fine-tune (measured in bench/RESULTS.md). The steering
     direction and coefficient are kept (the refusal direction transfers across fine-tunes); the probe is
     refitted with the same protocol and sets as ``steer extract`` at the source gate's layer (or
-    ``cfg.gate_layer``) and L2, and its threshold set at zero dev-benign fires. The new vector is made
+    ``cfg.gate_layer``) and L2 (with ``cfg.gate_templates``, the templated sets too, as ``steer extract
+    --gate-templates``), and its threshold set at zero dev-benign fires. The new vector is made
     for ``cfg.model`` (its gate is valid only there); the provenance names the vector the direction
     came from and the model that was made on."""
     from steer.demo import ensure_demo_model
@@ -238,10 +375,12 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     position = int(gcfg.get("position", GATE_POSITION))
     names = GATE_HARMFUL + GATE_BENIGN + ("dev_harmful",) + BENIGN_DEV
     sets = {k: v.take(cfg.limit) for k, v in splits(cfg.seed).items() if k in names}
+    sets, templated = _with_templates(cfg, sets, model, tok)
+    roles = gate_roles(sets)
     R = {k: residuals(model, tok, s.prompts, (position,), desc=k)[:, 0, layer] for k, s in sets.items()}
-    direction, center = fit_linear_probe([R[k] for k in GATE_HARMFUL], [R[k] for k in GATE_BENIGN], l2=l2)
+    direction, center = fit_linear_probe([R[k] for k in roles["harmful"]], [R[k] for k in roles["benign"]], l2=l2)
     pos = linear_scores(R["dev_harmful"], direction, center)
-    neg = torch.cat([linear_scores(R[k], direction, center) for k in BENIGN_DEV])
+    neg = torch.cat([linear_scores(R[k], direction, center) for k in roles["dev_benign"]])
     threshold, tpr = best_threshold(pos, neg, max_fpr=0.0)
     gate = {"layer": layer, "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
     tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}
@@ -258,6 +397,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 1),
     }
+    if templated is not None:
+        prov["gate_templates"] = templated
     return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
 
 

@@ -56,3 +56,21 @@ def test_help_lists_every_serve_flag():
     for flag in ("--model", "--vectors", "--backend", "--host", "--port", "--default-strength", "--min-strength",
                  "--max-strength", "--api-key"):
         assert flag in out
+
+
+def test_gate_templates_that_fit_no_context_is_one_line(tmp_path, tiny_tokenizer):
+    """``steer extract --gate-templates`` on a model whose context holds no templated request: one line."""
+    from conftest import make_model
+
+    model = make_model("qwen2", len(tiny_tokenizer))
+    model.config.max_position_embeddings = 40
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    proc = _steer("extract", "--gate-templates", "--model", str(tmp_path / "m"), "--limit", "2", "--out",
+                  str(tmp_path / "v"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "steer: error: --gate-templates: no gate-family jailbreak template fits a harmful request in the model's "
+        "40 tokens")
+    assert not (tmp_path / "v").exists()
+    assert "--gate-templates" in _steer("extract", "--help").stdout

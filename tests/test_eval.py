@@ -728,6 +728,45 @@ def test_template_cap_drops_long_templates(monkeypatch):
     assert all(len(p) <= 2000 + 2 + max(map(len, data.load("harmbench").prompts)) for p in dan.prompts)
 
 
+def test_held_out_family_suites():
+    """The ``*_heldout`` suites wrap the held-out requests only in templates of the families
+    steer.templates holds out: none of a fitting (gate or dev) family, every prompt rebuildable from its
+    recorded template; harmful and benign suites share the pairing, and all four are opt-in."""
+    from steer.templates import template_split
+
+    got = {s.name: s for s in load_suites(("harmbench", "aplomb", "dan_heldout", "inthewild_heldout",
+                                           "dan_heldout_benign", "inthewild_heldout_benign"))}
+    ts = template_split(suites.SPLIT_SEED)
+    T = ts["templates"]
+    sha = {hashlib.sha256(t.encode()).hexdigest(): t for k in ("dan", "itw") for p in ("test", "fit") for t in T[f"{k}_{p}"]}
+    fitting = {hashlib.sha256(t.encode()).hexdigest() for k in ("dan", "itw") for t in T[f"{k}_gate"] + T[f"{k}_dev"]}
+    for name, kind, label, reqs in (("dan_heldout", "dan", "jailbreak", "harmbench"),
+                                    ("inthewild_heldout", "itw", "jailbreak", "harmbench"),
+                                    ("dan_heldout_benign", "dan", "benign", "aplomb"),
+                                    ("inthewild_heldout_benign", "itw", "benign", "aplomb")):
+        su, sp = got[name], got[name].split
+        requests = got[reqs].prompts
+        tm = sp["templates"]
+        held = [hashlib.sha256(t.encode()).hexdigest() for t in T[f"{kind}_test"]]
+        assert su.kind == label and len(su.prompts) == len(set(su.prompts)) == len(requests)
+        assert tm["template_sha256"] == held and tm["kept"] == len(held) and not set(held) & fitting
+        assert tm["held_out_families"] == sorted({ts["family"][h] for h in held})
+        assert set(tm["held_out_families"]).isdisjoint(ts["dev_record"]["families"]["gate"]
+                                                       + ts["dev_record"]["families"]["dev"])
+        for i, (req, prompt) in enumerate(zip(requests, su.prompts, strict=True)):
+            assert prompt == data.wrap(sha[held[i % len(held)]], req)
+        assert "template_split(0) holds out" in sp["rule"]
+        assert sp["held_out"] and sp["used_in_fitting"] == sp["requests_used_in_fitting"] == {}
+        assert tm["family_split"]["held_out_rule"] == ts["record"]["held_out_rule"]
+        assert name in suites.OPT_IN and name not in DEFAULT_SUITES
+    assert (got["dan_heldout"].split["templates"]["template_sha256"]
+            == got["dan_heldout_benign"].split["templates"]["template_sha256"])
+    # 7 held-out DAN templates (the DAN 6-10 lineage): each is reused across the 160 requests
+    assert len(got["dan_heldout"].split["templates"]["template_sha256"]) == 7
+    # the classic suites are unchanged (pinned as in test_jailbreak_template_suites)
+    assert {s.name: s for s in load_suites(("dan",))}["dan"].split["prompts_sha256"].startswith("b4e65781293c8e43")
+
+
 def _parse(tmp_path, *args: str) -> EvalConfig:
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -739,7 +778,8 @@ def test_suite_selection(tmp_path):
     assert _parse(tmp_path, "--suites", "harmbench", "dan").suites == ("harmbench", "dan")
     default = _parse(tmp_path).suites
     assert default == DEFAULT_SUITES and "dan" not in default and "inthewild" not in default
-    assert set(SUITES) - set(default) == {"dan", "inthewild", "dan_benign", "inthewild_benign"}
+    assert set(SUITES) - set(default) == {"dan", "inthewild", "dan_benign", "inthewild_benign", "dan_heldout",
+                                          "inthewild_heldout", "dan_heldout_benign", "inthewild_heldout_benign"}
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert "dan, inthewild" in " ".join(p.format_help().split())

@@ -1,16 +1,31 @@
-"""``steer extract`` end to end on a tiny model: it writes a loadable, complete vector."""
+"""``steer extract`` end to end on a tiny model: it writes a loadable, complete vector; ``--refit-gate``;
+``--gate-templates`` (which templated sets reach the probe and the threshold, and their record)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 from conftest import make_model
 
-from steer.calibrate import ExtractConfig, run_extract, run_refit_gate, splits
+from steer import data
+from steer.calibrate import (
+    BENIGN_DEV,
+    GATE_BENIGN,
+    GATE_HARMFUL,
+    ExtractConfig,
+    gate_roles,
+    run_extract,
+    run_refit_gate,
+    splits,
+    templated_sets,
+)
+from steer.extract import chat_prompt_ids
 from steer.hooks import SteeringRuntime
 from steer.models import fingerprint, load_model
+from steer.templates import template_split
 from steer.vectors import SafetyVector, VectorError
 
 
@@ -79,3 +94,129 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
                                                               if not k.startswith("gate.")}, {"coefficient": 1.0})
         run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "y"), name="y", limit=3),
                        ungated.save(tmp_path / "u"), command="")
+
+
+# ---------------------------------------------------------------- --gate-templates
+
+
+def _template_parts():
+    """{sha256: (kind, part)} of every kept template, part in test (held out) / gate / dev."""
+    T = template_split(0)["templates"]
+    return {hashlib.sha256(t.encode()).hexdigest(): (k, p) for k in ("dan", "itw") for p in ("test", "gate", "dev")
+            for t in T[f"{k}_{p}"]}, {hashlib.sha256(t.encode()).hexdigest(): t for t in sum(T.values(), [])}
+
+
+def _check_templated(sets: dict, tsets: dict, record: dict, tok=None, max_tokens=None) -> None:
+    """Every templated prompt is its recorded template (of the right family part, never a held-out one)
+    around a request of its role's bare sets; recorded families are the templates' own."""
+    parts, by_sha = _template_parts()
+    family = template_split(0)["family"]
+    roles = {("gate_tpl", "harmful"): GATE_HARMFUL, ("gate_tpl", "benign"): GATE_BENIGN,
+             ("dev_tpl", "benign"): BENIGN_DEV}
+    for name, ps in tsets.items():
+        prefix, kind, label = name.rsplit("_", 2)
+        rec = record["sets"][name]
+        assert (rec["kind"], rec["label"], ps.label) == (kind, label, label)
+        requests = {r for k in roles[prefix, label] for r in sets[k].prompts}
+        assert len(rec["template_sha256"]) == len(ps.prompts) > 0
+        for prompt, h in zip(ps.prompts, rec["template_sha256"], strict=True):
+            assert parts[h] == (kind, "gate" if prefix == "gate_tpl" else "dev"), (name, parts[h])
+            assert any(prompt == data.wrap(by_sha[h], r) for r in requests)
+            if max_tokens is not None:
+                assert len(chat_prompt_ids(tok, prompt)) <= max_tokens
+        assert rec["families"] == sorted({family[h] for h in rec["template_sha256"]})
+    held = {f for k in ("dan", "itw") for f in record["templates"]["held_out"][k]["families"]}
+    used = {f for r in record["sets"].values() for f in r["families"]}
+    assert used and not used & held
+
+
+def test_templated_sets_use_gate_families_for_fitting_and_dev_families_for_the_threshold(tiny_tokenizer):
+    sets = {k: v.take(3) for k, v in splits().items() if not k.startswith("test_")}
+    tsets, record = templated_sets(sets, tiny_tokenizer, limit=3)
+    assert sorted(tsets) == sorted(f"{p}_{k}_{lab}" for p, lab in (("gate_tpl", "harmful"), ("gate_tpl", "benign"),
+                                                                   ("dev_tpl", "benign")) for k in ("dan", "itw"))
+    assert all(len(ps.prompts) == 3 for ps in tsets.values()) and record["skipped"] == []
+    _check_templated(sets, tsets, record)
+    roles = gate_roles({**sets, **tsets})
+    assert roles["harmful"] == GATE_HARMFUL + ("gate_tpl_dan_harmful", "gate_tpl_itw_harmful")
+    assert roles["benign"] == GATE_BENIGN + ("gate_tpl_dan_benign", "gate_tpl_itw_benign")
+    assert roles["dev_benign"] == BENIGN_DEV + ("dev_tpl_dan_benign", "dev_tpl_itw_benign")
+    assert gate_roles(sets) == {"harmful": GATE_HARMFUL, "benign": GATE_BENIGN, "dev_benign": BENIGN_DEV}
+    # full size: N_TEMPLATED per fitting set; the dev requests (60) shared by the two kinds
+    full = {k: v for k, v in splits().items() if not k.startswith("test_")}
+    tfull, _ = templated_sets(full, tiny_tokenizer)
+    assert {k: len(v.prompts) for k, v in tfull.items()} == {
+        "gate_tpl_dan_harmful": 40, "gate_tpl_itw_harmful": 40, "gate_tpl_dan_benign": 40, "gate_tpl_itw_benign": 40,
+        "dev_tpl_dan_benign": 30, "dev_tpl_itw_benign": 30}
+    # a context the DAN templates do not fit (this tokenizer: ~1.3 characters a token): skipped, recorded
+    short, rec = templated_sets(sets, tiny_tokenizer, limit=3, max_tokens=1024)
+    assert sorted(short) == ["dev_tpl_itw_benign", "gate_tpl_itw_benign", "gate_tpl_itw_harmful"]
+    assert len(rec["skipped"]) == 3 and all("1024 tokens" in s for s in rec["skipped"])
+    _check_templated(sets, short, rec, tiny_tokenizer, 1024)
+    with pytest.raises(data.DataError, match="no gate-family jailbreak template fits a harmful request"):
+        templated_sets(sets, tiny_tokenizer, limit=3, max_tokens=40)
+
+
+def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_path, tiny_tokenizer, monkeypatch):
+    """End to end on a tiny model: the probe is fitted on the bare gate sets plus the gate-family templated
+    ones (one group each), the threshold chosen over the bare plus dev-family templated benign dev sets;
+    no prompt of a held-out template family is ever read; the provenance records it all. --refit-gate too."""
+    import steer.calibrate as calibrate
+
+    model_dir = tmp_path / "model"
+    model = make_model("qwen2", len(tiny_tokenizer))
+    model.config.max_position_embeddings = 1024  # RoPE needs no table: room for the shorter templates
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    read, probes, thresholds = {}, [], []
+    real_residuals, real_fit, real_best = calibrate.residuals, calibrate.fit_linear_probe, calibrate.best_threshold
+
+    def residuals(model, tok, prompts, positions=(-1,), **kw):
+        read[kw.get("desc")] = list(prompts)
+        return real_residuals(model, tok, prompts, positions, **kw)
+
+    def fit(harm, ben, **kw):
+        probes.append(([len(x) for x in harm], [len(x) for x in ben]))
+        return real_fit(harm, ben, **kw)
+
+    def best(pos, neg, **kw):
+        thresholds.append(len(neg))
+        return real_best(pos, neg, **kw)
+
+    monkeypatch.setattr(calibrate, "residuals", residuals)
+    monkeypatch.setattr(calibrate, "fit_linear_probe", fit)
+    monkeypatch.setattr(calibrate, "best_threshold", best)
+    cfg = ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tpl", limit=3, gate_templates=True)
+    manifest = run_extract(cfg, command="steer extract --gate-templates --limit 3")
+    prov = json.loads(manifest.read_text())["provenance"]
+    tpl = prov["gate_templates"]
+    bare = {k: v.take(3) for k, v in splits().items() if not k.startswith("test_")}
+    names = ["gate_tpl_itw_harmful", "gate_tpl_itw_benign", "dev_tpl_itw_benign"]  # DAN templates: > 1024 tokens
+    assert sorted(tpl["sets"]) == sorted(names) and tpl["max_tokens"] == 1024 and len(tpl["skipped"]) == 3
+    assert set(read) == set(bare) | set(names) and set(prov["datasets"]) == set(splits()) | set(names)
+    tsets = {k: data.PromptSet(k, k.rsplit("_", 1)[1], tuple(read[k]), "", "") for k in names}
+    _check_templated(bare, tsets, tpl, tiny_tokenizer, 1024)
+    for k in names:
+        assert prov["datasets"][k]["count"] == len(read[k]) == 3
+    # every probe: the 4 + 1 harmful groups and 3 + 1 benign groups, in the gate_roles order
+    sizes = ([len(read[k]) for k in (*GATE_HARMFUL, "gate_tpl_itw_harmful")],
+             [len(read[k]) for k in (*GATE_BENIGN, "gate_tpl_itw_benign")])
+    assert probes and all(p == sizes for p in probes)
+    # every threshold is chosen over the bare and the templated dev benign prompts
+    assert thresholds and set(thresholds) == {sum(len(read[k]) for k in (*BENIGN_DEV, "dev_tpl_itw_benign"))}
+    held = {f for k in ("dan", "itw") for f in tpl["templates"]["held_out"][k]["families"]}
+    assert not held & {f for p in ("gate", "dev") for k in ("dan", "itw") for f in tpl["templates"][p][k]["families"]}
+
+    # --refit-gate --gate-templates: the same sets, one probe, its threshold over the templated dev too
+    for log in (read, probes, thresholds):
+        log.clear()
+    refit = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "refit"), name="tpl2", limit=3,
+                                         gate_templates=True), manifest, command="")
+    rprov = json.loads(refit.read_text())["provenance"]
+    assert sorted(rprov["gate_templates"]["sets"]) == sorted(names) and set(names) <= set(rprov["datasets"])
+    assert probes == [sizes] and thresholds == [sum(len(read[k]) for k in (*BENIGN_DEV, "dev_tpl_itw_benign"))]
+    # off (the default): no templated set is read and nothing is recorded
+    read.clear()
+    plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3),
+                           manifest, command="")
+    assert "gate_templates" not in json.loads(plain.read_text())["provenance"] and set(read).isdisjoint(names)

@@ -9,6 +9,9 @@ records, per named fitting split of ``steer.calibrate.splits()``, how many of it
 The jailbreak-template suites (``dan``, ``inthewild``) wrap each held-out HarmBench test request in one
 jailbreak template (``steer.data.wrap``), templates assigned by a seeded shuffle; they are opt-in
 (not in DEFAULT_SUITES): their prompts are 15-30x longer than HarmBench's, costly to prefill on CPU.
+The ``*_heldout`` suites do the same with only the templates of the families
+``steer.templates.template_split`` holds out: ``steer extract --gate-templates`` fits and tunes its gate on
+templates of the other families only, so these measure it on template families it never met.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from steer import data
+from steer.templates import TEMPLATE_MAX_CHARS, template_split
 
 Kind = Literal["harmful", "jailbreak", "benign", "utility"]
 SPLIT_SEED = 0  # the seed steer.calibrate.splits() uses by default
-TEMPLATE_MAX_CHARS = 4000  # longer jailbreak templates are dropped (CPU prefill cost, small contexts)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,63 @@ def _templated(set_name: str, requests_key: str = "test_harmful") -> Builder:
     return build
 
 
+def _heldout(kind: str, requests_key: str = "test_harmful") -> Builder:
+    """Request i of ``steer.calibrate.splits()[requests_key]`` wrapped in template i % n of the ``kind``
+    ("dan" | "itw") templates of the held-out families of ``steer.templates.template_split(SPLIT_SEED)``, in
+    that split's seeded order."""
+    set_name = {"dan": "dan_templates", "itw": "inthewild_templates"}[kind]
+
+    def build(sp: dict) -> tuple[data.PromptSet, str, dict]:
+        requests, ts = sp[requests_key], data.load(set_name)
+        split = template_split(SPLIT_SEED)
+        held = split["templates"][f"{kind}_test"]
+        if not held:
+            raise data.DataError(f"{set_name}: no template of a held-out family")
+        prompts = tuple(data.wrap(held[i % len(held)], r) for i, r in enumerate(requests.prompts))
+        if len(set(prompts)) != len(prompts):
+            raise data.DataError(f"{set_name} (held-out families): wrapped prompts are not distinct")
+        ps = data.PromptSet(
+            f"{set_name}[held-out families]({requests.name})",
+            requests.label,
+            prompts,
+            f"{requests.source} + {ts.source}",
+            requests.sha256,
+        )
+        rec = split["record"]
+        fills = ", ".join(f"{k} = {v!r}" for k, v in data.TEMPLATE_FILLS.items())
+        rule = (
+            f"request i of steer.calibrate.splits()[{requests_key!r}] (held out from fitting and dev) wrapped by "
+            f"steer.data.wrap in template i % {len(held)} of the {len(held)} {set_name} of <= {TEMPLATE_MAX_CHARS} "
+            f"chars in the families steer.templates.template_split({SPLIT_SEED}) holds out ({rec['held_out_rule']}; "
+            f"families: {rec['cluster_rule']}), in its random.Random({SPLIT_SEED}) order; {{generator.name}} = "
+            f"{data.ASSISTANT_NAME!r}, {fills}; the request replaces each request slot, else follows the "
+            "template after a blank line"
+        )
+        fam = split["family"]
+        extra = {
+            "templates": {
+                "set": set_name,
+                "source": ts.source,
+                "file_sha256": ts.sha256,
+                "count": len(ts.prompts),
+                "max_chars": TEMPLATE_MAX_CHARS,
+                "kept": len(held),
+                "held_out_families": sorted({fam[_sha(t)] for t in held}),
+                "family_split": {k: v for k, v in rec.items() if not isinstance(v, dict) or "template_sha256" not in v},
+                "with_request_slot": sum(bool(data.REQUEST_SLOT.search(t)) for t in held),
+                "assistant_name": data.ASSISTANT_NAME,
+                "fills": data.TEMPLATE_FILLS,
+                "request_slot": data.REQUEST_SLOT.pattern,
+                "pairing": "prompt i: template_sha256[i % kept]",
+                "template_sha256": [_sha(t) for t in held],
+            },
+            "requests_used_in_fitting": _fitting_overlap(requests.prompts, sp),
+        }
+        return ps, rule, extra
+
+    return build
+
+
 # name -> (kind, builder)
 SUITES: dict[str, tuple[Kind, Builder]] = {
     "harmbench": ("harmful", _harmbench),
@@ -148,6 +208,11 @@ SUITES: dict[str, tuple[Kind, Builder]] = {
     # the same templates around benign requests: does the template alone make the server refuse?
     "dan_benign": ("benign", _templated("dan_templates", "test_benign")),
     "inthewild_benign": ("benign", _templated("inthewild_templates", "test_benign")),
+    # only the templates of held-out families (steer.templates), never seen by a gate fitted with templates
+    "dan_heldout": ("jailbreak", _heldout("dan")),
+    "inthewild_heldout": ("jailbreak", _heldout("itw")),
+    "dan_heldout_benign": ("benign", _heldout("dan", "test_benign")),
+    "inthewild_heldout_benign": ("benign", _heldout("itw", "test_benign")),
     "aplomb": (
         "benign",
         _whole("aplomb_benign", "all 50 (20 XSTest-style hard negatives); never used in fitting"),
@@ -163,6 +228,10 @@ OPT_IN = (
     "inthewild",
     "dan_benign",
     "inthewild_benign",
+    "dan_heldout",
+    "inthewild_heldout",
+    "dan_heldout_benign",
+    "inthewild_heldout_benign",
 )  # long prompts: run only when named in --suites
 DEFAULT_SUITES = tuple(n for n in SUITES if n not in OPT_IN)
 
