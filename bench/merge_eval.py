@@ -15,7 +15,9 @@ activation vector ``--gate`` at each ``--gated`` strength (``steer serve --gate-
 EnchTable-merged model (each EnchTable row's) with the gated activation vector per request at strength 1
 (both kinds together). ``--own-gate`` names a gated activation vector fitted on the ft itself (``steer
 extract --model FT``): the ft served with it per request, and with the weight vector per request behind
-its gate (a gate that reads the served model's own residual stream). Rows are appended to ``--out`` as
+its gate (a gate that reads the served model's own residual stream). ``--activation`` serves any gated
+activation vector on the ft at the ``--activation-strengths`` (a strength chosen per fine-tune on a dev
+split by ``bench/gated_calibrate.py``). Rows are appended to ``--out`` as
 they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
 plot (unsafe vs pass@1, one point per row) from every results file named.
 
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                          "rows with it per request at --own-strengths, and with the weight vector per request "
                          "behind its gate at --gated")
     ap.add_argument("--own-strengths", default="1")
+    ap.add_argument("--activation", default=None, metavar="MANIFEST",
+                    help="a gated activation vector (a shipped name or a manifest path, declared transfer) served "
+                         "on the ft at each --activation-strengths (e.g. a strength chosen by "
+                         "bench/gated_calibrate.py)")
+    ap.add_argument("--activation-strengths", default="1")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--jb-limit", type=int, default=20)
     ap.add_argument("--humaneval", type=int, default=40)
@@ -254,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                     record({"row": label, "gate": ns.own_gate, **evaluate(Path(ft), ns, work, vector=ns.vector,
                                                                           strength=s, transfer=True,
                                                                           gate=ns.own_gate)})
+        if ns.activation:
+            act = json.loads(_manifest(ns.activation).read_text())["name"]
+            for s in [float(x) for x in ns.activation_strengths.split(",") if x.strip()]:
+                label = f"ft + {act} @{s:g}"
+                if label not in done:
+                    record({"row": label, "vector": ns.activation,
+                            **evaluate(Path(ft), ns, work, vector=ns.activation, strength=s, transfer=True)})
         for m in [m for m in ns.methods.split(",") if m.strip()]:
             if m in done and (m.split(":")[0] != "enchtable" or COMBINED.replace("enchtable", m, 1) in done):
                 continue
