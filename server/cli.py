@@ -46,15 +46,21 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
 
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
-        limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates,
+        limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
     )
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
 
         if ns.layers:
             raise CLIError("--layers: --refit-gate keeps the source vector's steered layers")
+        if not 0.0 <= ns.gate_fpr < 1.0:
+            raise CLIError(f"--gate-fpr {ns.gate_fpr}: must be in [0, 1) (the fraction of dev benign prompts the "
+                           "gate may fire on)")
         print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
         return
+    if ns.gate_fpr:
+        raise CLIError("--gate-fpr: only with --refit-gate (steer extract chooses its threshold on the dev split "
+                       "together with the coefficient)")
     print(run_extract(cfg, command=_command(ns)))
 
 
@@ -122,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
                          "template families, and choose its threshold with benign requests inside dev-family templates "
                          "(held-out families never used; see steer/templates.py). Default: off, the shipped recipe")
+    ex.add_argument("--gate-fpr", type=float, default=0.0, metavar="F",
+                    help="with --refit-gate: set the gate's threshold so that at most this fraction of the dev benign "
+                         "prompts fire it (default 0: none). Higher buys recall on milder harmful requests")
     ex.set_defaults(fn=_cmd_extract)
 
     from server.evaluation.config import add_arguments as add_eval_arguments

@@ -89,6 +89,7 @@ class ExtractConfig:
     limit: int | None = None
     seed: int = SPLIT_SEED
     gate_templates: bool = False  # fit and tune the gate with templated requests too (steer.templates)
+    gate_fpr: float = 0.0  # --refit-gate: fraction of the dev benign prompts the threshold may let fire
 
 
 def hard_negatives() -> data.PromptSet:
@@ -354,12 +355,18 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     direction and coefficient are kept (the refusal direction transfers across fine-tunes); the probe is
     refitted with the same protocol and sets as ``steer extract`` at the source gate's layer (or
     ``cfg.gate_layer``) and L2 (with ``cfg.gate_templates``, the templated sets too, as ``steer extract
-    --gate-templates``), and its threshold set at zero dev-benign fires. The new vector is made
+    --gate-templates``), and its threshold set at zero dev-benign fires (or on the highest dev benign score
+    that leaves ``cfg.gate_fpr`` of them firing: an operating point that buys recall on milder requests, such as Do-Not-Answer's, with a few
+    gate fires on benign look-alikes; a fire steers a row, it does not always make it refuse, so choose it
+    by the refusals it causes on dev, e.g. with bench/gated_calibrate.py). The new vector is made
     for ``cfg.model`` (its gate is valid only there); the provenance names the vector the direction
     came from and the model that was made on."""
     from steer.demo import ensure_demo_model
 
     t0 = time.time()
+    if not 0.0 <= cfg.gate_fpr < 1.0:
+        raise VectorError(f"--gate-fpr {cfg.gate_fpr}: must be in [0, 1) (the fraction of dev benign prompts the "
+                          "gate may fire on)")
     src = SafetyVector.load(source)
     gcfg = src.config.get("gate")
     if src.kind != "activation" or not gcfg:
@@ -381,7 +388,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     direction, center = fit_linear_probe([R[k] for k in roles["harmful"]], [R[k] for k in roles["benign"]], l2=l2)
     pos = linear_scores(R["dev_harmful"], direction, center)
     neg = torch.cat([linear_scores(R[k], direction, center) for k in roles["dev_benign"]])
-    threshold, tpr = best_threshold(pos, neg, max_fpr=0.0)
+    threshold, tpr = best_threshold(pos, neg, max_fpr=cfg.gate_fpr, at_edge=cfg.gate_fpr > 0)
     gate = {"layer": layer, "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
     tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}
     tensors |= {"gate.direction": direction, "gate.center": center}
@@ -392,7 +399,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
         "positions": {"gate": position},
         "datasets": {k: s.describe() for k, s in sets.items()},
         "split": {"seed": cfg.seed, "limit": cfg.limit},
-        "dev": {"dev_harmful_gate_fires": tpr, "dev_benign_gate_fires": float((neg > threshold).float().mean())},
+        "dev": {"dev_harmful_gate_fires": tpr, "dev_benign_gate_fires": float((neg > threshold).float().mean()),
+                "allowed_dev_benign_fires": cfg.gate_fpr, "dev_benign_n": len(neg)},
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 1),

@@ -59,17 +59,20 @@ def cosine_scores(x: torch.Tensor, direction: torch.Tensor, center: torch.Tensor
     return (x @ (direction / direction.norm())) / x.norm(dim=-1).clamp_min(1e-6)
 
 
-def best_threshold(pos: torch.Tensor, neg: torch.Tensor, *, max_fpr: float = 0.0) -> tuple[float, float]:
+def best_threshold(pos: torch.Tensor, neg: torch.Tensor, *, max_fpr: float = 0.0,
+                   at_edge: bool = False) -> tuple[float, float]:
     """Threshold maximising true-positive rate subject to false-positive rate <= max_fpr.
 
     Returns (threshold, tpr). The threshold sits halfway between the allowed negative score and the
-    next positive above it, so it does not hug either class.
+    next positive above it, so it does not hug either class; with ``at_edge`` it sits on the highest
+    negative that must not fire (the loosest threshold at that false-positive rate: an operating point
+    chosen for recall on positives milder than ``pos``).
     """
     neg_sorted = neg.sort(descending=True).values
-    k = int(max_fpr * len(neg))  # number of negatives allowed above the threshold
+    k = int(max_fpr * len(neg) + 1e-9)  # number of negatives allowed above the threshold
     edge = float(neg_sorted[k]) if k < len(neg) else float(neg.min()) - 1e-3
     above = pos[pos > edge]
-    thr = (edge + float(above.min())) / 2 if len(above) else edge
+    thr = (edge + float(above.min())) / 2 if len(above) and not at_edge else edge
     return thr, float((pos > thr).float().mean())
 
 

@@ -24,6 +24,9 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["serve", "--model", "{tiny}"], "no safety vectors are loaded"),
         (["extract", "--refit-gate", "/nonexistent/v.json", "--model", "{tiny}"], "cannot read vector manifest"),
         (["extract", "--refit-gate", "v.json", "--layers", "3"], "keeps the source vector's steered layers"),
+        (["extract", "--refit-gate", "v.json", "--gate-fpr", "1"], "--gate-fpr 1.0: must be in [0, 1)"),
+        (["extract", "--refit-gate", "v.json", "--gate-fpr", "nan"], "--gate-fpr nan: must be in [0, 1)"),
+        (["extract", "--gate-fpr", "0.1"], "--gate-fpr: only with --refit-gate"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):

@@ -22,7 +22,7 @@ from steer.calibrate import (
     splits,
     templated_sets,
 )
-from steer.extract import chat_prompt_ids
+from steer.extract import best_threshold, chat_prompt_ids
 from steer.hooks import SteeringRuntime
 from steer.models import fingerprint, load_model
 from steer.templates import template_split
@@ -89,11 +89,41 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     with pytest.raises(VectorError, match="different architecture"):
         run_refit_gate(ExtractConfig(model=str(other_dir), out=str(tmp_path / "x"), name="x", limit=3), source,
                        command="")
+    # --gate-fpr: the same probe with a threshold that lets at most that fraction of dev benign prompts fire
+    loose = run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "loose"), name="loose", limit=3,
+                                         gate_fpr=0.5), source, command="steer extract --refit-gate --gate-fpr 0.5")
+    lvec, ldev = SafetyVector.load(loose), json.loads(loose.read_text())["provenance"]["dev"]
+    assert torch.equal(lvec.tensors["gate.direction"], vec.tensors["gate.direction"])
+    assert lvec.config["gate"]["threshold"] <= vec.config["gate"]["threshold"]
+    assert ldev["allowed_dev_benign_fires"] == 0.5 and ldev["dev_benign_gate_fires"] <= 0.5
+    assert ldev["dev_harmful_gate_fires"] >= prov["dev"]["dev_harmful_gate_fires"]
+    with pytest.raises(VectorError, match="must be in"):
+        run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "z"), name="z", limit=3, gate_fpr=-0.1),
+                       source, command="")
     with pytest.raises(VectorError, match="not a gated activation vector"):
         ungated = SafetyVector("u", "activation", src.model, {k: v for k, v in src.tensors.items()
                                                               if not k.startswith("gate.")}, {"coefficient": 1.0})
         run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "y"), name="y", limit=3),
                        ungated.save(tmp_path / "u"), command="")
+
+
+def test_best_threshold_never_lets_more_than_the_allowed_negatives_fire():
+    """``best_threshold``: at ``max_fpr`` the threshold sits halfway between the k-th highest negative (k =
+    the allowed count) and the next positive above it, so at most k negatives fire; k is not rounded down
+    by float error (0.29 * 100 is 28.999..., and 29 are allowed)."""
+    neg = torch.arange(30, dtype=torch.float32)  # 0..29
+    pos = torch.tensor([10.5, 26.5, 27.5, 28.5, 40.0])
+    for fpr, fires, tpr in ((0.0, 0, 1 / 5), (0.1, 3, 4 / 5), (1 / 30, 1, 2 / 5), (0.5, 9, 4 / 5)):
+        thr, got = best_threshold(pos, neg, max_fpr=fpr)
+        assert int((neg > thr).sum()) == fires and got == pytest.approx(tpr), (fpr, thr)
+    assert best_threshold(pos, neg)[0] == pytest.approx((29 + 40) / 2)
+    neg = torch.arange(100, dtype=torch.float32)
+    thr, _ = best_threshold(torch.tensor([70.5, 200.0]), neg, max_fpr=0.29)
+    assert int((neg > thr).sum()) == 29
+    # at_edge: the threshold is the highest negative that must not fire; exactly k fire, more positives pass
+    neg = torch.arange(30, dtype=torch.float32)
+    thr, tpr = best_threshold(pos, neg, max_fpr=0.5, at_edge=True)
+    assert thr == 14.0 and int((neg > thr).sum()) == 15 and tpr == pytest.approx(4 / 5)
 
 
 # ---------------------------------------------------------------- --gate-templates
