@@ -53,9 +53,6 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
 
         if ns.layers:
             raise CLIError("--layers: --refit-gate keeps the source vector's steered layers")
-        if not 0.0 <= ns.gate_fpr < 1.0:
-            raise CLIError(f"--gate-fpr {ns.gate_fpr}: must be in [0, 1) (the fraction of dev benign prompts the "
-                           "gate may fire on)")
         print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
         return
     if ns.gate_fpr:

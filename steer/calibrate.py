@@ -356,8 +356,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     refitted with the same protocol and sets as ``steer extract`` at the source gate's layer (or
     ``cfg.gate_layer``) and L2 (with ``cfg.gate_templates``, the templated sets too, as ``steer extract
     --gate-templates``), and its threshold set at zero dev-benign fires (or on the highest dev benign score
-    that leaves ``cfg.gate_fpr`` of them firing: an operating point that buys recall on milder requests, such as Do-Not-Answer's, with a few
-    gate fires on benign look-alikes; a fire steers a row, it does not always make it refuse, so choose it
+    that leaves ``cfg.gate_fpr`` of them firing: recall on milder requests, such as Do-Not-Answer's, for a
+    few fires on benign look-alikes; a fire steers a row, it does not always make it refuse, so choose it
     by the refusals it causes on dev, e.g. with bench/gated_calibrate.py). The new vector is made
     for ``cfg.model`` (its gate is valid only there); the provenance names the vector the direction
     came from and the model that was made on."""
