@@ -47,6 +47,7 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
+        gate_layers=ns.gate_layers,
     )
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
@@ -58,6 +59,8 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
     if ns.gate_fpr:
         raise CLIError("--gate-fpr: only with --refit-gate (steer extract chooses its threshold on the dev split "
                        "together with the coefficient)")
+    if ns.gate_layers:
+        raise CLIError("--gate-layers: only with --refit-gate (steer extract chooses one gate layer on the dev split)")
     print(run_extract(cfg, command=_command(ns)))
 
 
@@ -125,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
                          "template families, and choose its threshold with benign requests inside dev-family templates "
                          "(held-out families never used; see steer/templates.py). Default: off, the shipped recipe")
+    ex.add_argument("--gate-layers", default=None, metavar="L-M|L,..",
+                    help="with --refit-gate: a multi-layer gate reading the residual at each of these layers (e.g. 9-13; "
+                         "the last decides and must not follow the first steered layer). Default: the source's one layer")
     ex.add_argument("--gate-fpr", type=float, default=0.0, metavar="F",
                     help="with --refit-gate: set the gate's threshold so that at most this fraction of the dev benign "
                          "prompts fire it (default 0: none). Higher buys recall on milder harmful requests")

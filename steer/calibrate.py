@@ -90,6 +90,7 @@ class ExtractConfig:
     seed: int = SPLIT_SEED
     gate_templates: bool = False  # fit and tune the gate with templated requests too (steer.templates)
     gate_fpr: float = 0.0  # --refit-gate: fraction of the dev benign prompts the threshold may let fire
+    gate_layers: str | None = None  # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13"
 
 
 def hard_negatives() -> data.PromptSet:
@@ -354,7 +355,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     aligned model misses harmful prompts on the fine-tune (measured in bench/RESULTS.md). The steering
     direction and coefficient are kept (the refusal direction transfers across fine-tunes); the probe is
     refitted with the same protocol and sets as ``steer extract`` at the source gate's layer (or
-    ``cfg.gate_layer``) and L2 (with ``cfg.gate_templates``, the templated sets too, as ``steer extract
+    ``cfg.gate_layer``, or the several layers of ``cfg.gate_layers``: a multi-layer gate) and L2 (with ``cfg.gate_templates``, the templated sets too, as ``steer extract
     --gate-templates``), and its threshold set at zero dev-benign fires (or on the highest dev benign score
     that leaves ``cfg.gate_fpr`` of them firing: recall on milder requests, such as Do-Not-Answer's, for a
     few fires on benign look-alikes; a fire steers a row, it does not always make it refuse, so choose it
@@ -367,29 +368,36 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     if not 0.0 <= cfg.gate_fpr < 1.0:
         raise VectorError(f"--gate-fpr {cfg.gate_fpr}: must be in [0, 1) (the fraction of dev benign prompts the "
                           "gate may fire on)")
+    if cfg.gate_layers is not None and cfg.gate_layer is not None:
+        raise VectorError("--gate-layer and --gate-layers: give one (the last of --gate-layers decides)")
+    layers = parse_layers(cfg.gate_layers) if cfg.gate_layers is not None else None
     src = SafetyVector.load(source)
     gcfg = src.config.get("gate")
     if src.kind != "activation" or not gcfg:
         raise VectorError(f"--refit-gate {source}: {src.name!r} is not a gated activation vector")
+    first = min(src.layer_directions())
+    if layers is None:
+        layers = [cfg.gate_layer if cfg.gate_layer is not None else int(gcfg["layer"])]
+    if not 1 <= layers[0] or layers[-1] > first:
+        raise VectorError(f"gate layer(s) {_layer_text(layers)}: must be in 1..{first} (the first steered layer)")
     model, tok = load_model(cfg.model or ensure_demo_model())
     fp = fingerprint(model)
     src.check_model(fp, transfer=True)  # same architecture and shape, or a clear error
-    layer = cfg.gate_layer if cfg.gate_layer is not None else int(gcfg["layer"])
-    if not 0 <= layer <= min(src.layer_directions()):
-        raise VectorError(f"gate layer {layer}: must be in 0..{min(src.layer_directions())} (the first steered "
-                          "layer)")
     l2 = float(gcfg.get("probe_l2", PROBE_L2[0]))
     position = int(gcfg.get("position", GATE_POSITION))
     names = GATE_HARMFUL + GATE_BENIGN + ("dev_harmful",) + BENIGN_DEV
     sets = {k: v.take(cfg.limit) for k, v in splits(cfg.seed).items() if k in names}
     sets, templated = _with_templates(cfg, sets, model, tok)
     roles = gate_roles(sets)
-    R = {k: residuals(model, tok, s.prompts, (position,), desc=k)[:, 0, layer] for k, s in sets.items()}
+    # a multi-layer gate's feature: its layers' residuals at the gate position, concatenated in order
+    R = {k: residuals(model, tok, s.prompts, (position,), desc=k)[:, 0, layers].flatten(1) for k, s in sets.items()}
     direction, center = fit_linear_probe([R[k] for k in roles["harmful"]], [R[k] for k in roles["benign"]], l2=l2)
     pos = linear_scores(R["dev_harmful"], direction, center)
     neg = torch.cat([linear_scores(R[k], direction, center) for k in roles["dev_benign"]])
     threshold, tpr = best_threshold(pos, neg, max_fpr=cfg.gate_fpr, at_edge=cfg.gate_fpr > 0)
-    gate = {"layer": layer, "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
+    gate = {"layer": layers[-1], "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
+    if len(layers) > 1:
+        gate["layers"] = layers
     tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}
     tensors |= {"gate.direction": direction, "gate.center": center}
     prov = {
@@ -408,6 +416,24 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     if templated is not None:
         prov["gate_templates"] = templated
     return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
+
+
+def parse_layers(text: str) -> list[int]:
+    """"9-13" or "9,11,13" (or a mix, "5,9-13") -> increasing distinct layer indices; VectorError if not."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise VectorError(f"--gate-layers {text!r}: expected layers like 9-13 or 9,11,13") from None
+    if not out or out != sorted(set(out)):
+        raise VectorError(f"--gate-layers {text!r}: layers must be distinct and increasing")
+    return out
+
+
+def _layer_text(layers: list[int]) -> str:
+    return ",".join(map(str, layers))
 
 
 def _provenance(cfg, sets, steer_layers, search, command, seconds) -> dict:

@@ -13,7 +13,8 @@ then at every position of the prompt (a weight vector behind a gate: in the laye
 With chunked prefill the decision must be known before any position is steered, so a group's
 prefill runs in phases split at the gate layers: layers ``[0, g)``
 over every chunk, then the gate, then layers ``[g, L)`` over every chunk (the hidden states at layer
-``g`` are kept in between). The total work is one prefill, whatever the chunking.
+``g`` are kept in between; a multi-layer gate splits at each layer it reads and keeps its residuals at
+the gate position). The total work is one prefill, whatever the chunking.
 
 Per row, per token, the work is O(1): text is detokenized incrementally and stop strings are matched
 on the new text only. A failure in one row's sampling or text handling ends that row alone, with
@@ -144,6 +145,9 @@ class _Prefill:
         self.phase, self.col = 0, 0
         self.hidden: torch.Tensor | None = None
         self.outs: list[torch.Tensor] = []
+        # a multi-layer gate's residuals at its position, kept from the phases before its decision layer:
+        # {(vector, layer): (B, d)}
+        self.gate_parts: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def width(self) -> int:
@@ -155,6 +159,7 @@ class _Prefill:
         self.ids, self.pad, self.pos = self.ids[idx], self.pad[idx], self.pos[idx]
         self.hidden = None if self.hidden is None else self.hidden[idx]
         self.outs = [o[idx] for o in self.outs]
+        self.gate_parts = {k: v[idx] for k, v in self.gate_parts.items()}
         _select_cache(self.cache, idx)
 
 
@@ -251,8 +256,8 @@ class Engine:
         if self.runtime is None:
             return set()
         st = self.runtime.steerers
-        return {st[s.vector].gate_layer for s in seqs
-                if s.strength > 0 and s.vector in st and st[s.vector].gate_layer is not None}
+        return {ly for s in seqs if s.strength > 0 and s.vector in st and st[s.vector].gate is not None
+                for ly in st[s.vector].gate.layers}
 
     # -- forward passes ----------------------------------------------------------------------
     def _decode(self) -> list[Event]:
@@ -299,17 +304,22 @@ class Engine:
         return self._advance(new.seqs, self._logits(h[:, -1]))
 
     def _decide_gates(self, p: _Prefill, layer: int) -> None:
-        """Gate decisions of the vectors gated at ``layer``, from its input residuals (p.hidden)."""
+        """At the end of a phase that stops before ``layer``: keep the gate-position residuals (of
+        p.hidden, ``layer``'s input) of the vectors whose gates read ``layer``, and decide the ones gated
+        at ``layer``."""
         lens = p.pad.sum(dim=1)
         for name, st in (self.runtime.steerers.items() if self.runtime else ()):
-            if st.gate_layer != layer:
+            if st.gate is None or layer not in st.gate.layers:
                 continue
             rows = [i for i, s in enumerate(p.seqs) if s.vector == name and s.strength > 0]
             if not rows:
                 continue
-            idx = torch.tensor(rows)
-            col = gate_columns(p.width, st.gate.position, lens[idx])
-            fired = st.gate.fired(p.hidden[idx, col]).tolist()
+            cols = gate_columns(p.width, st.gate.position, lens)
+            p.gate_parts[(name, layer)] = p.hidden[torch.arange(len(p.seqs)), cols]
+            if layer != st.gate.layer:
+                continue
+            feats = torch.cat([p.gate_parts.pop((name, ly)) for ly in st.gate.layers], dim=-1)
+            fired = st.gate.fired(feats[torch.tensor(rows)]).tolist()
             for i, f in zip(rows, fired, strict=True):
                 p.seqs[i].gate[name] = float(f)
 

@@ -58,18 +58,33 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
 
 class Gate:
     """A hard threshold on a score of a prompt's residual at ``position`` (an offset from the prompt's
-    end; -5 is the end-of-user-turn token of a ChatML prompt) at the input of decoder layer ``layer``:
-    a linear probe's logit (``linear``) or the cosine with a gate direction (``cosine``), both after
-    subtracting a center. Made with an activation vector (``steer extract``); a weight vector can be
-    served behind another vector's gate (``SteeringRuntime(gated_by=...)``)."""
+    end; -5 is the end-of-user-turn token of a ChatML prompt): a linear probe's logit (``linear``) or the
+    cosine with a gate direction (``cosine``), both after subtracting a center. The residual is read at
+    the input of decoder layer ``layer``, or, for a multi-layer gate (``layers``, increasing, ending at
+    ``layer``), at the input of each of those layers and concatenated in that order; the decision is
+    made at ``layer``, so a gate never reads past the first layer it steers. Made with an activation
+    vector (``steer extract``); a weight vector can be served behind another vector's gate
+    (``SteeringRuntime(gated_by=...)``)."""
 
-    def __init__(self, name: str, cfg: dict, direction: torch.Tensor, center: torch.Tensor) -> None:
+    def __init__(self, name: str, cfg: dict, direction: torch.Tensor, center: torch.Tensor, *,
+                 hidden_size: int | None = None) -> None:
         self.layer = int(cfg["layer"])
+        self.layers = tuple(int(x) for x in cfg.get("layers", [self.layer]))
+        if list(self.layers) != sorted(set(self.layers)) or self.layers[-1] != self.layer:
+            raise VectorError(f"vector {name!r}: gate layers {list(self.layers)} must be increasing and end at "
+                              f"its decision layer {self.layer}")
+        if self.layers[0] < 1:
+            raise VectorError(f"vector {name!r}: gate layer 0 reads the token embedding, not the prompt; "
+                              "gate layers start at 1")
         self.threshold = float(cfg["threshold"])
         self.position = int(cfg.get("position", -1))
         self.metric = cfg.get("metric", "cosine")
         if self.metric not in ("cosine", "linear"):
             raise VectorError(f"vector {name!r}: unknown gate metric {self.metric!r}")
+        size = len(self.layers) * hidden_size if hidden_size else direction.numel()
+        if direction.shape != center.shape or direction.shape != (size,) or size % len(self.layers):
+            raise VectorError(f"vector {name!r}: gate direction {tuple(direction.shape)} and center "
+                              f"{tuple(center.shape)} do not fit {len(self.layers)} gate layer(s)")
         self.direction, self.center = direction.float(), center.float()
 
     @classmethod
@@ -77,21 +92,45 @@ class Gate:
         cfg = vector.config.get("gate")
         if not cfg:
             return None
-        return cls(vector.name, cfg, vector.tensors["gate.direction"], vector.tensors["gate.center"])
+        return cls(vector.name, cfg, vector.tensors["gate.direction"], vector.tensors["gate.center"],
+                   hidden_size=vector.model.hidden_size)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, d) residuals at the gate position -> (B,) scores."""
+        """(B, k*d) residuals at the gate position (k gate layers, concatenated in order) -> (B,) scores."""
         x = h.float() - self.center
         s = x @ self.direction
         return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
     def fired(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, d) residuals at the gate position -> (B,) decisions, 1.0 where the gate opens."""
+        """(B, k*d) residuals at the gate position -> (B,) decisions, 1.0 where the gate opens."""
         return (self.scores(h) > self.threshold).float()
 
-    def decide(self, h: torch.Tensor, prompt_lens: torch.Tensor | None) -> torch.Tensor:
-        """Decisions from a whole left-padded prompt pass's (B, T, d) input residuals of the gate layer."""
-        return self.fired(_gate_rows(h, self.position, prompt_lens))
+    def install(self, name: str, model: nn.Module, rows: RowSteering) -> list:
+        """Pre-hooks that decide ``rows.gate[name]`` inside a one-pass caller's prompt pass (a whole
+        left-padded prompt in one forward, ``rows.prompt_lens`` its real lengths): each gate layer keeps
+        its input residual at the gate position, the last one decides. Nothing is done where the
+        decision is already made (the engine's chunked prefill, decode passes) or no row uses ``name``.
+        Install these before any hook that changes the same layers' inputs."""
+        layers = decoder_layers(model)
+        parts: dict[int, torch.Tensor] = {}
+
+        def hook_for(ly: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict):
+                s = rows.strength.get(name)
+                if s is None or not bool(s.any()) or name in rows.gate:
+                    return None
+                parts[ly] = _gate_rows(_hidden_arg(args, kwargs), self.position, rows.prompt_lens)
+                if ly == self.layer:
+                    feats = [parts.pop(x, None) for x in self.layers]
+                    parts.clear()
+                    if any(f is None for f in feats):
+                        raise RuntimeError(f"gate of {name!r}: a gate layer was not run before layer {ly}")
+                    rows.gate[name] = self.fired(torch.cat(feats, dim=-1))
+                return None
+
+            return hook
+
+        return [layers[ly].register_forward_pre_hook(hook_for(ly), with_kwargs=True) for ly in self.layers]
 
 
 class Steerer(Protocol):
@@ -132,15 +171,17 @@ class ActivationSteerer:
             raise VectorError(f"vector {vector.name!r}: gate layer must not follow the first steered layer")
 
     def layers(self) -> set[int]:
-        return set(self.directions) | ({self.gate_layer} if self.gate_layer is not None else set())
+        return set(self.directions) | (set(self.gate.layers) if self.gate is not None else set())
 
     def install(self, model: nn.Module, rows: RowSteering) -> list:
         layers = decoder_layers(model)
         bad = [ly for ly in self.layers() if not 0 <= ly < len(layers)]
         if bad:
             raise VectorError(f"vector {self.name!r} targets layers {bad}, model has {len(layers)}")
-        return [layers[ly].register_forward_pre_hook(self.make_hook(ly, rows), with_kwargs=True)
-                for ly in sorted(self.layers())]
+        # the gate's hooks first: at a layer both read, the gate reads the input before it is steered
+        handles = self.gate.install(self.name, model, rows) if self.gate is not None else []
+        return handles + [layers[ly].register_forward_pre_hook(self.make_hook(ly, rows), with_kwargs=True)
+                          for ly in sorted(self.directions)]
 
     def make_hook(self, layer: int, rows: RowSteering) -> Callable:
         r = self.directions.get(layer)
@@ -151,10 +192,6 @@ class ActivationSteerer:
             if s is None or not bool(s.any()):
                 return None
             h = _hidden_arg(args, kwargs)  # (B, T, d)
-            if layer == self.gate_layer and self.name not in rows.gate:  # one-pass caller: decide here
-                rows.gate[self.name] = self.gate.decide(h, rows.prompt_lens)
-            if r is None:
-                return None
             k = s.float()
             if self.gate_layer is not None:
                 k = k * rows.gate[self.name]
@@ -231,9 +268,8 @@ class WeightSteerer:
             groups.setdefault((p.rsplit(".", 2)[0], self.factors[p][0].shape[1]), []).append(p)
         state = _StrengthCache(self.name, rows, gated=self.gate is not None)
         handles = []
-        if self.gate is not None:  # a one-pass caller's gate is decided by this hook, from its residuals
-            handles.append(decoder_layers(model)[self.gate.layer].register_forward_pre_hook(
-                self._gate_hook(rows), with_kwargs=True))
+        if self.gate is not None:  # a one-pass caller's gate is decided by these hooks, from its residuals
+            handles += self.gate.install(self.name, model, rows)
         for params in groups.values():
             group = _InputGroup(torch.cat([self.factors[p][0] for p in params]))
             lo = 0
@@ -243,14 +279,6 @@ class WeightSteerer:
                 handles.append(modules[p.rpartition(".")[0]].register_forward_hook(hook))
                 lo += a.shape[0]
         return handles
-
-    def _gate_hook(self, rows: RowSteering) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            s = rows.strength.get(self.name)
-            if s is not None and bool(s.any()) and self.name not in rows.gate:
-                rows.gate[self.name] = self.gate.decide(_hidden_arg(args, kwargs), rows.prompt_lens)
-
-        return hook
 
     @staticmethod
     def _hook(group: _InputGroup, cols: slice, b: torch.Tensor, state: _StrengthCache) -> Callable:

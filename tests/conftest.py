@@ -71,17 +71,21 @@ def tiny_qwen(tiny_tokenizer):
 
 
 def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=None, seed=1,
-                metric="cosine") -> SafetyVector:
-    """A random activation vector for ``model``; ``gate`` = (layer, threshold) or None."""
+                metric="cosine", gate_layers=None) -> SafetyVector:
+    """A random activation vector for ``model``; ``gate`` = (layer, threshold) or None; ``gate_layers``: a
+    multi-layer gate's layers (ending at ``gate[0]``), its direction over their concatenated residuals."""
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     tensors = {f"layers.{ly}": torch.randn(d, generator=g) for ly in layers}
     config = {"coefficient": coefficient}
     if gate is not None:
-        direction = torch.randn(d, generator=g)
+        k = len(gate_layers) if gate_layers else 1
+        direction = torch.randn(k * d, generator=g)
         tensors["gate.direction"] = direction / direction.norm()
-        tensors["gate.center"] = torch.zeros(d)
+        tensors["gate.center"] = torch.zeros(k * d)
         config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1, "metric": metric}
+        if gate_layers:
+            config["gate"]["layers"] = list(gate_layers)
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})
 
 

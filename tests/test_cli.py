@@ -27,6 +27,10 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["extract", "--refit-gate", "v.json", "--gate-fpr", "1"], "--gate-fpr 1.0: must be in [0, 1)"),
         (["extract", "--refit-gate", "v.json", "--gate-fpr", "nan"], "--gate-fpr nan: must be in [0, 1)"),
         (["extract", "--gate-fpr", "0.1"], "--gate-fpr: only with --refit-gate"),
+        (["extract", "--refit-gate", "v.json", "--gate-layers", "9-x"], "expected layers like 9-13 or 9,11,13"),
+        (["extract", "--refit-gate", "v.json", "--gate-layers", "13,9"], "must be distinct and increasing"),
+        (["extract", "--refit-gate", "v.json", "--gate-layers", "9-13", "--gate-layer", "13"], "give one"),
+        (["extract", "--gate-layers", "9-13"], "--gate-layers: only with --refit-gate"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):

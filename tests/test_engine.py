@@ -161,6 +161,30 @@ def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_token
     assert [s.generated for s in together] == [s.generated for s in alone]
 
 
+def test_multi_layer_gate_survives_a_cancel_during_its_prefill(tiny_qwen, tiny_tokenizer):
+    """A row cancelled between a multi-layer gate's layers: the others' kept gate residuals stay theirs,
+    so each row's gate is the one it gets alone."""
+    vec = make_vector(tiny_qwen, layers=(3,), gate=(3, 0.0), gate_layers=(1, 2, 3), seed=6)
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    prompts = _prompts(5, len(tiny_tokenizer))
+    with rt:
+        alone = [_run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0)])[0] for p in prompts]
+        eng = Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=4)
+        seqs = [Sequence(p, GREEDY, "refusal", 1.0) for p in prompts]
+        for s in seqs:
+            eng.add(s)
+        while eng.prefill is None or eng.prefill.phase < 2:  # past layer 1's gate residuals, before layer 3
+            eng.step()
+        assert eng.prefill.gate_parts, "layer 1's gate residuals are kept"
+        eng.cancel(seqs[1].id)
+        while eng.has_work():
+            eng.step()
+    kept = [0, 2, 3, 4]
+    assert 0 < sum(alone[i].gate["refusal"] for i in kept) < len(kept), "the gate must split these prompts"
+    assert [seqs[i].gate for i in kept] == [alone[i].gate for i in kept]
+    assert [seqs[i].generated for i in kept] == [alone[i].generated for i in kept]
+
+
 def _one_pass_reference(model, rt: SteeringRuntime, prompt: list[int], strength: float, n: int) -> tuple[list[int], float]:
     """Greedy tokens the old way: the whole (growing) sequence through one plain forward pass per token,
     the gate decided by the hooks themselves on the first pass."""
@@ -176,11 +200,13 @@ def _one_pass_reference(model, rt: SteeringRuntime, prompt: list[int], strength:
     return ids[len(prompt):], float(gate[0])
 
 
+@pytest.mark.parametrize("gate_layers", [None, (1, 2)], ids=["one-layer-gate", "two-layer-gate"])
 @pytest.mark.parametrize("budget", [4, 8, 10_000])
-def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, tiny_tokenizer, budget):
+def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, tiny_tokenizer, budget, gate_layers):
     """Chunked prefill splits at the gate layer (layers below it over every chunk, the gate, then the
-    rest): every row is steered at every prompt position exactly when its gate fires, as in one pass."""
-    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0))
+    rest; a multi-layer gate splits at each layer it reads): every row is steered at every prompt
+    position exactly when its gate fires, as in one pass."""
+    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), gate_layers=gate_layers)
     prompts = _prompts(6, len(tiny_tokenizer))
     rt = SteeringRuntime(tiny_qwen, [vec])
     with rt:

@@ -100,6 +100,16 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     with pytest.raises(VectorError, match="must be in"):
         run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "z"), name="z", limit=3, gate_fpr=-0.1),
                        source, command="")
+    # --gate-layers: one probe over several layers' residuals, decided at the last; served as is
+    multi = run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "multi"), name="multi", limit=3,
+                                         gate_layers="1-2"), source, command="steer extract --refit-gate --gate-layers 1-2")
+    mvec = SafetyVector.load(multi)
+    assert mvec.config["gate"]["layers"] == [1, 2] and mvec.config["gate"]["layer"] == 2
+    assert mvec.tensors["gate.direction"].shape == (2 * model.config.hidden_size,)
+    assert SteeringRuntime(model, [mvec]).steerers["multi"].gate.layers == (1, 2)
+    with pytest.raises(VectorError, match=r"must be in 1\.\.2"):
+        run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "w"), name="w", limit=3, gate_layers="2-3"),
+                       source, command="")
     with pytest.raises(VectorError, match="not a gated activation vector"):
         ungated = SafetyVector("u", "activation", src.model, {k: v for k, v in src.tensors.items()
                                                               if not k.startswith("gate.")}, {"coefficient": 1.0})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_vector
 
-from steer.hooks import SteeringRuntime
+from steer.hooks import Gate, SteeringRuntime
 from steer.vectors import VectorError
 
 
@@ -105,6 +105,48 @@ def test_gate_leaves_rows_below_threshold_vanilla(tiny_qwen, metric):
     for i in range(6):
         unchanged = torch.equal(steered[i], plain.logits[i])
         assert unchanged == (fired[i] == 0), f"row {i}: gate {fired[i]} but unchanged={unchanged}"
+
+
+@pytest.mark.parametrize("metric", ["cosine", "linear"])
+def test_multi_layer_gate_reads_every_gate_layer_concatenated(tiny_qwen, metric):
+    """A gate over layers 1-2 scores the concatenation of both layers' input residuals at its position,
+    decides at layer 2 (the steered one) in a one-pass forward, and leaves closed rows vanilla."""
+    ids = _ids(8, seed=7)
+    plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
+    feats = torch.cat([plain.hidden_states[1][:, -1], plain.hidden_states[2][:, -1]], dim=-1)
+    vec = make_vector(tiny_qwen, layers=(2,), gate=(2, 0.0), gate_layers=(1, 2), metric=metric, seed=4)
+    gate = SteeringRuntime(tiny_qwen, [vec]).steerers["refusal"].gate
+    assert gate.layers == (1, 2) and gate.direction.numel() == 2 * tiny_qwen.config.hidden_size
+    scores = gate.scores(feats)
+    x = feats @ gate.direction
+    torch.testing.assert_close(scores, x if metric == "linear" else x / feats.norm(dim=-1))
+    # layer 2 alone would decide differently for some row: the extra layer is read
+    one = Gate("x", {"layer": 2, "threshold": 0.0, "metric": metric, "position": -1},
+               gate.direction[tiny_qwen.config.hidden_size:], gate.center[tiny_qwen.config.hidden_size:])
+    thr = float(scores.median())
+    assert not torch.equal(scores > thr, one.scores(plain.hidden_states[2][:, -1]) > thr)
+    vec.config["gate"]["threshold"] = thr
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    with rt:
+        steered = _forward(tiny_qwen, rt, ids, [2.0] * 8).logits
+        fired = rt.rows.gate["refusal"]
+    assert torch.equal(fired, (scores > thr).float()) and 0 < int(fired.sum()) < 8
+    for i in range(8):
+        assert torch.equal(steered[i], plain.logits[i]) == (fired[i] == 0), f"row {i}"
+
+
+@pytest.mark.parametrize(("cfg", "size", "match"), [
+    ({"layer": 2, "layers": [2, 1]}, 2, "increasing"),
+    ({"layer": 2, "layers": [1, 1, 2]}, 3, "increasing"),
+    ({"layer": 2, "layers": [1, 3]}, 2, "end at"),
+    ({"layer": 2, "layers": [0, 2]}, 2, "layer 0"),
+    ({"layer": 0}, 1, "layer 0"),
+    ({"layer": 2, "layers": [1, 2]}, 1, "do not fit"),
+])
+def test_malformed_gates_are_refused(tiny_qwen, cfg, size, match):
+    d = tiny_qwen.config.hidden_size
+    with pytest.raises(VectorError, match=match):
+        Gate("v", {"threshold": 0.0, **cfg}, torch.ones(size * d), torch.zeros(size * d), hidden_size=d)
 
 
 def test_vector_targeting_missing_layer_is_refused(tiny_qwen):

@@ -91,6 +91,26 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
         scores = [-s for s in scores]
     probe.config["gate"]["threshold"] = (scores[0] + scores[1]) / 2
     probe.save(vdir)
+    # a two-layer gate (layers 1 and 2, steering layer 2) whose layer-2 half alone would rank the prompts
+    # the wrong way round: only a gate that reads both layers opens on OPEN and stays closed on CLOSED
+    two = make_vector(model, name="gated2", layers=(2,), coefficient=4.0, gate=(2, 0.0), gate_layers=(1, 2),
+                      seed=5)
+    two.config["gate"]["metric"] = "linear"
+    gate, hs = Gate.of(two), []
+    for p in (OPEN, CLOSED):
+        out = model(torch.tensor([_chat_ids(tiny_tokenizer, p)]), output_hidden_states=True)
+        hs.append([out.hidden_states[ly][0, gate.position] for ly in (1, 2)])
+    d = cfg.hidden_size
+    d1, d2 = two.tensors["gate.direction"][:d], two.tensors["gate.direction"][d:]
+    a2 = float((hs[0][1] - hs[1][1]) @ d2)
+    d2 = d2 if a2 < 0 else -d2
+    a1 = float((hs[0][0] - hs[1][0]) @ d1)
+    d1 = d1 * (2 * abs(a2) / a1)  # sign included: layer 1 outweighs layer 2 twice, the right way round
+    two.tensors["gate.direction"] = torch.cat([d1, d2])
+    full = [float(torch.cat(h) @ two.tensors["gate.direction"]) for h in hs]
+    assert full[0] > full[1] and float(hs[0][1] @ d2) < float(hs[1][1] @ d2)
+    two.config["gate"]["threshold"] = (full[0] + full[1]) / 2
+    two.save(vdir)
     make_weight_vector(model, name="w", scale=2.0).save(vdir)  # per request: LoRA adapters on vLLM
     return d, vdir, model
 
@@ -228,11 +248,27 @@ def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
     assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
 
 
+@pytest.mark.parametrize("server", ["steer_vllm", "embedded"])
+def test_multi_layer_gate_reads_each_of_its_layers(server, request):
+    """A gate over layers 1 and 2 decided from both (its layer-2 half alone ranks these prompts the
+    other way), on both backends, alone and batched."""
+    url = request.getfixturevalue(server)
+    opened = _complete(url, OPEN, 2.0, "gated2", safety={"compare": True})
+    closed = _complete(url, CLOSED, 2.0, "gated2", safety={"compare": True})
+    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True}]
+    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False}]
+    assert opened["choices"][0]["message"]["content"] != opened["baseline"]["choices"][0]["message"]["content"]
+    assert closed["choices"][0]["message"]["content"] == closed["baseline"]["choices"][0]["message"]["content"]
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda p: _text(url, p, 2.0, "gated2"), [OPEN, CLOSED]))
+    assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
+
+
 @vs_embedded
 def test_matches_the_embedded_backend(steer_vllm, embedded):
-    """Same checkpoint, same vectors, float32 on both: the same greedy answers, gate included."""
+    """Same checkpoint, same vectors, float32 on both: the same greedy answers, gates included."""
     for p in PROMPTS:
-        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated")):
+        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated"), (0.01, "gated2")):
             _assert_same(_complete(steer_vllm, p, s, v), _complete(embedded, p, s, v))
 
 

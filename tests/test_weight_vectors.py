@@ -240,20 +240,24 @@ def _gate_threshold(model, gate_vec, ids):
     """The median gate score of ``ids``' rows, so that some rows open the gate and some do not."""
     gate = SteeringRuntime(model, [gate_vec]).steerers["refusal"].gate
     with torch.no_grad():
-        h = model(input_ids=ids, output_hidden_states=True).hidden_states[gate.layer][:, -1]
-    return float(gate.scores(h).median())
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    return float(gate.scores(torch.cat([hs[ly][:, -1] for ly in gate.layers], dim=-1)).median())
 
 
-def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tiny_tokenizer):
+@pytest.mark.parametrize("gate_layers", [None, (1, 2)], ids=["one-layer-gate", "two-layer-gate"])
+def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tiny_tokenizer, gate_layers):
     """One plain forward pass: rows whose prompt fails the borrowed gate are the vanilla model bit for
-    bit; rows that pass run the prompt through the changed weights from the gate layer on."""
+    bit; rows that pass run the prompt through the changed weights from the gate layer on (a multi-layer
+    gate's: its last, deciding layer)."""
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(5, len(tiny_tokenizer), (6, 7), generator=g)
     wvec = make_weight_vector(tiny_qwen, scale=3.0)
-    thr = _gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(1, 0.0)), ids)
-    avec = make_vector(tiny_qwen, gate=(1, thr))
+    at = gate_layers[-1] if gate_layers else 1
+    kw = {"layers": (2,), "gate_layers": gate_layers}
+    thr = _gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(at, 0.0), **kw), ids)
+    avec = make_vector(tiny_qwen, gate=(at, thr), **kw)
     rt = SteeringRuntime(tiny_qwen, [wvec, avec], gated_by={"enchtable": "refusal"})
-    assert rt.steerers["enchtable"].gate_layer == 1 and rt.gated == ["enchtable", "refusal"]
+    assert rt.steerers["enchtable"].gate_layer == at and rt.gated == ["enchtable", "refusal"]
     with rt, torch.no_grad():
         rt.rows.reset()
         rt.rows.strength["enchtable"] = torch.full((6,), 2.0)
@@ -262,7 +266,7 @@ def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tin
     assert 0 < int(fired.sum()) < 6
     with torch.no_grad():
         vanilla = tiny_qwen(input_ids=ids).logits
-        want = _partial_merge(tiny_qwen, wvec, 2.0, 1)(input_ids=ids).logits
+        want = _partial_merge(tiny_qwen, wvec, 2.0, at)(input_ids=ids).logits
     for i in range(6):
         if fired[i]:
             torch.testing.assert_close(out[i], want[i], rtol=1e-4, atol=1e-4)

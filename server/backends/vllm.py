@@ -13,7 +13,8 @@ Activation vectors are applied inside vLLM's forward pass by forward-pre-hooks o
 ``hidden_states`` adds it to the stream, as the embedded backend does. Each token's strength comes
 from its request's ``SamplingParams.extra_args``; rows map to requests through the model runner's
 batch (``input_batch.req_ids`` and ``query_start_loc``). A gated vector's gate is decided at the gate
-layer from the request's own residual at the gate position, and from there on every position of the
+layer from the request's own residual at the gate position (a multi-layer gate: the residuals at each of
+its layers, kept until the last decides), and from there on every position of the
 prompt and every generated token is steered, exactly the embedded engine's semantics. That needs the
 whole prompt in one forward pass, so chunked prefill is off whenever a gated vector is loaded, and a
 gated request never reads the prefix cache (its gate position must be computed). A steered request's
@@ -639,6 +640,8 @@ class _Step:
     strength: dict[str, torch.Tensor]  # vector -> (n,) strength per request (0: another vector or none)
     gate_rows: dict[str, list[tuple[str, int]]]  # gated vector -> [(rid, token row of its gate position)]
     multiplier: dict[str, torch.Tensor] = field(default_factory=dict)  # vector -> (T,) strength * gate
+    # a multi-layer gate's streams at its rows, kept until its decision layer: vector -> {layer: (rows, d)}
+    gate_parts: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class _HookInfo:
@@ -743,13 +746,19 @@ class _Hooks(_HookInfo):
             res = args[2] if len(args) > 2 else kwargs.get("residual")
             t = step.tokens
             self.ran.add(st.name)
-            if layer == st.gate_layer and step.gate_rows.get(st.name):
-                rows = step.gate_rows.pop(st.name)
+            if st.gate is not None and layer in st.gate.layers and step.gate_rows.get(st.name):
+                # the gate reads each of its layers' input stream at the rows' gate positions (a few rows;
+                # the gate's tensors live on the CPU) and decides at its last layer
+                rows = step.gate_rows[st.name]
                 idx = torch.tensor([row for _, row in rows])
                 stream = h[idx] if res is None else h[idx] + res[idx]
-                decided = st.gate.fired(stream.float().cpu())  # a few rows; the gate's tensors live on the CPU
-                for (rid, _), f in zip(rows, decided.tolist(), strict=True):
-                    self.gates[rid] = float(f)
+                parts = step.gate_parts.setdefault(st.name, {})
+                parts[layer] = stream.float().cpu()
+                if layer == st.gate.layer:
+                    del step.gate_rows[st.name]
+                    decided = st.gate.fired(torch.cat([parts.pop(ly) for ly in st.gate.layers], dim=-1))
+                    for (rid, _), f in zip(rows, decided.tolist(), strict=True):
+                        self.gates[rid] = float(f)
             if r is None:
                 return None
             k = self._multiplier(st)
