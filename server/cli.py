@@ -36,9 +36,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo_model(ns: argparse.Namespace) -> None:
-    from steer.demo import ensure_demo_model
+    from steer.demo import DEMO, JUDGE, ensure_demo_model
 
-    print(ensure_demo_model())
+    print(ensure_demo_model(JUDGE if ns.judge else DEMO))
 
 
 def _cmd_extract(ns: argparse.Namespace) -> None:
@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(fn=_cmd_serve)
 
     demo = sub.add_parser("demo-model", help="fetch, verify and convert the demo model; print its directory")
+    demo.add_argument("--judge", action="store_true",
+                      help="the judge model instead (Qwen2.5-Coder-1.5B-Instruct, for steer eval --judge llm)")
     demo.set_defaults(fn=_cmd_demo_model)
 
     ex = sub.add_parser("extract", help="compute a gated refusal-direction safety vector")

