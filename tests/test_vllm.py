@@ -100,8 +100,8 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
     for p in (OPEN, CLOSED):
         out = model(torch.tensor([_chat_ids(tiny_tokenizer, p)]), output_hidden_states=True)
         hs.append([out.hidden_states[ly][0, gate.position] for ly in (1, 2)])
-    d = cfg.hidden_size
-    d1, d2 = two.tensors["gate.direction"][:d], two.tensors["gate.direction"][d:]
+    hid = cfg.hidden_size
+    d1, d2 = two.tensors["gate.direction"][:hid], two.tensors["gate.direction"][hid:]
     a2 = float((hs[0][1] - hs[1][1]) @ d2)
     d2 = d2 if a2 < 0 else -d2
     a1 = float((hs[0][0] - hs[1][0]) @ d1)
