@@ -5,7 +5,10 @@ Runs the serving engine in-process on the demo model: C rows decoded together fo
 (shipped vector installed, every row at strength 0) and ``k-strengths`` (C distinct strengths). The
 paired ratio (each repeat's modes ran back to back) cancels the machine's slow drift.
 
-    .venv/bin/python bench/engine_overhead.py [--rows 8] [--tokens 64] [--repeats 5]
+    .venv/bin/python bench/engine_overhead.py [--rows 8] [--tokens 64] [--repeats 5] [--vector V.json]
+
+``--vector`` installs another activation vector than the shipped one (e.g. a multi-layer gate, whose
+prefill runs in more phases).
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from steer.vectors import SafetyVector
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(model, tok, runtime, prompts, strengths, tokens: int) -> float:
+def run(model, tok, runtime, prompts, strengths, tokens: int, vector: str = "refusal") -> float:
     """Tokens per second for one batch decoded to completion."""
     eng = Engine(model, tok, runtime, max_batch_size=len(prompts))
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for p, s in zip(prompts, strengths, strict=True):
-        eng.add(Sequence(chat_prompt_ids(tok, p), params, "refusal", s))
+        eng.add(Sequence(chat_prompt_ids(tok, p), params, vector, s))
     t0 = time.perf_counter()
     while eng.has_work():
         eng.step()
@@ -48,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--vector", default=str(ROOT / "vectors" / "refusal.json"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_overhead.json"))
     ns = ap.parse_args(argv)
     torch.set_num_threads(2)
-    served = serving.build(ensure_demo_model(), [SafetyVector.load(ROOT / "vectors" / "refusal.json")])
+    vec = SafetyVector.load(ns.vector)
+    served = serving.build(ensure_demo_model(), [vec])
     model, tok, rt = served.model, served.tokenizer, served.runtime  # as steer serve runs it
     sp = splits()
     # half harmful (the gate opens, steering is applied), half benign
@@ -64,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in interleaved(list(modes), ns.repeats):
         runtime, strengths = modes[name]
         with runtime if runtime is not None else torch.inference_mode():
-            results[name].append(run(model, tok, runtime, prompts, strengths, ns.tokens))
+            results[name].append(run(model, tok, runtime, prompts, strengths, ns.tokens, vec.name))
         print(f"  {name}: {results[name][-1]:.1f} tok/s", flush=True)
     paired = {m: statistics.median(a / b for a, b in zip(results[m], results["vanilla"], strict=True))
               for m in modes}
     summary = {"command": "python bench/engine_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "rows": ns.rows, "tokens": ns.tokens, "repeats": ns.repeats,
+               "vector": vec.name, "gate": vec.config.get("gate"), "rows": ns.rows, "tokens": ns.tokens, "repeats": ns.repeats,
                "median_tok_per_s": {m: statistics.median(v) for m, v in results.items()},
                "paired_ratio_to_vanilla": paired, "runs": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

@@ -344,11 +344,13 @@ class Candidate:
     tplfit: tuple[str, ...] = ()  # families of fitting templates added to the fit ("+tpl")
 
 
-L13, L9_15 = (GATE_LAYER,), tuple(range(9, 16))
+L13, L9_13, L9_15 = (GATE_LAYER,), tuple(range(9, 14)), tuple(range(9, 16))
 CANDIDATES = [
     Candidate("a last@13", "(a) shipped recipe refitted: position -5 (end of user turn), layer 13, linear probe",
               _at("last", L13)),
     Candidate("a last@9-15", "position -5, layers 9-15 concatenated, linear probe", _at("last", L9_15)),
+    Candidate("a last@9-13", "position -5, layers 9-13 concatenated (a gate served with steering at 13 may read "
+              "no later layer: steer extract --refit-gate --gate-layers 9-13)", _at("last", L9_13)),
     Candidate("b mean@13", "(b) mean over the user turn's content tokens, layer 13", _at("mean_user", L13)),
     Candidate("c mean@9-15", "(c) mean over the user content, layers 9-15 concatenated", _at("mean_user", L9_15)),
     Candidate("d request@13", "(d) mean over the embedded request's own tokens, layer 13 (bare prompts: the "
@@ -373,6 +375,8 @@ CANDIDATES = [
               tplfit=("dan", "itw")),
     Candidate("f last@9-15 +tpl", "(f) as a last@9-15, + templated fitting prompts", _at("last", L9_15),
               tplfit=("dan", "itw")),
+    Candidate("f last@9-13 +tpl", "(f) as a last@9-13, + templated fitting prompts (--gate-layers 9-13 "
+              "--gate-templates)", _at("last", L9_13), tplfit=("dan", "itw")),
     Candidate("f request@13 +tpl", "(f) as d (request span, upper bound), + templated fitting prompts (their "
               "request spans)", _at("mean_request", L13), tplfit=("dan", "itw")),
     Candidate("f last@13 +tpl(itw only)", "(f) as a, + templated fitting prompts in in-the-wild fitting "
@@ -460,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2", type=float, default=PROBE_L2)
     ap.add_argument("--seed", type=int, default=SPLIT_SEED)
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--only", default=None, metavar="NAME,..",
+                    help="run only these candidates (exact names, comma-separated); write them to --out")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gate_generalization.json"))
     ns = ap.parse_args(argv)
     t0 = time.time()
@@ -492,7 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     # the two cores are shared)
     torch.set_num_threads(1)
     results = {}
-    for cand in tqdm(CANDIDATES, desc="candidates x folds", unit="candidate"):
+    chosen = CANDIDATES
+    if ns.only:
+        names = [x.strip() for x in ns.only.split(",")]
+        unknown = sorted(set(names) - {c.name for c in CANDIDATES})
+        if unknown:
+            raise SystemExit(f"--only: unknown candidates {unknown}")
+        chosen = [c for c in CANDIDATES if c.name in names]
+    for cand in tqdm(chosen, desc="candidates x folds", unit="candidate"):
         X = {k: cand.feature(F[k]) for k in src}
         folds = {h.name: run_fold(cand, h, src, X, dev, ns.fpr, ns.l2) for h in held_out}
         rates = {k: v["rate"] for k, v in folds.items()}

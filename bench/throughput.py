@@ -11,6 +11,10 @@ Modes on the same server are interleaved and repeated; the table reports medians
 ``off``/``vanilla``. Writes bench/results/throughput.json.
 
     .venv/bin/python bench/throughput.py [--concurrency 8] [--max-tokens 64] [--repeats 3]
+        [--vectors DIR --default-vector NAME]   # another vector set on the steering server
+
+``--vectors``/``--default-vector`` serve another vector (e.g. a multi-layer gate) as the one the
+``off`` and ``k-strengths`` requests use; the default is the shipped set.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--port", type=int, default=8123, help="steering server; the vanilla one uses port+1")
+    ap.add_argument("--vectors", default=None, help="vector directory of the steering server (default: shipped)")
+    ap.add_argument("--default-vector", default=None, help="with --vectors: the vector the requests use")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     ns = ap.parse_args(argv)
     c = ns.concurrency
@@ -89,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     k_name = f"{c}-strengths"
     with tempfile.TemporaryDirectory() as empty:
         # both servers stay up for the whole run so modes can be interleaved (an idle server uses no CPU)
-        servers = [start_server(ns.port, []),
+        steering = ["--vectors", ns.vectors] if ns.vectors else []
+        steering += ["--default-vector", ns.default_vector] if ns.default_vector else []
+        servers = [start_server(ns.port, steering),
                    start_server(ns.port + 1, ["--vectors", empty, "--default-strength", "0"])]
         try:
             modes = {"vanilla": (ns.port + 1, [0.0] * c), "off": (ns.port, [0.0] * c), k_name: (ns.port, distinct)}
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ttft = {m: statistics.median(r["ttft_median"] for r in runs) for m, runs in results.items()}
     summary = {
         "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "vectors": ns.vectors, "default_vector": ns.default_vector,
         "concurrency": c, "max_tokens": ns.max_tokens, "repeats": ns.repeats, "strengths": distinct,
         "median_tok_per_s": med, "median_ttft_s": ttft,
         "ratio_steered_to_off": med[k_name] / med["off"],
