@@ -13,8 +13,8 @@ then at every position of the prompt (a weight vector behind a gate: in the laye
 With chunked prefill the decision must be known before any position is steered, so a group's
 prefill runs in phases split at the gate layers: layers ``[0, g)``
 over every chunk, then the gate, then layers ``[g, L)`` over every chunk (the hidden states at layer
-``g`` are kept in between; a multi-layer gate splits at each layer it reads and keeps its residuals at
-the gate position). The total work is one prefill, whatever the chunking.
+``g`` are kept in between; a multi-layer gate keeps its earlier layers' residuals at the gate position as
+the first phase passes them). The total work is one prefill, whatever the chunking.
 
 Per row, per token, the work is O(1): text is detokenized incrementally and stop strings are matched
 on the new text only. A failure in one row's sampling or text handling ends that row alone, with
@@ -256,8 +256,8 @@ class Engine:
         if self.runtime is None:
             return set()
         st = self.runtime.steerers
-        return {ly for s in seqs if s.strength > 0 and s.vector in st and st[s.vector].gate is not None
-                for ly in st[s.vector].gate.layers}
+        return {st[s.vector].gate.layer for s in seqs
+                if s.strength > 0 and s.vector in st and st[s.vector].gate is not None}
 
     # -- forward passes ----------------------------------------------------------------------
     def _decode(self) -> list[Event]:
@@ -285,7 +285,8 @@ class Engine:
         # A first chunk with no padding is plain causal attention: no mask lets SDPA skip the blocks
         # above the diagonal (half the work of a 2000-token prompt's attention).
         mask = None if c0 == 0 and bool(p.pad[:, :c1].all()) else attention_mask(p.pad[:, :c1], c0, c1 - c0)
-        h = self.runner.run(h, start, stop, positions=p.pos[:, c0:c1], mask=mask, cache=p.cache)
+        h = self.runner.run(h, start, stop, positions=p.pos[:, c0:c1], mask=mask, cache=p.cache,
+                            taps=self._gate_taps(p, start, stop, c0, c1))
         p.col = c1
         if stop < self.runner.num_layers:
             p.outs.append(h)
@@ -303,23 +304,52 @@ class Engine:
             self.batch.merge(new)
         return self._advance(new.seqs, self._logits(h[:, -1]))
 
-    def _decide_gates(self, p: _Prefill, layer: int) -> None:
-        """At the end of a phase that stops before ``layer``: keep the gate-position residuals (of
-        p.hidden, ``layer``'s input) of the vectors whose gates read ``layer``, and decide the ones gated
-        at ``layer``."""
+    def _gate_taps(self, p: _Prefill, start: int, stop: int, c0: int, c1: int) -> dict | None:
+        """For a chunk (columns [c0, c1)) of a phase that runs a multi-layer gate's earlier layers: taps
+        that keep, per row whose gate column is in the chunk, that layer's input there, in
+        p.gate_parts[(vector, layer)] (B, d). Phases split only at gates' deciding layers, where
+        _decide_gates reads the last part: a multi-layer gate costs no more phases than a one-layer one."""
+        taps: dict = {}
         lens = p.pad.sum(dim=1)
         for name, st in (self.runtime.steerers.items() if self.runtime else ()):
-            if st.gate is None or layer not in st.gate.layers:
+            if st.gate is None or not any(start <= ly < stop for ly in st.gate.layers[:-1]):
+                continue
+            if not any(s.vector == name and s.strength > 0 for s in p.seqs):
+                continue
+            cols = gate_columns(p.width, st.gate.position, lens)
+            rows = ((cols >= c0) & (cols < c1)).nonzero().flatten()
+            if not len(rows):
+                continue
+            for ly in st.gate.layers[:-1]:
+                if start <= ly < stop:
+                    taps.setdefault(ly, []).append((name, rows, cols[rows] - c0))
+
+        def tap_for(ly: int):
+            def tap(h: torch.Tensor) -> None:
+                for name, rows, at in taps[ly]:
+                    part = p.gate_parts.get((name, ly))
+                    if part is None:
+                        part = p.gate_parts[(name, ly)] = h.new_zeros((len(p.seqs), h.shape[-1]))
+                    part[rows] = h[rows, at]
+            return tap
+
+        return {ly: tap_for(ly) for ly in taps} or None
+
+    def _decide_gates(self, p: _Prefill, layer: int) -> None:
+        """At the end of a phase that stops before ``layer``: decide the gates of the vectors gated at
+        ``layer``, from its input residuals (p.hidden) at the gate position (a multi-layer gate: and its
+        earlier layers' inputs there, kept by _gate_taps)."""
+        lens = p.pad.sum(dim=1)
+        for name, st in (self.runtime.steerers.items() if self.runtime else ()):
+            if st.gate is None or st.gate.layer != layer:
                 continue
             rows = [i for i, s in enumerate(p.seqs) if s.vector == name and s.strength > 0]
             if not rows:
                 continue
-            cols = gate_columns(p.width, st.gate.position, lens)
-            p.gate_parts[(name, layer)] = p.hidden[torch.arange(len(p.seqs)), cols]
-            if layer != st.gate.layer:
-                continue
-            feats = torch.cat([p.gate_parts.pop((name, ly)) for ly in st.gate.layers], dim=-1)
-            fired = st.gate.fired(feats[torch.tensor(rows)]).tolist()
+            idx = torch.tensor(rows)
+            last = p.hidden[idx, gate_columns(p.width, st.gate.position, lens[idx])]
+            earlier = [p.gate_parts.pop((name, ly))[idx] for ly in st.gate.layers[:-1]]
+            fired = st.gate.fired(torch.cat([*earlier, last], dim=-1)).tolist()
             for i, f in zip(rows, fired, strict=True):
                 p.seqs[i].gate[name] = float(f)
 

@@ -15,6 +15,8 @@ Supported: decoders whose every layer is full attention (qwen2 without sliding w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,11 +40,15 @@ class LayerRunner:
         return self.decoder.embed_tokens(ids)
 
     def run(self, h: torch.Tensor, start: int, stop: int, *, positions: torch.Tensor, mask: torch.Tensor,
-            cache) -> torch.Tensor:
+            cache, taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
         """h (B, t, d) through layers [start, stop); positions (B, t); mask (B, 1, t, kv) bool, or None for
-        plain causal attention with no padding (then t is 1, or the keys are exactly these t tokens)."""
+        plain causal attention with no padding (then t is 1, or the keys are exactly these t tokens).
+        ``taps``: {layer: f} calls f with that layer's input (after the pre-hooks of earlier layers,
+        before its own) for the layers in [start, stop) it names."""
         rope = self.decoder.rotary_emb(h, positions)
-        for layer in self.layers[start:stop]:
+        for i, layer in enumerate(self.layers[start:stop], start):
+            if taps and i in taps:
+                taps[i](h)
             h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions,
                       past_key_values=cache, use_cache=True)
         return h

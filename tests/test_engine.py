@@ -161,25 +161,54 @@ def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_token
     assert [s.generated for s in together] == [s.generated for s in alone]
 
 
+def _split_threshold(model, vec, prompts) -> float:
+    """A threshold halfway between the two middle gate scores of ``prompts`` (each alone, one plain
+    forward pass, the gate's layers concatenated), so that half the prompts open the gate and a small
+    error in any layer's part of the features flips some decision."""
+    gate = SteeringRuntime(model, [vec]).steerers[vec.name].gate
+    scores = []
+    with torch.no_grad():
+        for p in prompts:
+            hs = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+            col = max(gate.position, -len(p))
+            scores.append(float(gate.scores(torch.cat([hs[ly][:, col] for ly in gate.layers], dim=-1))[0]))
+    mid = sorted(scores)[len(scores) // 2 - 1 : len(scores) // 2 + 1]
+    return (mid[0] + mid[1]) / 2
+
+
 def test_multi_layer_gate_survives_a_cancel_during_its_prefill(tiny_qwen, tiny_tokenizer):
-    """A row cancelled between a multi-layer gate's layers: the others' kept gate residuals stay theirs,
-    so each row's gate is the one it gets alone."""
+    """A row cancelled while a multi-layer gate's earlier residuals are kept: the others' stay theirs, so
+    each row's gate is the one it gets alone."""
     vec = make_vector(tiny_qwen, layers=(3,), gate=(3, 0.0), gate_layers=(1, 2, 3), seed=6)
-    rt = SteeringRuntime(tiny_qwen, [vec])
+    vec.config["gate"]["position"] = -12  # inside the prompt: some rows' gate columns pass before others'
+    vec.config["gate"]["metric"] = "linear"
     prompts = _prompts(5, len(tiny_tokenizer))
+    vec.config["gate"]["threshold"] = _split_threshold(tiny_qwen, vec, prompts[1:])
+    rt = SteeringRuntime(tiny_qwen, [vec])
     with rt:
         alone = [_run(Engine(tiny_qwen, tiny_tokenizer, rt), [Sequence(p, GREEDY, "refusal", 1.0)])[0] for p in prompts]
         eng = Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=4)
         seqs = [Sequence(p, GREEDY, "refusal", 1.0) for p in prompts]
         for s in seqs:
             eng.add(s)
-        while eng.prefill is None or eng.prefill.phase < 2:  # past layer 1's gate residuals, before layer 3
+        while eng.prefill is None or not eng.prefill.gate_parts:  # some rows' layer 1-2 residuals are kept
             eng.step()
-        assert eng.prefill.gate_parts, "layer 1's gate residuals are kept"
-        eng.cancel(seqs[1].id)
+        assert eng.prefill.phase == 0 and not any(s.gate for s in seqs), "the gate is not decided yet"
+        eng.cancel(seqs[0].id)  # every kept row moves up one place
+        eng.step()
+        p = eng.prefill
+        assert [s.id for s in p.seqs] == [s.id for s in seqs[1:]] and p.phase == 0
+        for new, old in enumerate(range(1, 5)):  # the residuals kept so far are each row's own
+            col = max(-12, -len(prompts[old]))
+            if p.width + col >= p.col:
+                continue  # this row's gate column has not been reached yet
+            with torch.no_grad():
+                hs = tiny_qwen(input_ids=torch.tensor([prompts[old]]), output_hidden_states=True).hidden_states
+            for ly in (1, 2):
+                torch.testing.assert_close(p.gate_parts[("refusal", ly)][new], hs[ly][0, col], rtol=1e-4, atol=1e-4)
         while eng.has_work():
             eng.step()
-    kept = [0, 2, 3, 4]
+    kept = [1, 2, 3, 4]
     assert 0 < sum(alone[i].gate["refusal"] for i in kept) < len(kept), "the gate must split these prompts"
     assert [seqs[i].gate for i in kept] == [alone[i].gate for i in kept]
     assert [seqs[i].generated for i in kept] == [alone[i].generated for i in kept]
@@ -206,8 +235,9 @@ def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, ti
     """Chunked prefill splits at the gate layer (layers below it over every chunk, the gate, then the
     rest; a multi-layer gate splits at each layer it reads): every row is steered at every prompt
     position exactly when its gate fires, as in one pass."""
-    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), gate_layers=gate_layers)
+    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), gate_layers=gate_layers, metric="linear")
     prompts = _prompts(6, len(tiny_tokenizer))
+    vec.config["gate"]["threshold"] = _split_threshold(tiny_qwen, vec, prompts)
     rt = SteeringRuntime(tiny_qwen, [vec])
     with rt:
         ref = [_one_pass_reference(tiny_qwen, rt, p, 1.0, 6) for p in prompts]
