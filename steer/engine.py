@@ -310,12 +310,13 @@ class Engine:
         p.gate_parts[(vector, layer)] (B, d). Phases split only at gates' deciding layers, where
         _decide_gates reads the last part: a multi-layer gate costs no more phases than a one-layer one."""
         taps: dict = {}
-        lens = p.pad.sum(dim=1)
+        lens = None
         for name, st in (self.runtime.steerers.items() if self.runtime else ()):
             if st.gate is None or not any(start <= ly < stop for ly in st.gate.layers[:-1]):
                 continue
             if not any(s.vector == name and s.strength > 0 for s in p.seqs):
                 continue
+            lens = p.pad.sum(dim=1) if lens is None else lens
             cols = gate_columns(p.width, st.gate.position, lens)
             rows = ((cols >= c0) & (cols < c1)).nonzero().flatten()
             if not len(rows):
@@ -347,9 +348,9 @@ class Engine:
             if not rows:
                 continue
             idx = torch.tensor(rows)
-            last = p.hidden[idx, gate_columns(p.width, st.gate.position, lens[idx])]
-            earlier = [p.gate_parts.pop((name, ly))[idx] for ly in st.gate.layers[:-1]]
-            fired = st.gate.fired(torch.cat([*earlier, last], dim=-1)).tolist()
+            parts = {ly: p.gate_parts.pop((name, ly))[idx] for ly in st.gate.layers[:-1] if (name, ly) in p.gate_parts}
+            parts[layer] = p.hidden[idx, gate_columns(p.width, st.gate.position, lens[idx])]
+            fired = st.gate.fired_from(parts).tolist()
             for i, f in zip(rows, fired, strict=True):
                 p.seqs[i].gate[name] = float(f)
 

@@ -82,7 +82,7 @@ class Gate:
         if self.metric not in ("cosine", "linear"):
             raise VectorError(f"vector {name!r}: unknown gate metric {self.metric!r}")
         size = len(self.layers) * hidden_size if hidden_size else direction.numel()
-        if direction.shape != center.shape or direction.shape != (size,) or size % len(self.layers):
+        if direction.shape != (size,) or center.shape != (size,) or size % len(self.layers):
             raise VectorError(f"vector {name!r}: gate direction {tuple(direction.shape)} and center "
                               f"{tuple(center.shape)} do not fit {len(self.layers)} gate layer(s)")
         self.direction, self.center = direction.float(), center.float()
@@ -105,6 +105,14 @@ class Gate:
         """(B, k*d) residuals at the gate position -> (B,) decisions, 1.0 where the gate opens."""
         return (self.scores(h) > self.threshold).float()
 
+    def fired_from(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Decisions from {gate layer: (B, d) residuals at the gate position}, one entry per gate layer
+        (taken out of ``parts``), concatenated in the gate's layer order."""
+        missing = [ly for ly in self.layers if ly not in parts]
+        if missing:
+            raise RuntimeError(f"gate residuals of layers {missing} were not kept before layer {self.layer}")
+        return self.fired(torch.cat([parts.pop(ly) for ly in self.layers], dim=-1))
+
     def install(self, name: str, model: nn.Module, rows: RowSteering) -> list:
         """Pre-hooks that decide ``rows.gate[name]`` inside a one-pass caller's prompt pass (a whole
         left-padded prompt in one forward, ``rows.prompt_lens`` its real lengths): each gate layer keeps
@@ -121,11 +129,7 @@ class Gate:
                     return None
                 parts[ly] = _gate_rows(_hidden_arg(args, kwargs), self.position, rows.prompt_lens)
                 if ly == self.layer:
-                    feats = [parts.pop(x, None) for x in self.layers]
-                    parts.clear()
-                    if any(f is None for f in feats):
-                        raise RuntimeError(f"gate of {name!r}: a gate layer was not run before layer {ly}")
-                    rows.gate[name] = self.fired(torch.cat(feats, dim=-1))
+                    rows.gate[name] = self.fired_from(parts)
                 return None
 
             return hook
