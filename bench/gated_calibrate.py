@@ -22,7 +22,11 @@ bar is over-refusal no higher than the original model's). A strength that makes 
 repeated text loses refusals under the phrase judge, so it is not chosen either. Rows already in
 ``--out`` for the same model, vector, tokens and limit are reused.
 
+``--weight W.json`` calibrates a weight vector's per-request strength instead, served behind ``--vector``'s
+gate (the server's ``--gate-with W=V``): the strength grid applies to the weight vector's low-rank factors.
+
     .venv/bin/python bench/gated_calibrate.py --model DIR --vector V.json --tag NAME [--grid 1,1.5,2,3,4]
+        [--weight vectors/enchtable.json]
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="the served model (default: the refusal-ablated demo model)")
     ap.add_argument("--vector", default=str(ROOT / "vectors" / "refusal.json"), help="a gated activation vector")
+    ap.add_argument("--weight", default=None, help="a weight vector served behind --vector's gate: its strength is "
+                    "calibrated instead")
     ap.add_argument("--base", default=None, help="the aligned model (default: the demo model)")
     ap.add_argument("--tag", default="ablated")
     ap.add_argument("--grid", default="1,1.5,2,3,4")
@@ -76,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     vector = SafetyVector.load(ns.vector)
     if vector.kind != "activation" or not vector.config.get("gate"):
         raise SystemExit(f"error: --vector {ns.vector}: {vector.name!r} is not a gated activation vector")
+    weight = SafetyVector.load(ns.weight) if ns.weight else None
+    if weight is not None and weight.kind != "weight":
+        raise SystemExit(f"error: --weight {ns.weight}: {weight.name!r} is not a weight vector")
+    steered = weight if weight is not None else vector
     sp = splits()
     sets = {k: list(sp[k].prompts[:ns.limit]) for k in SETS}
     out_path = Path(ns.out or ROOT / "bench" / "results" / f"gated_calibrate_{ns.tag}.json")
     key = {"model": str(model), "vector": ns.vector, "tokens": ns.tokens, "limit": ns.limit}
+    if weight is not None:
+        key["weight"] = ns.weight
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     reuse = old.get("key") == key
     t0 = time.time()
@@ -95,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"base": base}), flush=True)
     rows = [r for r in old.get("rows", [])] if reuse else []
     gate = old.get("gate_fired", {}) if reuse else {}
-    served = serving.build(model)
+    if weight is None:
+        served = serving.build(model)
+    else:  # the server's --gate-with: the runtime attached before the weights are packed
+        served = serving.build(model, [weight, vector], transfers={weight.name, vector.name},
+                               gated_by={weight.name: vector.name})
     for s in [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]:
         if any(r["strength"] == s for r in rows) and (s == 0 or gate):
             continue
         row = {"strength": s, "refused": {}, "n": {}}
         for name, prompts in sets.items():
-            texts, fired = generate_texts(served.model, served.tokenizer, vector, prompts, strength=s,
-                                          max_tokens=ns.tokens, desc=f"@{s:g} {name}")
+            texts, fired = generate_texts(served.model, served.tokenizer, steered, prompts, strength=s,
+                                          max_tokens=ns.tokens, desc=f"@{s:g} {name}", runtime=served.runtime)
             row["refused"][name] = sum(is_refusal(t) for t in texts)
             row["n"][name] = len(texts)
             if s > 0:  # a row at strength 0 is not steered, so its gate is not read
@@ -113,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = choose(rows, base, ns.target)
     result = {"command": "python bench/gated_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "key": key, "tag": ns.tag, "model": str(model), "base": base, "vector": ns.vector, "vector_name": vector.name,
+              "weight": ns.weight,
               "gate": vector.config["gate"], "tokens": ns.tokens, "target": ns.target, "gate_fired": gate,
               "rows": rows, "chosen": chosen["strength"] if chosen else None, "seconds": round(time.time() - t0, 1)}
     out_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -130,12 +130,14 @@ def _manifest(ref: str) -> Path:
 
 
 def _gate_counts(metrics: str) -> dict:
-    """{vector: {"fired": n, "closed": m}} from the server's steer_gate_total counters (every suite)."""
+    """{vector: {"fired": n, "closed": m[, "lowered": k]}} from the server's steer_gate_total counters (every
+    suite; "lowered": rows a two-sided gate lowered refusal on)."""
     out: dict = {}
     for m in re.finditer(r'^steer_gate_total\{(.*)\} ([\d.e+]+)$', metrics, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        key = "fired" if labels.get("fired") == "true" else "closed"
-        out.setdefault(labels.get("vector", "?"), {"fired": 0, "closed": 0})[key] += int(float(m.group(2)))
+        key = {"true": "fired", "lowered": "lowered"}.get(labels.get("fired", ""), "closed")
+        row = out.setdefault(labels.get("vector", "?"), {"fired": 0, "closed": 0})
+        row[key] = row.get(key, 0) + int(float(m.group(2)))
     return out
 
 
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                          "rows with it per request at --own-strengths, and with the weight vector per request "
                          "behind its gate at --gated")
     ap.add_argument("--own-strengths", default="1")
+    ap.add_argument("--own-gated", default=None, help="strengths of the weight vector per request behind --own-gate's "
+                    "gate (default: --gated's)")
     ap.add_argument("--activation", default=None, metavar="MANIFEST",
                     help="a gated activation vector (a shipped name or a manifest path, declared transfer) served "
                          "on the ft at each --activation-strengths (e.g. a strength chosen by "
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 if label not in done:
                     record({"row": label, "vector": ns.own_gate,
                             **evaluate(Path(ft), ns, work, vector=ns.own_gate, strength=s)})
-            for s in [float(x) for x in ns.gated.split(",") if x.strip()]:
+            own_gated = ns.gated if ns.own_gated is None else ns.own_gated
+            for s in [float(x) for x in own_gated.split(",") if x.strip()]:
                 own = json.loads(Path(ns.own_gate).read_text())["name"]
                 label = f"ft + {Path(ns.vector).stem} per request behind {own}'s gate (fitted on the ft) @{s:g}"
                 if label not in done:

@@ -328,6 +328,7 @@ class _Rows:
         self.finish: dict[tuple[int, bool], str] = {}
         self.tokens = {(i, b): 0 for i in range(n) for b in (False, True)}
         self.gate: dict[int, bool | None] = {}
+        self.lowered: dict[int, bool] = {}
 
     def add(self, ev) -> None:
         key = (ev.index, ev.baseline)
@@ -337,14 +338,16 @@ class _Rows:
             self.finish[key] = ev.finish_reason
             if not ev.baseline:
                 self.gate[ev.index] = ev.gate
+                self.lowered[ev.index] = ev.lowered
 
     def safety(self, safety: dict, spec, n: int) -> dict:
         """The response's ``safety`` with what steering did to each choice: ``steered`` (a vector acted
-        on it: strength > 0 and its gate, if it has one, open) and ``gate`` (the gate's decision; null
-        for a vector without a gate, or where none was decided)."""
+        on it: strength > 0 and its gate, if it has one, open, or lowering refusal), ``gate`` (the gate's
+        decision; null for a vector without a gate, or where none was decided) and ``lowered`` (a
+        two-sided gate judged the prompt benign and subtracted the direction)."""
         acting = spec.strength > 0 and bool(spec.vector)
-        per = [{"index": i, "steered": acting and self.gate.get(i) is not False, "gate": self.gate.get(i)}
-               for i in range(n)]
+        per = [{"index": i, "steered": acting and (self.gate.get(i) is not False or self.lowered.get(i, False)),
+                "gate": self.gate.get(i), "lowered": self.lowered.get(i, False)} for i in range(n)]
         return {**safety, "choices": per}
 
     def choices(self, n: int, baseline: bool) -> list[r.Choice]:

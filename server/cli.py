@@ -47,8 +47,12 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
-        gate_layers=ns.gate_layers,
+        gate_layers=ns.gate_layers, lower=ns.lower, lower_margin=ns.lower_margin,
     )
+    if not (ns.lower == 0 or 0 < ns.lower <= 4):
+        raise CLIError(f"--lower {ns.lower:g}: must be in (0, 4] (times the strength an open row is steered with)")
+    if not ns.lower_margin >= 0:
+        raise CLIError(f"--lower-margin {ns.lower_margin:g}: must be >= 0")
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
 
@@ -136,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--gate-fpr", type=float, default=0.0, metavar="F",
                     help="with --refit-gate: set the gate's threshold so that at most this fraction of the dev benign "
                          "prompts fire it (default 0: none). Higher buys recall on milder harmful requests")
+    ex.add_argument("--lower", type=float, default=0.0, metavar="C",
+                    help="two-sided gate: rows scoring below a lower threshold (--lower-margin below every harmful "
+                         "prompt the gate was fitted or tuned on) get the direction subtracted at C times an open "
+                         "row's strength, lowering refusal on prompts judged benign with confidence (default 0: off)")
+    ex.add_argument("--lower-margin", type=float, default=0.5, metavar="M",
+                    help="with --lower: the lower threshold's distance below the lowest harmful score, in probe-logit "
+                         "units (default 0.5)")
     ex.set_defaults(fn=_cmd_extract)
 
     from server.evaluation.config import add_arguments as add_eval_arguments

@@ -54,9 +54,12 @@ class Metrics:
         self.batch_size.set(rows)
         self.step_seconds.observe(seconds)
 
-    def gate(self, value: tuple[str, bool] | None) -> None:
+    def gate(self, value: tuple[str, str] | None) -> None:
+        """Count a decided gate: (vector, "open" | "closed" | "lowered"); ``fired`` is "true" for open,
+        "false" for closed, "lowered" where a two-sided gate lowered refusal."""
         if value is not None:
-            self.gate_fired.labels(value[0], str(value[1]).lower()).inc()
+            fired = {"open": "true", "closed": "false"}.get(value[1], value[1])
+            self.gate_fired.labels(value[0], fired).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

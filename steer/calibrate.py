@@ -91,6 +91,25 @@ class ExtractConfig:
     gate_templates: bool = False  # fit and tune the gate with templated requests too (steer.templates)
     gate_fpr: float = 0.0  # --refit-gate: fraction of the dev benign prompts the threshold may let fire
     gate_layers: str | None = None  # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13"
+    lower: float = 0.0  # --lower: two-sided gate, the strength refusal is lowered with on confident-benign rows
+    lower_margin: float = 0.5  # --lower-margin: the lower threshold's distance below every known harmful score
+
+
+def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor]) -> dict | None:
+    """A two-sided gate's ``lower`` entry (see steer.hooks.Gate) for ``cfg.lower`` > 0: its threshold
+    ``cfg.lower_margin`` below the lowest score of every harmful prompt the gate was fitted or tuned on
+    (``harmful``: their scores), so no known harmful prompt has refusal lowered; never above the gate's
+    own threshold minus the margin."""
+    if not cfg.lower:
+        return None
+    if not 0 < cfg.lower <= 4:
+        raise VectorError(f"--lower {cfg.lower}: must be in (0, 4] (times the strength an open row is steered with)")
+    if not cfg.lower_margin >= 0:
+        raise VectorError(f"--lower-margin {cfg.lower_margin}: must be >= 0")
+    low = min(float(h.min()) for h in harmful if len(h))
+    t = min(low, threshold) - cfg.lower_margin
+    return {"threshold": round(t, 4), "strength": cfg.lower, "margin": cfg.lower_margin,
+            "rule": "margin below the lowest score of the harmful prompts the gate was fitted or tuned on"}
 
 
 def hard_negatives() -> data.PromptSet:
@@ -237,9 +256,11 @@ def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, d
 
 
 def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength: float, max_tokens: int = 32,
-                   batch_size: int = 16, desc: str | None = None) -> tuple[list[str], list[float]]:
-    """Greedy answers (and gate decisions) for prompts through the serving engine."""
-    rt = SteeringRuntime(model, [vector], check_fingerprint=False) if vector is not None else None
+                   batch_size: int = 16, desc: str | None = None,
+                   runtime: SteeringRuntime | None = None) -> tuple[list[str], list[float]]:
+    """Greedy answers (and gate decisions) for prompts through the serving engine, steered by ``vector``
+    (through ``runtime`` where given, e.g. a served model's, with a weight vector behind a gate)."""
+    rt = runtime if runtime is not None or vector is None else SteeringRuntime(model, [vector], check_fingerprint=False)
     eng = Engine(model, tok, rt, max_batch_size=batch_size)
     name = vector.name if vector is not None else ""
     seqs = [Sequence(chat_prompt_ids(tok, p), SamplingParams(max_tokens=max_tokens, temperature=0.0), name, strength)
@@ -336,6 +357,11 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     cand, coef, search = _search(model, tok, sets, R, dirs, steer_layers, fp, cfg.name, gate_layers)
     gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION, "metric": "linear",
             "probe_l2": cand["l2"]}
+    harm = [linear_scores(R[k][:, 1, cand["layer"]], cand["tensors"]["gate.direction"], cand["tensors"]["gate.center"])
+            for k in (*gate_roles(sets)["harmful"], "dev_harmful")]
+    lower = lower_gate(cfg, cand["threshold"], harm)
+    if lower is not None:
+        gate["lower"] = lower
     config = {
         "coefficient": coef, "gate": gate, "mode": "add",
         "strength_semantics": "strength s adds s * coefficient * raw mean difference at each steered layer, "
@@ -398,6 +424,9 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     gate = {"layer": layers[-1], "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
     if len(layers) > 1:
         gate["layers"] = layers
+    lower = lower_gate(cfg, threshold, [pos] + [linear_scores(R[k], direction, center) for k in roles["harmful"]])
+    if lower is not None:
+        gate["lower"] = lower
     tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}
     tensors |= {"gate.direction": direction, "gate.center": center}
     prov = {

@@ -350,8 +350,8 @@ class Engine:
             idx = torch.tensor(rows)
             parts = {ly: p.gate_parts.pop((name, ly))[idx] for ly in st.gate.layers[:-1] if (name, ly) in p.gate_parts}
             parts[layer] = p.hidden[idx, gate_columns(p.width, st.gate.position, lens[idx])]
-            fired = st.gate.fired_from(parts).tolist()
-            for i, f in zip(rows, fired, strict=True):
+            decided = st.gate.decide_from(parts).tolist()
+            for i, f in zip(rows, decided, strict=True):
                 p.seqs[i].gate[name] = float(f)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:

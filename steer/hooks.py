@@ -15,6 +15,7 @@ the weights once, for a vector served at one fixed strength.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -64,10 +65,17 @@ class Gate:
     ``layer``), at the input of each of those layers and concatenated in that order; the decision is
     made at ``layer``, so a gate never reads past the first layer it steers. Made with an activation
     vector (``steer extract``); a weight vector can be served behind another vector's gate
-    (``SteeringRuntime(gated_by=...)``)."""
+    (``SteeringRuntime(gated_by=...)``).
+
+    A two-sided gate (``lower``: ``{"threshold": t_lo, "strength": c}``, t_lo below ``threshold``) also
+    lowers refusal on rows it judges benign with confidence: a row scoring below t_lo gets the steering
+    direction *subtracted*, at ``c`` times what an open row gets (decision -c instead of 0). A decision
+    is the row's multiplier: 1 (open), 0 (closed: vanilla), -c (lowered). ``two_sided=False`` drops
+    ``lower`` (a weight vector borrowing the gate: subtracting a weight-space safety vector is not what
+    the lower threshold was chosen for)."""
 
     def __init__(self, name: str, cfg: dict, direction: torch.Tensor, center: torch.Tensor, *,
-                 hidden_size: int | None = None) -> None:
+                 hidden_size: int | None = None, two_sided: bool = True) -> None:
         self.layer = int(cfg["layer"])
         self.layers = tuple(int(x) for x in cfg.get("layers", [self.layer]))
         if list(self.layers) != sorted(set(self.layers)) or self.layers[-1] != self.layer:
@@ -86,14 +94,29 @@ class Gate:
             raise VectorError(f"vector {name!r}: gate direction {tuple(direction.shape)} and center "
                               f"{tuple(center.shape)} do not fit {len(self.layers)} gate layer(s)")
         self.direction, self.center = direction.float(), center.float()
+        self.lower_threshold: float | None = None
+        self.lower_strength = 0.0
+        lower = cfg.get("lower")
+        if lower is not None and two_sided:
+            try:
+                t, c = float(lower["threshold"]), float(lower["strength"])
+            except (TypeError, KeyError, ValueError):
+                raise VectorError(f"vector {name!r}: gate 'lower' must be {{\"threshold\": number, "
+                                  f"\"strength\": number}}, got {lower!r}") from None
+            if not (math.isfinite(t) and t < self.threshold):
+                raise VectorError(f"vector {name!r}: gate lower threshold {t} must be below its threshold "
+                                  f"{self.threshold}")
+            if not (math.isfinite(c) and 0 < c <= 4):
+                raise VectorError(f"vector {name!r}: gate lower strength {c} must be in (0, 4]")
+            self.lower_threshold, self.lower_strength = t, c
 
     @classmethod
-    def of(cls, vector: SafetyVector) -> Gate | None:
+    def of(cls, vector: SafetyVector, *, two_sided: bool = True) -> Gate | None:
         cfg = vector.config.get("gate")
         if not cfg:
             return None
         return cls(vector.name, cfg, vector.tensors["gate.direction"], vector.tensors["gate.center"],
-                   hidden_size=vector.model.hidden_size)
+                   hidden_size=vector.model.hidden_size, two_sided=two_sided)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """(B, k*d) residuals at the gate position (k gate layers, concatenated in order) -> (B,) scores."""
@@ -102,16 +125,25 @@ class Gate:
         return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
     def fired(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, k*d) residuals at the gate position -> (B,) decisions, 1.0 where the gate opens."""
+        """(B, k*d) residuals at the gate position -> (B,) 1.0 where the gate opens, else 0.0."""
         return (self.scores(h) > self.threshold).float()
 
-    def fired_from(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    def decide(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, k*d) residuals at the gate position -> (B,) decisions: 1.0 open, 0.0 closed, and for a
+        two-sided gate -lower_strength where the score is below the lower threshold."""
+        s = self.scores(h)
+        d = (s > self.threshold).float()
+        if self.lower_threshold is not None:
+            d = torch.where(s < self.lower_threshold, torch.full_like(d, -self.lower_strength), d)
+        return d
+
+    def decide_from(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Decisions from {gate layer: (B, d) residuals at the gate position}, one entry per gate layer
         (taken out of ``parts``), concatenated in the gate's layer order."""
         missing = [ly for ly in self.layers if ly not in parts]
         if missing:
             raise RuntimeError(f"gate residuals of layers {missing} were not kept before layer {self.layer}")
-        return self.fired(torch.cat([parts.pop(ly) for ly in self.layers], dim=-1))
+        return self.decide(torch.cat([parts.pop(ly) for ly in self.layers], dim=-1))
 
     def install(self, name: str, model: nn.Module, rows: RowSteering) -> list:
         """Pre-hooks that decide ``rows.gate[name]`` inside a one-pass caller's prompt pass (a whole
@@ -129,7 +161,7 @@ class Gate:
                     return None
                 parts[ly] = _gate_rows(_hidden_arg(args, kwargs), self.position, rows.prompt_lens)
                 if ly == self.layer:
-                    rows.gate[name] = self.fired_from(parts)
+                    rows.gate[name] = self.decide_from(parts)
                 return None
 
             return hook
@@ -372,7 +404,7 @@ def borrowed_gates(vectors: dict[str, SafetyVector], gated_by: dict[str, str]) -
         if vectors[weight].kind != "weight":
             raise VectorError(f"--gate-with {weight}={source}: {weight!r} is an {vectors[weight].kind} vector; "
                               "only a weight vector borrows a gate (an activation vector has its own)")
-        gate = Gate.of(vectors[source])
+        gate = Gate.of(vectors[source], two_sided=False)
         if gate is None:
             raise VectorError(f"--gate-with {weight}={source}: {source!r} has no gate")
         gates[weight] = gate

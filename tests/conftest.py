@@ -71,9 +71,10 @@ def tiny_qwen(tiny_tokenizer):
 
 
 def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=None, seed=1,
-                metric="cosine", gate_layers=None) -> SafetyVector:
+                metric="cosine", gate_layers=None, lower=None) -> SafetyVector:
     """A random activation vector for ``model``; ``gate`` = (layer, threshold) or None; ``gate_layers``: a
-    multi-layer gate's layers (ending at ``gate[0]``), its direction over their concatenated residuals."""
+    multi-layer gate's layers (ending at ``gate[0]``), its direction over their concatenated residuals;
+    ``lower`` = (threshold, strength): a two-sided gate."""
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     tensors = {f"layers.{ly}": torch.randn(d, generator=g) for ly in layers}
@@ -86,6 +87,8 @@ def make_vector(model, *, name="refusal", layers=(1, 2), coefficient=4.0, gate=N
         config["gate"] = {"layer": gate[0], "threshold": gate[1], "position": -1, "metric": metric}
         if gate_layers:
             config["gate"]["layers"] = list(gate_layers)
+        if lower is not None:
+            config["gate"]["lower"] = {"threshold": lower[0], "strength": lower[1]}
     return SafetyVector(name, "activation", fingerprint(model), tensors, config, {"method": "test"})
 
 

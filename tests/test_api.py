@@ -173,7 +173,7 @@ def echoed(strength: float, *, vector: str | None = "refusal", kind: str | None 
     strength is above 0 and a vector is in play, no gate decision."""
     acting = strength > 0 and vector is not None
     return {"strength": strength, "vector": vector, "kind": kind,
-            "choices": [{"index": i, "steered": acting, "gate": None} for i in range(n)]}
+            "choices": [{"index": i, "steered": acting, "gate": None, "lowered": False} for i in range(n)]}
 
 
 def test_chat_response_structure_and_default_strength(api: Served, tiny_tokenizer) -> None:

@@ -31,6 +31,9 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["extract", "--refit-gate", "v.json", "--gate-layers", "13,9"], "must be distinct and increasing"),
         (["extract", "--refit-gate", "v.json", "--gate-layers", "9-13", "--gate-layer", "13"], "give one"),
         (["extract", "--gate-layers", "9-13"], "--gate-layers: only with --refit-gate"),
+        (["extract", "--lower", "5"], "--lower 5: must be in (0, 4]"),
+        (["extract", "--lower", "-1"], "--lower -1: must be in (0, 4]"),
+        (["extract", "--lower", "0.5", "--lower-margin", "-1"], "--lower-margin -1: must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):

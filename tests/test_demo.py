@@ -53,7 +53,7 @@ def test_harmful_prompt_is_refused_at_default_strength(client):
     resp = _ask(c, HARMFUL, compare=True)  # default strength, with the vanilla answer beside it
     extra = resp.model_extra
     assert extra["safety"] == {"strength": 1.0, "vector": "refusal", "kind": "activation",
-                               "choices": [{"index": 0, "steered": True, "gate": True}]}  # the gate opened
+                               "choices": [{"index": 0, "steered": True, "gate": True, "lowered": False}]}  # opened
     baseline = extra["baseline"]["choices"][0]["message"]["content"]
     steered = resp.choices[0].message.content
     assert not is_refusal(baseline), f"vanilla model should answer; got {baseline!r}"
@@ -98,7 +98,7 @@ def test_shipped_weight_vector_per_request_on_the_demo_model(client):
     resp = _ask(c, HARMFUL, vector="enchtable", strength=1.0, compare=True)
     safety = resp.model_extra["safety"]
     assert safety["vector"] == "enchtable" and safety["kind"] == "weight" and safety["strength"] == 1.0
-    assert safety["choices"] == [{"index": 0, "steered": True, "gate": None}]
+    assert safety["choices"] == [{"index": 0, "steered": True, "gate": None, "lowered": False}]
     assert is_refusal(resp.choices[0].message.content), resp.choices[0].message.content
     baseline = resp.model_extra["baseline"]["choices"][0]["message"]["content"]
     assert not is_refusal(baseline)

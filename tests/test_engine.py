@@ -161,10 +161,11 @@ def test_gate_reads_each_rows_own_position_despite_padding(tiny_qwen, tiny_token
     assert [s.generated for s in together] == [s.generated for s in alone]
 
 
-def _split_threshold(model, vec, prompts) -> float:
+def _split_threshold(model, vec, prompts, k: int | None = None) -> float:
     """A threshold halfway between the two middle gate scores of ``prompts`` (each alone, one plain
     forward pass, the gate's layers concatenated), so that half the prompts open the gate and a small
-    error in any layer's part of the features flips some decision."""
+    error in any layer's part of the features flips some decision (``k``: between the k-th and k+1-th
+    lowest instead)."""
     gate = SteeringRuntime(model, [vec]).steerers[vec.name].gate
     scores = []
     with torch.no_grad():
@@ -172,7 +173,8 @@ def _split_threshold(model, vec, prompts) -> float:
             hs = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
             col = max(gate.position, -len(p))
             scores.append(float(gate.scores(torch.cat([hs[ly][:, col] for ly in gate.layers], dim=-1))[0]))
-    mid = sorted(scores)[len(scores) // 2 - 1 : len(scores) // 2 + 1]
+    k = len(scores) // 2 if k is None else k
+    mid = sorted(scores)[k - 1 : k + 1]
     return (mid[0] + mid[1]) / 2
 
 
@@ -229,22 +231,28 @@ def _one_pass_reference(model, rt: SteeringRuntime, prompt: list[int], strength:
     return ids[len(prompt):], float(gate[0])
 
 
-@pytest.mark.parametrize("gate_layers", [None, (1, 2)], ids=["one-layer-gate", "two-layer-gate"])
+@pytest.mark.parametrize(("gate_layers", "two_sided"), [(None, False), ((1, 2), False), ((1, 2), True)],
+                         ids=["one-layer-gate", "two-layer-gate", "two-sided-gate"])
 @pytest.mark.parametrize("budget", [4, 8, 10_000])
-def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, tiny_tokenizer, budget, gate_layers):
+def test_gated_steering_is_the_same_however_the_prefill_is_chunked(tiny_qwen, tiny_tokenizer, budget, gate_layers,
+                                                                   two_sided):
     """Chunked prefill splits at the gate layer (layers below it over every chunk, the gate, then the
-    rest; a multi-layer gate splits at each layer it reads): every row is steered at every prompt
-    position exactly when its gate fires, as in one pass."""
+    rest; a multi-layer gate's earlier layers are read by taps): every row is steered at every prompt
+    position exactly when its gate fires (a two-sided gate: and the direction subtracted where it lowers
+    refusal), as in one pass."""
     vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), gate_layers=gate_layers, metric="linear")
     prompts = _prompts(6, len(tiny_tokenizer))
     vec.config["gate"]["threshold"] = _split_threshold(tiny_qwen, vec, prompts)
+    if two_sided:
+        vec.config["gate"]["lower"] = {"threshold": _split_threshold(tiny_qwen, vec, prompts, k=2), "strength": 0.7}
     rt = SteeringRuntime(tiny_qwen, [vec])
     with rt:
         ref = [_one_pass_reference(tiny_qwen, rt, p, 1.0, 6) for p in prompts]
         seqs = _run(Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=budget),
                     [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0), "refusal", 1.0) for p in prompts])
     gates = [g for _, g in ref]
-    assert 0 < sum(gates) < len(gates), "the gate must fire on some prompts and not others"
+    assert 0 < sum(g > 0 for g in gates) < len(gates), "the gate must fire on some prompts and not others"
+    assert any(abs(g + 0.7) < 1e-6 for g in gates) == two_sided and (0.0 in gates)
     assert [s.gate["refusal"] for s in seqs] == gates
     assert [s.generated for s in seqs] == [toks for toks, _ in ref]
 

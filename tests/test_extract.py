@@ -22,8 +22,8 @@ from steer.calibrate import (
     splits,
     templated_sets,
 )
-from steer.extract import best_threshold, chat_prompt_ids
-from steer.hooks import SteeringRuntime
+from steer.extract import best_threshold, chat_prompt_ids, residuals
+from steer.hooks import Gate, SteeringRuntime
 from steer.models import fingerprint, load_model
 from steer.templates import template_split
 from steer.vectors import SafetyVector, VectorError
@@ -33,16 +33,17 @@ def test_extract_writes_a_complete_gated_vector(tmp_path, tiny_tokenizer):
     model_dir = tmp_path / "model"
     make_model("qwen2", len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    cfg = ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tiny", limit=3)
-    manifest = run_extract(cfg, command="steer extract --limit 3")
+    cfg = ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tiny", limit=3, lower=0.5)
+    manifest = run_extract(cfg, command="steer extract --limit 3 --lower 0.5")
     vec = SafetyVector.load(manifest)
     model, _ = load_model(model_dir, dtype=torch.float32)
     assert vec.model == fingerprint(model)
     gate = vec.config["gate"]
     assert gate["metric"] == "linear" and gate["position"] == -5 and gate["layer"] <= min(vec.layer_directions())
     assert vec.config["coefficient"] > 0
+    assert gate["lower"]["strength"] == 0.5 and gate["lower"]["threshold"] <= gate["threshold"] - 0.5  # two-sided
     prov = json.loads(manifest.read_text())["provenance"]
-    assert prov["command"] == "steer extract --limit 3"
+    assert prov["command"] == "steer extract --limit 3 --lower 0.5"
     # every split is recorded with hashes, and the held-out test split is named as such
     assert set(prov["datasets"]) == set(splits())
     assert all(len(d["prompts_sha256"]) == 64 for d in prov["datasets"].values())
@@ -110,6 +111,22 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     with pytest.raises(VectorError, match=r"must be in 1\.\.2"):
         run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "w"), name="w", limit=3, gate_layers="2-3"),
                        source, command="")
+    # --lower: a two-sided gate, its lower threshold --lower-margin below every harmful prompt it was fitted
+    # or tuned on (none of them ever has refusal lowered)
+    low = run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "low"), name="low", limit=3, lower=0.5,
+                                       lower_margin=0.25), source, command="steer extract --refit-gate --lower 0.5")
+    lv = SafetyVector.load(low)
+    g = lv.config["gate"]
+    assert torch.equal(lv.tensors["gate.direction"], vec.tensors["gate.direction"])
+    assert g["threshold"] == vec.config["gate"]["threshold"] and g["lower"]["strength"] == 0.5
+    gate = Gate.of(lv)
+    sets = {k: v.take(3) for k, v in splits().items()}
+    harmful = [p for k in (*gate_roles(sets)["harmful"], "dev_harmful") for p in sets[k].prompts]
+    bf16, tok = load_model(ft_dir)  # as steer extract loads it
+    feats = residuals(bf16, tok, harmful, (gate.position,))[:, 0, gate.layer]
+    want = min(float(gate.scores(feats).min()), g["threshold"]) - 0.25
+    assert abs(g["lower"]["threshold"] - want) < 1e-3
+    assert float(gate.decide(feats).min()) >= 0
     with pytest.raises(VectorError, match="not a gated activation vector"):
         ungated = SafetyVector("u", "activation", src.model, {k: v for k, v in src.tensors.items()
                                                               if not k.startswith("gate.")}, {"coefficient": 1.0})

@@ -135,6 +135,49 @@ def test_multi_layer_gate_reads_every_gate_layer_concatenated(tiny_qwen, metric)
         assert torch.equal(steered[i], plain.logits[i]) == (fired[i] == 0), f"row {i}"
 
 
+@pytest.mark.parametrize("gate_layers", [None, (1, 2)])
+def test_two_sided_gate_subtracts_on_rows_below_its_lower_threshold(tiny_qwen, gate_layers):
+    """Rows above the threshold get +s*c*r, rows between the two thresholds stay vanilla, rows below the
+    lower threshold get -lower*s*c*r, at the steered layer's input; the decision is each row's multiplier."""
+    ids = _ids(9, seed=11)
+    plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
+    vec = make_vector(tiny_qwen, layers=(2,), gate=(2, 0.0), gate_layers=gate_layers, metric="linear", seed=6,
+                      coefficient=3.0)
+    gate = SteeringRuntime(tiny_qwen, [vec]).steerers["refusal"].gate
+    feats = torch.cat([plain.hidden_states[ly][:, -1] for ly in gate.layers], dim=-1)
+    scores = gate.scores(feats)
+    lo, hi = (float(x) for x in scores.quantile(torch.tensor([0.3, 0.7])))
+    vec.config["gate"].update(threshold=hi, lower={"threshold": lo, "strength": 0.5})
+    expected = torch.where(scores > hi, 1.0, torch.where(scores < lo, -0.5, 0.0))
+    assert {-0.5, 0.0, 1.0} <= set(expected.tolist())  # all three decisions occur
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    with rt:
+        steered = _layer_input(tiny_qwen, 2, lambda: _forward(tiny_qwen, rt, ids, [2.0] * 9))
+        decided = rt.rows.gate["refusal"]
+    assert torch.equal(decided, expected)
+    r = vec.tensors["layers.2"]
+    for i in range(9):
+        torch.testing.assert_close(steered[i] - plain.hidden_states[2][i], (2.0 * 3.0 * float(expected[i]) * r)
+                                   .expand_as(steered[i]), rtol=1e-5, atol=1e-5, msg=f"row {i}")
+    # a one-sided copy of the same gate leaves the lowered rows vanilla
+    one = Gate.of(vec, two_sided=False)
+    assert torch.equal(one.decide(feats), (scores > hi).float())
+
+
+@pytest.mark.parametrize(("lower", "match"), [
+    ({"threshold": 1.0, "strength": 0.5}, "below its threshold"),
+    ({"threshold": -1.0, "strength": 0.0}, "strength"),
+    ({"threshold": -1.0, "strength": 5.0}, "strength"),
+    ({"threshold": float("nan"), "strength": 0.5}, "below its threshold"),
+    ({"threshold": -1.0}, "'lower' must be"),
+    ("low", "'lower' must be"),
+])
+def test_malformed_lower_thresholds_are_refused(tiny_qwen, lower, match):
+    d = tiny_qwen.config.hidden_size
+    with pytest.raises(VectorError, match=match):
+        Gate("v", {"layer": 1, "threshold": 0.5, "lower": lower}, torch.ones(d), torch.zeros(d), hidden_size=d)
+
+
 @pytest.mark.parametrize(("cfg", "size", "match"), [
     ({"layer": 2, "layers": [2, 1]}, 2, "increasing"),
     ({"layer": 2, "layers": [1, 1, 2]}, 3, "increasing"),

@@ -91,6 +91,12 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
         scores = [-s for s in scores]
     probe.config["gate"]["threshold"] = (scores[0] + scores[1]) / 2
     probe.save(vdir)
+    # the same gate, two-sided: CLOSED scores below its lower threshold, so its refusal is lowered
+    lowered = make_vector(model, name="gated_lo", layers=(2,), coefficient=4.0, gate=(GATE_LAYER, 0.0), seed=3)
+    lowered.tensors["gate.direction"] = probe.tensors["gate.direction"]
+    thr = probe.config["gate"]["threshold"]
+    lowered.config["gate"].update(threshold=thr, lower={"threshold": (scores[1] + thr) / 2, "strength": 1.0})
+    lowered.save(vdir)
     # a two-layer gate (layers 1 and 2, steering layer 2) whose layer-2 half alone would rank the prompts
     # the wrong way round: only a gate that reads both layers opens on OPEN and stays closed on CLOSED
     two = make_vector(model, name="gated2", layers=(2,), coefficient=4.0, gate=(2, 0.0), gate_layers=(1, 2),
@@ -233,10 +239,10 @@ def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
     after = gate_counts()
     assert after.get("true", 0) - before.get("true", 0) == 1
     assert after.get("false", 0) - before.get("false", 0) == 1
-    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True}]
-    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False}]
+    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True, "lowered": False}]
+    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False, "lowered": False}]
     assert _complete(steer_vllm, OPEN, 0.0, "gated")["safety"]["choices"] == [{"index": 0, "steered": False,
-                                                                               "gate": None}]
+                                                                               "gate": None, "lowered": False}]
     body = {"messages": [{"role": "user", "content": CLOSED}], "max_tokens": TOKENS, "temperature": 0,
             "stream": True, "safety": {"strength": 2.0, "vector": "gated"}}
     with httpx.stream("POST", f"{steer_vllm}/v1/chat/completions", json=body, timeout=120) as r:
@@ -255,8 +261,8 @@ def test_multi_layer_gate_reads_each_of_its_layers(server, request):
     url = request.getfixturevalue(server)
     opened = _complete(url, OPEN, 2.0, "gated2", safety={"compare": True})
     closed = _complete(url, CLOSED, 2.0, "gated2", safety={"compare": True})
-    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True}]
-    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False}]
+    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True, "lowered": False}]
+    assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False, "lowered": False}]
     assert opened["choices"][0]["message"]["content"] != opened["baseline"]["choices"][0]["message"]["content"]
     assert closed["choices"][0]["message"]["content"] == closed["baseline"]["choices"][0]["message"]["content"]
     with ThreadPoolExecutor(2) as pool:
@@ -264,11 +270,42 @@ def test_multi_layer_gate_reads_each_of_its_layers(server, request):
     assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
 
 
+@pytest.mark.parametrize("server", ["steer_vllm", "embedded"])
+def test_two_sided_gate_lowers_refusal_on_rows_it_judges_benign(server, request):
+    """A two-sided gate: OPEN opens it; CLOSED scores below its lower threshold, so the direction is
+    subtracted there (the answer changes; echoed as ``lowered``, counted as ``fired="lowered"``),
+    streamed too, and batched with an opened row on both backends."""
+    url = request.getfixturevalue(server)
+
+    def lowered_count() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('steer_gate_total{fired="lowered",vector="gated_lo"}'))
+
+    before = lowered_count()
+    opened = _complete(url, OPEN, 2.0, "gated_lo", safety={"compare": True})
+    low = _complete(url, CLOSED, 2.0, "gated_lo", safety={"compare": True})
+    assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True, "lowered": False}]
+    assert low["safety"]["choices"] == [{"index": 0, "steered": True, "gate": False, "lowered": True}]
+    assert low["choices"][0]["message"]["content"] != low["baseline"]["choices"][0]["message"]["content"]
+    # the same prompt behind the one-sided gate stays vanilla: the lowering is what changed it
+    assert _text(url, CLOSED, 2.0, "gated") == low["baseline"]["choices"][0]["message"]["content"]
+    assert lowered_count() - before == 1
+    body = {"messages": [{"role": "user", "content": CLOSED}], "max_tokens": TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True, "safety": {"strength": 2.0, "vector": "gated_lo"}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-2].removeprefix("data: "))["safety"]["choices"] == low["safety"]["choices"]
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda p: _text(url, p, 2.0, "gated_lo"), [OPEN, CLOSED]))
+    assert both == [opened["choices"][0]["message"]["content"], low["choices"][0]["message"]["content"]]
+
+
 @vs_embedded
 def test_matches_the_embedded_backend(steer_vllm, embedded):
     """Same checkpoint, same vectors, float32 on both: the same greedy answers, gates included."""
     for p in PROMPTS:
-        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated"), (0.01, "gated2")):
+        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated"), (0.01, "gated2"), (0.01, "gated_lo")):
             _assert_same(_complete(steer_vllm, p, s, v), _complete(embedded, p, s, v))
 
 

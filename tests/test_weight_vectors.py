@@ -236,34 +236,42 @@ def _partial_merge(model, vec, strength, from_layer):
     return part
 
 
-def _gate_threshold(model, gate_vec, ids):
-    """The median gate score of ``ids``' rows, so that some rows open the gate and some do not."""
+def _gate_threshold(model, gate_vec, ids, q: float = 0.5):
+    """The median (quantile ``q``) gate score of ``ids``' rows, so that some rows open the gate and some
+    do not."""
     gate = SteeringRuntime(model, [gate_vec]).steerers["refusal"].gate
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    return float(gate.scores(torch.cat([hs[ly][:, -1] for ly in gate.layers], dim=-1)).median())
+    return float(gate.scores(torch.cat([hs[ly][:, -1] for ly in gate.layers], dim=-1)).quantile(q))
 
 
-@pytest.mark.parametrize("gate_layers", [None, (1, 2)], ids=["one-layer-gate", "two-layer-gate"])
-def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tiny_tokenizer, gate_layers):
+@pytest.mark.parametrize(("gate_layers", "two_sided"), [(None, False), ((1, 2), False), (None, True)],
+                         ids=["one-layer-gate", "two-layer-gate", "two-sided-gate"])
+def test_gated_weight_vector_changes_only_rows_that_pass_the_gate(tiny_qwen, tiny_tokenizer, gate_layers,
+                                                                   two_sided):
     """One plain forward pass: rows whose prompt fails the borrowed gate are the vanilla model bit for
     bit; rows that pass run the prompt through the changed weights from the gate layer on (a multi-layer
-    gate's: its last, deciding layer)."""
+    gate's: its last, deciding layer). A two-sided gate's lower threshold is not borrowed: rows below it
+    stay vanilla too (the weight vector is never subtracted)."""
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(5, len(tiny_tokenizer), (6, 7), generator=g)
     wvec = make_weight_vector(tiny_qwen, scale=3.0)
     at = gate_layers[-1] if gate_layers else 1
     kw = {"layers": (2,), "gate_layers": gate_layers}
     thr = _gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(at, 0.0), **kw), ids)
-    avec = make_vector(tiny_qwen, gate=(at, thr), **kw)
+    lower = None
+    if two_sided:
+        lower = (_gate_threshold(tiny_qwen, make_vector(tiny_qwen, gate=(at, 0.0), **kw), ids, q=0.4), 1.0)
+    avec = make_vector(tiny_qwen, gate=(at, thr), lower=lower, **kw)
     rt = SteeringRuntime(tiny_qwen, [wvec, avec], gated_by={"enchtable": "refusal"})
     assert rt.steerers["enchtable"].gate_layer == at and rt.gated == ["enchtable", "refusal"]
+    assert (rt.steerers["refusal"].gate.lower_threshold is not None) == two_sided
     with rt, torch.no_grad():
         rt.rows.reset()
         rt.rows.strength["enchtable"] = torch.full((6,), 2.0)
         out = tiny_qwen(input_ids=ids).logits
         fired = rt.rows.gate["enchtable"]
-    assert 0 < int(fired.sum()) < 6
+    assert 0 < int(fired.sum()) < 6 and set(fired.tolist()) <= {0.0, 1.0}
     with torch.no_grad():
         vanilla = tiny_qwen(input_ids=ids).logits
         want = _partial_merge(tiny_qwen, wvec, 2.0, at)(input_ids=ids).logits

@@ -21,6 +21,7 @@ class RowEvent:
     # on a steered row's last event: its vector's gate decision (True: open, False: closed), None where
     # the vector has no gate or no gate was decided (strength 0, baseline rows, cancelled before prefill)
     gate: bool | None = None
+    lowered: bool = False  # a two-sided gate judged the prompt benign and lowered refusal on this row
 
 
 @dataclass(frozen=True)

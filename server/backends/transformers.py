@@ -68,12 +68,21 @@ class _Stopped(Exception):
     """Raised on the worker thread by a stop request, to leave the loop through its one exit."""
 
 
-def _row_gate(seq: Sequence, baseline: bool) -> bool | None:
-    """A row's gate decision: True (open) or False (closed) for a steered row whose vector's gate was
-    decided; None for baseline rows, strength 0, vectors without a gate, and rows ended before it."""
+def _row_gate(seq: Sequence, baseline: bool) -> float | None:
+    """A row's gate decision, its multiplier: 1.0 (open), 0.0 (closed), negative (a two-sided gate
+    lowered refusal on it) for a steered row whose vector's gate was decided; None for baseline rows,
+    strength 0, vectors without a gate, and rows ended before it."""
     if baseline or seq.strength <= 0 or not seq.vector or seq.vector not in seq.gate:
         return None
-    return bool(seq.gate[seq.vector])
+    return float(seq.gate[seq.vector])
+
+
+def gate_label(decision: float | None) -> str | None:
+    """The gate decision as the API and /metrics name it: "open", "closed", "lowered" (None: undecided)."""
+    if decision is None:
+        return None
+    return "open" if decision > 0 else "lowered" if decision < 0 else "closed"
+
 
 class TransformersBackend:
     def __init__(self, settings: Settings, *, model=None, tokenizer=None, vectors: list[SafetyVector] | None = None,
@@ -243,8 +252,9 @@ class TransformersBackend:
                 gate = None
                 if item.finish_reason is not None:
                     job.remaining.discard(item.seq_id)
-                    gate = _row_gate(seqs[item.seq_id], b)
-                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason, gate)
+                    gate = gate_label(_row_gate(seqs[item.seq_id], b))
+                yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason,
+                               None if gate is None else gate == "open", gate == "lowered")
         finally:
             self._inflight.discard(id(job))
             if job.remaining:  # consumer left early or a row failed: free the other rows
@@ -428,12 +438,12 @@ class TransformersBackend:
         self._send(job, replace(failure, message=f"{failure.message} (request id {job.request_id})"))
 
     def _gate_value(self, job: _Job, seq_id: int):
-        """(vector, fired) for a steered row whose vector's gate was decided; None otherwise (a vector
-        without a gate is not counted as a gate that fired)."""
+        """(vector, "open" | "closed" | "lowered") for a steered row whose vector's gate was decided;
+        None otherwise (a vector without a gate is not counted as a gate that fired)."""
         for _, baseline, s in job.rows:
             if s.id == seq_id:
-                fired = _row_gate(s, baseline)
-                return None if fired is None else (s.vector, fired)
+                label = gate_label(_row_gate(s, baseline))
+                return None if label is None else (s.vector, label)
         return None
 
     def _observe(self) -> None:

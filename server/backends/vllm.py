@@ -756,7 +756,7 @@ class _Hooks(_HookInfo):
                 parts[layer] = stream.float().cpu()
                 if layer == st.gate.layer:
                     del step.gate_rows[st.name]
-                    decided = st.gate.fired_from(parts)
+                    decided = st.gate.decide_from(parts)
                     for (rid, _), f in zip(rows, decided.tolist(), strict=True):
                         self.gates[rid] = float(f)
             if r is None:
