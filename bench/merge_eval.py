@@ -109,7 +109,9 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
                   "--max-tokens", str(tokens), "--concurrency", str(ns.concurrency), "--out", str(out)]
             if vector:
                 ev += ["--vector", vector, "--strengths", str(strength)]
-            subprocess.run(ev, check=True, capture_output=True)
+            done = subprocess.run(ev, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"steer eval exited {done.returncode}: {done.stderr.strip()[-2000:]}")
             summary += json.loads((out / "results.json").read_text())["summary"]
         gates = _gate_counts(httpx.get(f"http://127.0.0.1:{ns.port}/metrics", timeout=30).text)
     finally:
