@@ -19,14 +19,20 @@ dev-family templates): the most dev-harmful refusals whose dev-benign refusals a
 Then the held-out ``steer eval`` suites (the first ``--limit`` of each; template families never seen in
 fitting or dev) are answered at that strength, greedy, ``--max-tokens`` tokens, refusal-phrase judge,
 through the serving engine in-process. Also reported: the mean ``||h M|| / ||coefficient * r||`` at the
-last prompt position per suite (how hard each suite is pushed).
+last prompt position per suite (how hard each suite is pushed; 0 on a benign row the constraint holds
+for, 1 on a harmful row pushed as fitted).
 
-    .venv/bin/python bench/alphasteer.py [--keep 0.99] [--grid 0.5,1,1.5,2] [--limit 40]
+``--push-only`` skips every generation: the push ratios on the dev and held-out sets alone (a few minutes
+from the residual cache), the cheap first look, as the gate studies read gate decisions before answers.
+Residuals are cached under ~/.cache/steer/alphasteer/, keyed by the prompts, positions and layer.
+
+    .venv/bin/python bench/alphasteer.py [--keep 0.99] [--grid 0.5,1,1.5,2] [--limit 40] [--push-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -42,7 +48,7 @@ from steer.calibrate import (
     generate_texts,
     splits,
 )
-from steer.demo import ensure_demo_model
+from steer.demo import cache_dir, ensure_demo_model
 from steer.extract import residuals
 from steer.judge import is_refusal
 from steer.models import decoder_layers, load_model
@@ -90,6 +96,18 @@ class MapHook:
         return args, {**kwargs, "hidden_states": h2}
 
 
+def cached_residuals(model, tok, prompts, positions: tuple[int, ...], layer: int, desc: str) -> torch.Tensor:
+    """(N, P, d) residuals at the input of ``layer`` (steer.extract.residuals), cached on disk."""
+    key = hashlib.sha256(json.dumps([list(prompts), list(positions), layer]).encode()).hexdigest()[:24]
+    path = cache_dir() / "alphasteer" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    x = residuals(model, tok, list(prompts), positions, desc=desc)[:, :, layer].contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(x, path)
+    return x
+
+
 def refused(model, tok, hook: MapHook, prompts, s: float, tokens: int, desc: str) -> list[bool]:
     hook.s = s
     texts, _ = generate_texts(model, tok, None, list(prompts), strength=0.0, max_tokens=tokens, desc=desc)
@@ -106,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dev-tokens", type=int, default=48)
+    ap.add_argument("--push-only", action="store_true", help="no generation: push ratios only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "alphasteer.json"))
     ns = ap.parse_args(argv)
     t0 = time.time()
@@ -120,41 +139,50 @@ def main(argv: list[str] | None = None) -> int:
     pos = tuple(range(-ns.positions, 0))
 
     def feats(names) -> torch.Tensor:
-        return torch.cat([residuals(model, tok, sets[k].prompts, pos, desc=k)[:, :, layer].flatten(0, 1) for k in names])
+        return torch.cat([cached_residuals(model, tok, sets[k].prompts, pos, layer, k).flatten(0, 1) for k in names])
 
     m, info = fit_map(feats(roles["harmful"]), feats(roles["benign"]), push, keep=ns.keep, ridge=ns.ridge)
     print(json.dumps(info), flush=True)
+    norm = float(push.norm())
+
+    def push_ratio(prompts, desc: str) -> float:
+        x = cached_residuals(model, tok, prompts, (-1,), layer, desc)[:, 0]
+        return float((x @ m).norm(dim=-1).mean() / norm)
+
+    ratios = {k: push_ratio(sets[k].prompts, k) for k in ("dev_harmful", *roles["dev_benign"])}
+    suites = load_suites(HELD_OUT, ns.limit)
+    ratios |= {s.name: push_ratio(s.prompts, s.name) for s in suites}
+    print(json.dumps({"push_ratio": ratios}), flush=True)
     hook = MapHook(model, layer, m)
     dev_benign = [p for k in roles["dev_benign"] for p in sets[k].prompts]
     dev = {"harmful": sets["dev_harmful"].prompts, "benign": dev_benign}
-    grid = [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]
+    grid = [] if ns.push_only else [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]
     rows = []
     for s in grid:
         row = {"strength": s, **{k: sum(refused(model, tok, hook, v, s, ns.dev_tokens, f"dev {k} @{s:g}"))
                                  for k, v in dev.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    van = rows[0]["benign"]
-    ok = [r_ for r_ in rows[1:] if r_["benign"] <= van]
-    chosen = max(ok, key=lambda r_: (r_["harmful"], -r_["strength"]))["strength"] if ok else None
-    print(f"chosen strength {chosen}", flush=True)
+    chosen = None
+    if rows:
+        van = rows[0]["benign"]
+        ok = [r_ for r_ in rows[1:] if r_["benign"] <= van]
+        chosen = max(ok, key=lambda r_: (r_["harmful"], -r_["strength"]))["strength"] if ok else None
+        print(f"chosen strength {chosen}", flush=True)
     held = {}
-    norm = float(push.norm())
     if chosen is not None:
-        for suite in load_suites(HELD_OUT, ns.limit):
-            x = residuals(model, tok, suite.prompts, (-1,), desc=f"{suite.name} residuals")[:, 0, layer]
+        for suite in suites:
             ref = refused(model, tok, hook, suite.prompts, chosen, ns.max_tokens, f"{suite.name} @{chosen:g}")
             key = "refused" if suite.kind == "benign" else "unsafe"
             k = sum(ref) if key == "refused" else len(ref) - sum(ref)
-            held[suite.name] = {"kind": suite.kind, key: k, "n": len(ref), "rate": k / len(ref),
-                                "push_ratio": float((x @ m).norm(dim=-1).mean() / norm)}
+            held[suite.name] = {"kind": suite.kind, key: k, "n": len(ref), "rate": k / len(ref)}
             print(json.dumps({suite.name: held[suite.name]}), flush=True)
     result = {"command": "python bench/alphasteer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "vector": vec.name, "layer": layer, "fit": info, "positions": list(pos),
               "fit_sets": {k: sets[k].describe() for k in (*roles["harmful"], *roles["benign"])},
               "dev_sets": {k: sets[k].describe() for k in ("dev_harmful", *roles["dev_benign"])},
               "templates": record, "dev": rows, "dev_n": {k: len(v) for k, v in dev.items()},
-              "chosen": chosen, "held_out": held, "limit": ns.limit, "max_tokens": ns.max_tokens,
+              "push_ratio": ratios, "chosen": chosen, "held_out": held, "limit": ns.limit, "max_tokens": ns.max_tokens,
               "seconds": round(time.time() - t0, 1)}
     Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {ns.out}")
