@@ -42,17 +42,14 @@ def _cmd_demo_model(ns: argparse.Namespace) -> None:
 
 
 def _cmd_extract(ns: argparse.Namespace) -> None:
-    from steer.calibrate import ExtractConfig, run_extract
+    from steer.calibrate import ExtractConfig, check_lower, run_extract
 
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
         gate_layers=ns.gate_layers, lower=ns.lower, lower_margin=ns.lower_margin,
     )
-    if not (ns.lower == 0 or 0 < ns.lower <= 4):
-        raise CLIError(f"--lower {ns.lower:g}: must be in (0, 4] (times the strength an open row is steered with)")
-    if not ns.lower_margin >= 0:
-        raise CLIError(f"--lower-margin {ns.lower_margin:g}: must be >= 0")
+    check_lower(ns.lower, ns.lower_margin)  # before any model loads
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
 

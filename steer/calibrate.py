@@ -51,7 +51,7 @@ from steer.extract import (
     mean_difference,
     residuals,
 )
-from steer.hooks import SteeringRuntime
+from steer.hooks import MAX_LOWER_STRENGTH, SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
 from steer.templates import KINDS as TEMPLATE_KINDS
@@ -95,17 +95,23 @@ class ExtractConfig:
     lower_margin: float = 0.5  # --lower-margin: the lower threshold's distance below every known harmful score
 
 
+def check_lower(lower: float, margin: float) -> None:
+    """--lower (0: off) and --lower-margin, or a VectorError naming the bad one."""
+    if not (lower == 0 or 0 < lower <= MAX_LOWER_STRENGTH):
+        raise VectorError(f"--lower {lower:g}: must be in (0, {MAX_LOWER_STRENGTH:g}] (times the strength an open "
+                          "row is steered with)")
+    if not margin >= 0:
+        raise VectorError(f"--lower-margin {margin:g}: must be >= 0")
+
+
 def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor]) -> dict | None:
     """A two-sided gate's ``lower`` entry (see steer.hooks.Gate) for ``cfg.lower`` > 0: its threshold
     ``cfg.lower_margin`` below the lowest score of every harmful prompt the gate was fitted or tuned on
     (``harmful``: their scores), so no known harmful prompt has refusal lowered; never above the gate's
     own threshold minus the margin."""
+    check_lower(cfg.lower, cfg.lower_margin)
     if not cfg.lower:
         return None
-    if not 0 < cfg.lower <= 4:
-        raise VectorError(f"--lower {cfg.lower}: must be in (0, 4] (times the strength an open row is steered with)")
-    if not cfg.lower_margin >= 0:
-        raise VectorError(f"--lower-margin {cfg.lower_margin}: must be >= 0")
     low = min(float(h.min()) for h in harmful if len(h))
     t = min(low, threshold) - cfg.lower_margin
     return {"threshold": round(t, 4), "strength": cfg.lower, "margin": cfg.lower_margin,

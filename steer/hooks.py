@@ -57,6 +57,9 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
     return args, kwargs
 
 
+MAX_LOWER_STRENGTH = 4.0  # a two-sided gate's lower strength: at most this many times an open row's push
+
+
 class Gate:
     """A hard threshold on a score of a prompt's residual at ``position`` (an offset from the prompt's
     end; -5 is the end-of-user-turn token of a ChatML prompt): a linear probe's logit (``linear``) or the
@@ -106,8 +109,8 @@ class Gate:
             if not (math.isfinite(t) and t < self.threshold):
                 raise VectorError(f"vector {name!r}: gate lower threshold {t} must be below its threshold "
                                   f"{self.threshold}")
-            if not (math.isfinite(c) and 0 < c <= 4):
-                raise VectorError(f"vector {name!r}: gate lower strength {c} must be in (0, 4]")
+            if not (math.isfinite(c) and 0 < c <= MAX_LOWER_STRENGTH):
+                raise VectorError(f"vector {name!r}: gate lower strength {c} must be in (0, {MAX_LOWER_STRENGTH:g}]")
             self.lower_threshold, self.lower_strength = t, c
 
     @classmethod

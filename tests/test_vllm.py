@@ -169,6 +169,22 @@ def _text(url: str, prompt: str, strength: float | None = None, vector: str | No
     return _complete(url, prompt, strength, vector, **kw)["choices"][0]["message"]["content"]
 
 
+def _streamed_choices(url: str, prompt: str, strength: float, vector: str, **kw) -> list[dict]:
+    """``safety.choices`` of a streamed chat request, from its final chunk before ``[DONE]``."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": TOKENS, "temperature": 0, **kw,
+            "stream": True, "safety": {"strength": strength, "vector": vector}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    return json.loads(lines[-2].removeprefix("data: "))["safety"]["choices"]
+
+
+def _gate_count(url: str, vector: str, fired: str) -> float:
+    """``steer_gate_total{fired=..., vector=...}`` from the server's /metrics (0 before the first)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f'steer_gate_total{{fired="{fired}",vector="{vector}"}}'))
+
+
 def test_checkpoint_fingerprint_is_the_loaded_models(vllm_model):
     d, _, model = vllm_model
     assert fingerprint_checkpoint(d) == fingerprint(model)
@@ -227,9 +243,7 @@ def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
     steer_vllm = request.getfixturevalue(server)
 
     def gate_counts() -> dict[str, float]:
-        text = httpx.get(f"{steer_vllm}/metrics", timeout=30).text
-        return {f: float(line.rsplit(" ", 1)[1]) for f in ("true", "false") for line in text.splitlines()
-                if line.startswith(f'steer_gate_total{{fired="{f}",vector="gated"}}')}
+        return {f: _gate_count(steer_vllm, "gated", f) for f in ("true", "false")}
 
     before = gate_counts()
     opened = _complete(steer_vllm, OPEN, 2.0, "gated", safety={"compare": True})
@@ -243,11 +257,7 @@ def test_gate_is_decided_per_request_from_its_own_prompt(server, request):
     assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False, "lowered": False}]
     assert _complete(steer_vllm, OPEN, 0.0, "gated")["safety"]["choices"] == [{"index": 0, "steered": False,
                                                                                "gate": None, "lowered": False}]
-    body = {"messages": [{"role": "user", "content": CLOSED}], "max_tokens": TOKENS, "temperature": 0,
-            "stream": True, "safety": {"strength": 2.0, "vector": "gated"}}
-    with httpx.stream("POST", f"{steer_vllm}/v1/chat/completions", json=body, timeout=120) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert json.loads(lines[-2].removeprefix("data: "))["safety"]["choices"] == closed["safety"]["choices"]
+    assert _streamed_choices(steer_vllm, CLOSED, 2.0, "gated") == closed["safety"]["choices"]
     # in one batch: each row's own gate
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda p: _text(steer_vllm, p, 2.0, "gated"), [OPEN, CLOSED]))
@@ -276,13 +286,7 @@ def test_two_sided_gate_lowers_refusal_on_rows_it_judges_benign(server, request)
     subtracted there (the answer changes; echoed as ``lowered``, counted as ``fired="lowered"``),
     streamed too, and batched with an opened row on both backends."""
     url = request.getfixturevalue(server)
-
-    def lowered_count() -> float:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('steer_gate_total{fired="lowered",vector="gated_lo"}'))
-
-    before = lowered_count()
+    before = _gate_count(url, "gated_lo", "lowered")
     opened = _complete(url, OPEN, 2.0, "gated_lo", safety={"compare": True})
     low = _complete(url, CLOSED, 2.0, "gated_lo", safety={"compare": True})
     assert opened["safety"]["choices"] == [{"index": 0, "steered": True, "gate": True, "lowered": False}]
@@ -290,12 +294,8 @@ def test_two_sided_gate_lowers_refusal_on_rows_it_judges_benign(server, request)
     assert low["choices"][0]["message"]["content"] != low["baseline"]["choices"][0]["message"]["content"]
     # the same prompt behind the one-sided gate stays vanilla: the lowering is what changed it
     assert _text(url, CLOSED, 2.0, "gated") == low["baseline"]["choices"][0]["message"]["content"]
-    assert lowered_count() - before == 1
-    body = {"messages": [{"role": "user", "content": CLOSED}], "max_tokens": TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": True, "safety": {"strength": 2.0, "vector": "gated_lo"}}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert json.loads(lines[-2].removeprefix("data: "))["safety"]["choices"] == low["safety"]["choices"]
+    assert _gate_count(url, "gated_lo", "lowered") - before == 1
+    assert _streamed_choices(url, CLOSED, 2.0, "gated_lo", ignore_eos=True) == low["safety"]["choices"]
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda p: _text(url, p, 2.0, "gated_lo"), [OPEN, CLOSED]))
     assert both == [opened["choices"][0]["message"]["content"], low["choices"][0]["message"]["content"]]
