@@ -47,9 +47,10 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
-        gate_layers=ns.gate_layers, lower=ns.lower, lower_margin=ns.lower_margin,
+        gate_layers=ns.gate_layers, lower=ns.lower, lower_margin=ns.lower_margin, lower_span=ns.lower_span,
+        lower_floor=ns.lower_floor,
     )
-    check_lower(ns.lower, ns.lower_margin)  # before any model loads
+    check_lower(ns.lower, ns.lower_margin, ns.lower_span, ns.lower_floor)  # before any model loads
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
 
@@ -144,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--lower-margin", type=float, default=0.5, metavar="M",
                     help="with --lower: the lower threshold's distance below the lowest harmful score, in probe-logit "
                          "units (default 0.5)")
+    ex.add_argument("--lower-span", default="prompt", metavar="SPAN",
+                    help="with --lower: where a lowered row is steered: 'prompt' (its prompt, where the answer's "
+                         "first token is decided; its generated tokens run vanilla) or 'all' (every position, "
+                         "generated tokens included). Default: prompt")
+    ex.add_argument("--lower-floor", action="store_true",
+                    help="with --lower: lower only a band: rows scoring at or below the highest score of the code "
+                         "prompts the gate was fitted or tuned on stay vanilla (lowering them only degrades code)")
     ex.set_defaults(fn=_cmd_extract)
 
     from server.evaluation.config import add_arguments as add_eval_arguments

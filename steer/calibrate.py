@@ -51,7 +51,7 @@ from steer.extract import (
     mean_difference,
     residuals,
 )
-from steer.hooks import MAX_LOWER_STRENGTH, SteeringRuntime
+from steer.hooks import LOWER_SPANS, MAX_LOWER_STRENGTH, SteeringRuntime
 from steer.judge import is_refusal
 from steer.models import decoder_layers, fingerprint, load_model
 from steer.templates import KINDS as TEMPLATE_KINDS
@@ -93,29 +93,49 @@ class ExtractConfig:
     gate_layers: str | None = None  # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13"
     lower: float = 0.0  # --lower: two-sided gate, the strength refusal is lowered with on confident-benign rows
     lower_margin: float = 0.5  # --lower-margin: the lower threshold's distance below every known harmful score
+    lower_span: str = "prompt"  # --lower-span: where lowered rows are steered, "prompt" or "all" (steer.hooks.Gate)
+    lower_floor: bool = False  # --lower-floor: leave rows at or below the gate's code prompts' scores vanilla
 
 
-def check_lower(lower: float, margin: float) -> None:
-    """--lower (0: off) and --lower-margin, or a VectorError naming the bad one."""
+def check_lower(lower: float, margin: float, span: str = "prompt", floor: bool = False) -> None:
+    """--lower (0: off), --lower-margin, --lower-span and --lower-floor, or a VectorError naming the bad one."""
     if not (lower == 0 or 0 < lower <= MAX_LOWER_STRENGTH):
         raise VectorError(f"--lower {lower:g}: must be in (0, {MAX_LOWER_STRENGTH:g}] (times the strength an open "
                           "row is steered with)")
     if not margin >= 0:
         raise VectorError(f"--lower-margin {margin:g}: must be >= 0")
+    if span not in LOWER_SPANS:
+        raise VectorError(f"--lower-span {span!r}: must be one of {', '.join(LOWER_SPANS)}")
+    if floor and not lower:
+        raise VectorError("--lower-floor: only with --lower C (a two-sided gate)")
 
 
-def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor]) -> dict | None:
+CODE_SETS = ("gate_code", "dev_code")  # the gate's code prompts: --lower-floor's floor is their highest score
+
+
+def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor],
+               code: list[torch.Tensor] = ()) -> dict | None:
     """A two-sided gate's ``lower`` entry (see steer.hooks.Gate) for ``cfg.lower`` > 0: its threshold
     ``cfg.lower_margin`` below the lowest score of every harmful prompt the gate was fitted or tuned on
     (``harmful``: their scores), so no known harmful prompt has refusal lowered; never above the gate's
-    own threshold minus the margin."""
-    check_lower(cfg.lower, cfg.lower_margin)
+    own threshold minus the margin. With ``cfg.lower_floor``, a floor at the highest score of the code
+    prompts the gate was fitted or tuned on (``code``): rows at or below it are left vanilla."""
+    check_lower(cfg.lower, cfg.lower_margin, cfg.lower_span, cfg.lower_floor)
     if not cfg.lower:
         return None
     low = min(float(h.min()) for h in harmful if len(h))
     t = min(low, threshold) - cfg.lower_margin
-    return {"threshold": round(t, 4), "strength": cfg.lower, "margin": cfg.lower_margin,
-            "rule": "margin below the lowest score of the harmful prompts the gate was fitted or tuned on"}
+    out = {"threshold": round(t, 4), "strength": cfg.lower, "span": cfg.lower_span, "margin": cfg.lower_margin,
+           "rule": "margin below the lowest score of the harmful prompts the gate was fitted or tuned on"}
+    if cfg.lower_floor:
+        floor = max((float(c.max()) for c in code if len(c)), default=None)
+        if floor is None or not floor < round(t, 4):
+            raise VectorError(f"--lower-floor: the gate's code prompts score up to {floor}, not below the lower "
+                              f"threshold {t:.4f}: no band is left to lower")
+        out |= {"floor": round(floor, 4),
+                "floor_rule": "the highest score of the code prompts the gate was fitted or tuned on "
+                              f"({', '.join(CODE_SETS)}): rows at or below it are left vanilla"}
+    return out
 
 
 def hard_negatives() -> data.PromptSet:
@@ -363,9 +383,11 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     cand, coef, search = _search(model, tok, sets, R, dirs, steer_layers, fp, cfg.name, gate_layers)
     gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION, "metric": "linear",
             "probe_l2": cand["l2"]}
-    harm = [linear_scores(R[k][:, 1, cand["layer"]], cand["tensors"]["gate.direction"], cand["tensors"]["gate.center"])
-            for k in (*gate_roles(sets)["harmful"], "dev_harmful")]
-    lower = lower_gate(cfg, cand["threshold"], harm)
+    def score(k: str) -> torch.Tensor:
+        return linear_scores(R[k][:, 1, cand["layer"]], cand["tensors"]["gate.direction"], cand["tensors"]["gate.center"])
+
+    harm = [score(k) for k in (*gate_roles(sets)["harmful"], "dev_harmful")]
+    lower = lower_gate(cfg, cand["threshold"], harm, [score(k) for k in CODE_SETS])
     if lower is not None:
         gate["lower"] = lower
     config = {
@@ -430,7 +452,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     gate = {"layer": layers[-1], "threshold": threshold, "position": position, "metric": "linear", "probe_l2": l2}
     if len(layers) > 1:
         gate["layers"] = layers
-    lower = lower_gate(cfg, threshold, [pos] + [linear_scores(R[k], direction, center) for k in roles["harmful"]])
+    lower = lower_gate(cfg, threshold, [pos] + [linear_scores(R[k], direction, center) for k in roles["harmful"]],
+                       [linear_scores(R[k], direction, center) for k in CODE_SETS])
     if lower is not None:
         gate["lower"] = lower
     tensors = {k: v for k, v in src.tensors.items() if not k.startswith("gate.")}

@@ -266,7 +266,7 @@ class Engine:
         width = b.mask.shape[1]
         ids = torch.tensor([[s.generated[-1]] for s in b.seqs], dtype=torch.long)
         pos = (b.mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)  # (B, 1)
-        self._set_steering(b.seqs)
+        self._set_steering(b.seqs, decode=True)
         mask = None if bool(b.mask.all()) else attention_mask(b.mask, width - 1, 1)  # None: nothing to hide
         h = self.runner.run(self.runner.embed(ids), 0, self.runner.num_layers, positions=pos, mask=mask,
                             cache=b.cache)
@@ -360,12 +360,13 @@ class Engine:
         one sends matmul down a bmm path that copies the head weight."""
         return self.lm_head(self.runner.norm(h_last).contiguous()).float()
 
-    def _set_steering(self, seqs: list[Sequence]) -> None:
-        """Per-row strengths, and gates where decided, for the forward pass about to run."""
+    def _set_steering(self, seqs: list[Sequence], *, decode: bool = False) -> None:
+        """Per-row strengths, and gates where decided, for the forward pass about to run (``decode``: a
+        pass of generated tokens only, where a two-sided gate may leave its lowered rows vanilla)."""
         if self.runtime is None:
             return
         rows = self.runtime.rows
-        rows.reset()
+        rows.reset(decode=decode)
         for name, st in self.runtime.steerers.items():
             s = torch.tensor([q.strength if q.vector == name else 0.0 for q in seqs])
             if bool(s.any()):

@@ -40,9 +40,10 @@ class RowSteering:
         self.strength: dict[str, torch.Tensor] = {}
         self.gate: dict[str, torch.Tensor] = {}
         self.prompt_lens: torch.Tensor | None = None  # real (unpadded) prompt length per row
+        self.decode = False  # the pass runs generated tokens only (no prompt position)
 
-    def reset(self, *, prompt_lens: torch.Tensor | None = None) -> None:
-        self.strength, self.gate, self.prompt_lens = {}, {}, prompt_lens
+    def reset(self, *, prompt_lens: torch.Tensor | None = None, decode: bool = False) -> None:
+        self.strength, self.gate, self.prompt_lens, self.decode = {}, {}, prompt_lens, decode
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -58,6 +59,7 @@ def _replace_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, 
 
 
 MAX_LOWER_STRENGTH = 4.0  # a two-sided gate's lower strength: at most this many times an open row's push
+LOWER_SPANS = ("all", "prompt")  # where a two-sided gate's lowered rows are steered (see Gate)
 
 
 class Gate:
@@ -73,7 +75,13 @@ class Gate:
     A two-sided gate (``lower``: ``{"threshold": t_lo, "strength": c}``, t_lo below ``threshold``) also
     lowers refusal on rows it judges benign with confidence: a row scoring below t_lo gets the steering
     direction *subtracted*, at ``c`` times what an open row gets (decision -c instead of 0). A decision
-    is the row's multiplier: 1 (open), 0 (closed: vanilla), -c (lowered). ``two_sided=False`` drops
+    is the row's multiplier: 1 (open), 0 (closed: vanilla), -c (lowered). ``lower.span`` says where a
+    lowered row is steered: ``"all"`` (the default) at every position, generated tokens included;
+    ``"prompt"`` over its prompt only (the first token, decided there, included), its generated tokens
+    then run vanilla on top of the lowered prompt (see :meth:`in_decode`). ``lower.floor`` (optional,
+    below t_lo) makes the lowering a band: a row scoring at or below it is so clearly benign that it is
+    left vanilla (``steer extract --lower-floor`` puts it at the gate's code prompts, whose answers
+    lowering only degrades). ``two_sided=False`` drops
     ``lower`` (a weight vector borrowing the gate: subtracting a weight-space safety vector is not what
     the lower threshold was chosen for)."""
 
@@ -99,6 +107,8 @@ class Gate:
         self.direction, self.center = direction.float(), center.float()
         self.lower_threshold: float | None = None
         self.lower_strength = 0.0
+        self.lower_span = "all"
+        self.lower_floor: float | None = None
         lower = cfg.get("lower")
         if lower is not None and two_sided:
             try:
@@ -111,7 +121,15 @@ class Gate:
                                   f"{self.threshold}")
             if not (math.isfinite(c) and 0 < c <= MAX_LOWER_STRENGTH):
                 raise VectorError(f"vector {name!r}: gate lower strength {c} must be in (0, {MAX_LOWER_STRENGTH:g}]")
-            self.lower_threshold, self.lower_strength = t, c
+            span = lower.get("span", "all")
+            if span not in LOWER_SPANS:
+                raise VectorError(f"vector {name!r}: gate lower span {span!r} must be one of {', '.join(LOWER_SPANS)}")
+            floor = lower.get("floor")
+            if floor is not None and not (isinstance(floor, int | float) and math.isfinite(floor) and floor < t):
+                raise VectorError(f"vector {name!r}: gate lower floor {floor!r} must be a number below its lower "
+                                  f"threshold {t}")
+            self.lower_threshold, self.lower_strength, self.lower_span = t, c, span
+            self.lower_floor = None if floor is None else float(floor)
 
     @classmethod
     def of(cls, vector: SafetyVector, *, two_sided: bool = True) -> Gate | None:
@@ -133,12 +151,20 @@ class Gate:
 
     def decide(self, h: torch.Tensor) -> torch.Tensor:
         """(B, k*d) residuals at the gate position -> (B,) decisions: 1.0 open, 0.0 closed, and for a
-        two-sided gate -lower_strength where the score is below the lower threshold."""
+        two-sided gate -lower_strength where the score is below the lower threshold (and above its floor)."""
         s = self.scores(h)
         d = (s > self.threshold).float()
         if self.lower_threshold is not None:
-            d = torch.where(s < self.lower_threshold, torch.full_like(d, -self.lower_strength), d)
+            low = s < self.lower_threshold
+            if self.lower_floor is not None:
+                low &= s > self.lower_floor
+            d = torch.where(low, torch.full_like(d, -self.lower_strength), d)
         return d
+
+    def in_decode(self, d: torch.Tensor) -> torch.Tensor:
+        """Decisions ``d`` as they apply to a pass of generated tokens: a lowered row (d < 0) of a gate
+        whose lower span is ``"prompt"`` runs them vanilla (0)."""
+        return d.clamp_min(0) if self.lower_span == "prompt" else d
 
     def decide_from(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Decisions from {gate layer: (B, d) residuals at the gate position}, one entry per gate layer
@@ -233,7 +259,8 @@ class ActivationSteerer:
             h = _hidden_arg(args, kwargs)  # (B, T, d)
             k = s.float()
             if self.gate_layer is not None:
-                k = k * rows.gate[self.name]
+                g = rows.gate[self.name]
+                k = k * (self.gate.in_decode(g) if rows.decode else g)
             k = (k * coef).to(h.dtype)  # (B,)
             return _replace_hidden(args, kwargs, h + k[:, None, None] * r)
 

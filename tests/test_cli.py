@@ -34,6 +34,8 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["extract", "--lower", "5"], "--lower 5: must be in (0, 4]"),
         (["extract", "--lower", "-1"], "--lower -1: must be in (0, 4]"),
         (["extract", "--lower", "0.5", "--lower-margin", "-1"], "--lower-margin -1: must be >= 0"),
+        (["extract", "--lower", "0.5", "--lower-span", "decode"], "--lower-span 'decode': must be one of all, prompt"),
+        (["extract", "--lower-floor"], "--lower-floor: only with --lower C"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):

@@ -231,6 +231,46 @@ def _one_pass_reference(model, rt: SteeringRuntime, prompt: list[int], strength:
     return ids[len(prompt):], float(gate[0])
 
 
+def _cached_reference(model, rt: SteeringRuntime, prompt: list[int], strength: float, n: int) -> tuple[list[int], float]:
+    """Greedy tokens the way transformers generates: the prompt in one pass (the hooks decide the gate),
+    then one token per pass on its KV cache, each such pass marked ``rows.decode``."""
+    ids, cache, gate = list(prompt), None, None
+    for step in range(n):
+        rt.rows.reset(decode=step > 0)
+        rt.rows.strength["refusal"] = torch.tensor([strength])
+        if step:
+            rt.rows.gate["refusal"] = gate
+        out = model(input_ids=torch.tensor([ids[-1:] if step else ids]), past_key_values=cache, use_cache=True)
+        cache, gate = out.past_key_values, rt.rows.gate["refusal"]
+        ids.append(int(out.logits[0, -1].argmax()))
+    return ids[len(prompt):], float(gate[0])
+
+
+def test_a_prompt_span_lowers_refusal_over_the_prompt_only(tiny_qwen, tiny_tokenizer):
+    """A two-sided gate whose lower span is "prompt": the engine steers a lowered row over its prompt
+    (its first token included) and runs its generated tokens vanilla, as a cached one-pass generation
+    does; the same gate with span "all" answers some lowered row differently."""
+    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), gate_layers=(1, 2), metric="linear")
+    prompts = _prompts(6, len(tiny_tokenizer))
+    vec.config["gate"]["threshold"] = _split_threshold(tiny_qwen, vec, prompts)
+    lower = {"threshold": _split_threshold(tiny_qwen, vec, prompts, k=2), "strength": 0.7}
+    out = {}
+    for span in ("prompt", "all"):
+        vec.config["gate"]["lower"] = {**lower, "span": span}
+        rt = SteeringRuntime(tiny_qwen, [vec])
+        with rt:
+            ref = [_cached_reference(tiny_qwen, rt, p, 1.0, 6) for p in prompts]
+            seqs = _run(Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=8),
+                        [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0), "refusal", 1.0) for p in prompts])
+        assert [s.gate["refusal"] for s in seqs] == [g for _, g in ref]
+        assert [s.generated for s in seqs] == [toks for toks, _ in ref]
+        out[span] = seqs
+    lowered = [i for i, s in enumerate(out["prompt"]) if s.gate["refusal"] < 0]
+    assert lowered, "some prompt must score below the lower threshold"
+    assert all(out["prompt"][i].generated[0] == out["all"][i].generated[0] for i in lowered)
+    assert any(out["prompt"][i].generated != out["all"][i].generated for i in lowered)
+
+
 @pytest.mark.parametrize(("gate_layers", "two_sided"), [(None, False), ((1, 2), False), ((1, 2), True)],
                          ids=["one-layer-gate", "two-layer-gate", "two-sided-gate"])
 @pytest.mark.parametrize("budget", [4, 8, 10_000])

@@ -17,6 +17,7 @@ from steer.calibrate import (
     GATE_HARMFUL,
     ExtractConfig,
     gate_roles,
+    lower_gate,
     run_extract,
     run_refit_gate,
     splits,
@@ -119,6 +120,7 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     g = lv.config["gate"]
     assert torch.equal(lv.tensors["gate.direction"], vec.tensors["gate.direction"])
     assert g["threshold"] == vec.config["gate"]["threshold"] and g["lower"]["strength"] == 0.5
+    assert g["lower"]["span"] == "prompt" and "floor" not in g["lower"]
     gate = Gate.of(lv)
     sets = {k: v.take(3) for k, v in splits().items()}
     harmful = [p for k in (*gate_roles(sets)["harmful"], "dev_harmful") for p in sets[k].prompts]
@@ -277,3 +279,18 @@ def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_pa
     plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3),
                            manifest, command="")
     assert "gate_templates" not in json.loads(plain.read_text())["provenance"] and set(read).isdisjoint(names)
+
+
+def test_lower_floor_is_the_highest_code_score_and_needs_room_below_the_lower_threshold():
+    """--lower-floor: the floor is the highest score of the gate's code prompts; a floor that reaches the
+    lower threshold would leave no band, and is refused."""
+    harmful = [torch.tensor([2.0, 3.0]), torch.tensor([1.5])]
+    code = [torch.tensor([-6.0, -4.5]), torch.tensor([-5.0]), torch.tensor([])]
+    cfg = ExtractConfig(lower=1.0, lower_margin=0.5, lower_floor=True, lower_span="all")
+    low = lower_gate(cfg, 4.0, harmful, code)
+    assert (low["threshold"], low["floor"], low["span"]) == (1.0, -4.5, "all")
+    assert "floor" not in lower_gate(ExtractConfig(lower=1.0), 4.0, harmful, code)
+    with pytest.raises(VectorError, match="no band is left"):
+        lower_gate(cfg, 4.0, harmful, [torch.tensor([1.2])])
+    with pytest.raises(VectorError, match="no band is left"):
+        lower_gate(cfg, 4.0, harmful, [])

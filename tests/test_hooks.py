@@ -162,6 +162,34 @@ def test_two_sided_gate_subtracts_on_rows_below_its_lower_threshold(tiny_qwen, g
     # a one-sided copy of the same gate leaves the lowered rows vanilla
     one = Gate.of(vec, two_sided=False)
     assert torch.equal(one.decide(feats), (scores > hi).float())
+    # a floor makes the lowering a band: rows at or below it stay vanilla
+    floor = float(scores[scores < lo].median())
+    vec.config["gate"]["lower"]["floor"] = floor
+    band = torch.where(scores > hi, 1.0, torch.where((scores < lo) & (scores > floor), -0.5, 0.0))
+    assert {-0.5, 0.0, 1.0} <= set(band.tolist()) and (band != expected).any()
+    assert torch.equal(Gate.of(vec).decide(feats), band)
+
+
+@pytest.mark.parametrize("span", ["all", "prompt"])
+def test_a_prompt_span_leaves_lowered_rows_vanilla_on_generated_tokens(tiny_qwen, span):
+    """On a pass of generated tokens (``rows.decode``), a gate whose lower span is "prompt" runs its
+    lowered rows vanilla and still steers its open rows; span "all" lowers them there too."""
+    ids = _ids(3, seed=2)
+    plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
+    vec = make_vector(tiny_qwen, layers=(2,), gate=(2, 0.0), metric="linear", seed=6, coefficient=3.0)
+    vec.config["gate"].update(threshold=0.0, lower={"threshold": -1.0, "strength": 0.5, "span": span})
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    assert rt.steerers["refusal"].gate.lower_span == span
+    decisions = torch.tensor([1.0, 0.0, -0.5])  # open, closed, lowered
+    with rt:
+        rt.rows.reset(decode=True)
+        rt.rows.strength["refusal"], rt.rows.gate["refusal"] = torch.tensor([2.0] * 3), decisions
+        steered = _layer_input(tiny_qwen, 2, lambda: tiny_qwen(input_ids=ids))
+    applied = decisions.clamp_min(0) if span == "prompt" else decisions
+    r = vec.tensors["layers.2"]
+    for i in range(3):
+        torch.testing.assert_close(steered[i] - plain.hidden_states[2][i], (6.0 * float(applied[i]) * r)
+                                   .expand_as(steered[i]), rtol=1e-5, atol=1e-5, msg=f"row {i}")
 
 
 @pytest.mark.parametrize(("lower", "match"), [
@@ -171,6 +199,9 @@ def test_two_sided_gate_subtracts_on_rows_below_its_lower_threshold(tiny_qwen, g
     ({"threshold": float("nan"), "strength": 0.5}, "below its threshold"),
     ({"threshold": -1.0}, "'lower' must be"),
     ("low", "'lower' must be"),
+    ({"threshold": -1.0, "strength": 0.5, "span": "decode"}, "span 'decode' must be one of all, prompt"),
+    ({"threshold": -1.0, "strength": 0.5, "floor": -0.5}, "floor -0.5 must be a number below"),
+    ({"threshold": -1.0, "strength": 0.5, "floor": "low"}, "floor 'low' must be a number below"),
 ])
 def test_malformed_lower_thresholds_are_refused(tiny_qwen, lower, match):
     d = tiny_qwen.config.hidden_size

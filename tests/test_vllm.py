@@ -97,6 +97,10 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
     thr = probe.config["gate"]["threshold"]
     lowered.config["gate"].update(threshold=thr, lower={"threshold": (scores[1] + thr) / 2, "strength": 1.0})
     lowered.save(vdir)
+    # ... lowering over the prompt only: the generated tokens of a lowered row run vanilla
+    lowered.name = "gated_lop"
+    lowered.config["gate"]["lower"]["span"] = "prompt"
+    lowered.save(vdir)
     # a two-layer gate (layers 1 and 2, steering layer 2) whose layer-2 half alone would rank the prompts
     # the wrong way round: only a gate that reads both layers opens on OPEN and stays closed on CLOSED
     two = make_vector(model, name="gated2", layers=(2,), coefficient=4.0, gate=(2, 0.0), gate_layers=(1, 2),
@@ -302,10 +306,23 @@ def test_two_sided_gate_lowers_refusal_on_rows_it_judges_benign(server, request)
 
 
 @vs_embedded
+def test_a_prompt_span_lowers_over_the_prompt_only_on_both_backends(steer_vllm, embedded):
+    """A lowered row of a gate whose lower span is "prompt": steered over its prompt, so its first token
+    is the all-positions gate's, then vanilla: both backends give the same answer, unlike span "all"'s."""
+    got = [_complete(url, CLOSED, 2.0, "gated_lop", safety={"compare": True}) for url in (steer_vllm, embedded)]
+    _assert_same(*got)
+    low, every = got[0], _complete(steer_vllm, CLOSED, 2.0, "gated_lo")
+    assert low["safety"]["choices"] == [{"index": 0, "steered": True, "gate": False, "lowered": True}]
+    texts = [c["choices"][0]["message"]["content"] for c in (low, every, low["baseline"])]
+    assert len(set(texts)) == 3, texts
+
+
+@vs_embedded
 def test_matches_the_embedded_backend(steer_vllm, embedded):
     """Same checkpoint, same vectors, float32 on both: the same greedy answers, gates included."""
     for p in PROMPTS:
-        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated"), (0.01, "gated2"), (0.01, "gated_lo")):
+        for s, v in ((0.0, None), (0.01, "push"), (0.01, "gated"), (0.01, "gated2"), (0.01, "gated_lo"),
+                     (0.01, "gated_lop")):
             _assert_same(_complete(steer_vllm, p, s, v), _complete(embedded, p, s, v))
 
 

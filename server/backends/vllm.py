@@ -636,6 +636,7 @@ class _Step:
 
     tokens: int  # real token rows (padding beyond is left alone)
     req_of_token: torch.Tensor  # (T,) request index per token row
+    prompt_token: torch.Tensor  # (T,) True where the token row is a prompt token (not a generated one)
     rids: list[str]  # vLLM's internal request ids, by request index
     strength: dict[str, torch.Tensor]  # vector -> (n,) strength per request (0: another vector or none)
     gate_rows: dict[str, list[tuple[str, int]]]  # gated vector -> [(rid, token row of its gate position)]
@@ -722,16 +723,23 @@ class _Hooks(_HookInfo):
                 if done <= at < done + int(lens[i]):
                     gate_rows.setdefault(name, []).append((ours, int(qsl[i]) + at - done))
         req_of_token = torch.repeat_interleave(torch.arange(n), lens)
-        self.step = _Step(int(qsl[-1]), req_of_token, [_our_id(r) for r in rids], strength, gate_rows)
+        # each token row's position in its request: a prompt token's is below the prompt's length
+        pos = (torch.arange(len(req_of_token)) - qsl[req_of_token]
+               + torch.as_tensor(ib.num_computed_tokens_cpu[:n], dtype=torch.long)[req_of_token])
+        prompt = pos < torch.as_tensor(ib.num_prompt_tokens[:n], dtype=torch.long)[req_of_token]
+        self.step = _Step(int(qsl[-1]), req_of_token, prompt, [_our_id(r) for r in rids], strength, gate_rows)
 
     def _multiplier(self, st: ActivationSteerer) -> torch.Tensor:
         step = self.step
         k = step.multiplier.get(st.name)
         if k is None:
             per_req = step.strength[st.name]
-            if st.gate is not None:  # undecided counts as closed
-                per_req = per_req * torch.tensor([self.gates.get(r, 0.0) for r in step.rids])
-            k = step.multiplier[st.name] = per_req[step.req_of_token] * st.coefficient
+            if st.gate is None:
+                k = per_req[step.req_of_token]
+            else:  # undecided counts as closed; a generated token's row may run a lowered row vanilla
+                g = torch.tensor([self.gates.get(r, 0.0) for r in step.rids])[step.req_of_token]
+                k = per_req[step.req_of_token] * torch.where(step.prompt_token, g, st.gate.in_decode(g))
+            k = step.multiplier[st.name] = k * st.coefficient
         return k
 
     def _layer_hook(self, st: ActivationSteerer, layer: int):
