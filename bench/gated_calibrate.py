@@ -22,6 +22,11 @@ bar is over-refusal no higher than the original model's). A strength that makes 
 repeated text loses refusals under the phrase judge, so it is not chosen either. Rows already in
 ``--out`` for the same model, vector, tokens and limit are reused.
 
+``--templates`` adds the dev split wrapped in jailbreak templates of the dev families only (never the
+held-out families the ``*_heldout`` suites use; ``steer.calibrate.templated_sets``): ``dev_harmful`` as
+``dev_tpl_{dan,itw}_harmful`` (pooled with it for the refusal target) and the dev benign sets as
+``dev_tpl_{dan,itw}_benign`` (in the benign bar), so the strength is chosen with templated requests too.
+
 ``--weight W.json`` calibrates a weight vector's per-request strength instead, served behind ``--vector``'s
 gate (the server's ``--gate-with W=V``): the strength grid applies to the weight vector's low-rank factors.
 
@@ -40,7 +45,7 @@ from pathlib import Path
 import torch
 
 from steer import serving
-from steer.calibrate import generate_texts, splits
+from steer.calibrate import generate_texts, splits, templated_sets
 from steer.demo import cache_dir, ensure_demo_model
 from steer.judge import is_refusal
 from steer.vectors import SafetyVector
@@ -50,15 +55,16 @@ SETS = ("dev_harmful", "dev_hard_negatives", "dev_code")
 BENIGN = ("dev_hard_negatives", "dev_code")
 
 
-def choose(rows: list[dict], base: dict, target: float) -> dict | None:
+def choose(rows: list[dict], base: dict, target: float, harmful: tuple[str, ...] = ("dev_harmful",),
+           benign: tuple[str, ...] = BENIGN) -> dict | None:
     """The rule of the module docstring over rows ``{"strength", "refused": {set: k}, "n": {set: n}}`` and
-    the aligned model's row ``base``."""
-    bar = sum(base["refused"][s] for s in BENIGN)
-    ok = sorted((r for r in rows if r["strength"] > 0 and sum(r["refused"][s] for s in BENIGN) <= bar),
+    the aligned model's row ``base``; ``harmful`` sets pooled for the target, ``benign`` sets for the bar."""
+    bar = sum(base["refused"][s] for s in benign)
+    ok = sorted((r for r in rows if r["strength"] > 0 and sum(r["refused"][s] for s in benign) <= bar),
                 key=lambda r: r["strength"])
     if not ok:
         return None
-    rate = {id(r): r["refused"]["dev_harmful"] / r["n"]["dev_harmful"] for r in ok}
+    rate = {id(r): sum(r["refused"][s] for s in harmful) / sum(r["n"][s] for s in harmful) for r in ok}
     reached = [r for r in ok if rate[id(r)] >= target]
     return reached[0] if reached else max(ok, key=lambda r: (rate[id(r)], -r["strength"]))
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=None, help="first N of each set (a quick look)")
     ap.add_argument("--out", default=None, help="default: bench/results/gated_calibrate_TAG.json")
+    ap.add_argument("--templates", action="store_true", help="add the dev sets wrapped in dev-family jailbreak templates")
     ns = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model = Path(ns.model or cache_dir() / "models" / f"{ensure_demo_model().name}-ablated")
@@ -88,8 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     steered = weight if weight is not None else vector
     sp = splits()
     sets = {k: list(sp[k].prompts[:ns.limit]) for k in SETS}
+    if ns.templates:
+        from transformers import AutoTokenizer
+
+        roles = (("dev_tpl", "dev", "harmful", ("dev_harmful",)), ("dev_tpl", "dev", "benign", BENIGN))
+        tsets, _ = templated_sets({k: sp[k] for k in SETS}, AutoTokenizer.from_pretrained(model), limit=ns.limit,
+                                  roles=roles)
+        sets |= {k: list(v.prompts) for k, v in tsets.items()}
+    harmful = tuple(k for k in sets if k.endswith("harmful"))
+    benign = tuple(k for k in sets if k not in harmful)
     out_path = Path(ns.out or ROOT / "bench" / "results" / f"gated_calibrate_{ns.tag}.json")
-    key = {"model": str(model), "vector": ns.vector, "tokens": ns.tokens, "limit": ns.limit}
+    key = {"model": str(model), "vector": ns.vector, "tokens": ns.tokens, "limit": ns.limit, "sets": list(sets)}
     if weight is not None:
         key["weight"] = ns.weight
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         served = serving.build(Path(ns.base or ensure_demo_model()))
         base = {"model": str(ns.base or ensure_demo_model()), "refused": {}, "n": {}}
-        for name in BENIGN:
+        for name in benign:
             texts, _ = generate_texts(served.model, served.tokenizer, None, sets[name], strength=0.0,
                                       max_tokens=ns.tokens, desc=f"base {name}")
             base["refused"][name], base["n"][name] = sum(is_refusal(t) for t in texts), len(texts)
@@ -126,18 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: r["strength"])
-    chosen = choose(rows, base, ns.target)
+    chosen = choose(rows, base, ns.target, harmful, benign)
     result = {"command": "python bench/gated_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "key": key, "tag": ns.tag, "model": str(model), "base": base, "vector": ns.vector, "vector_name": vector.name,
               "weight": ns.weight,
               "gate": vector.config["gate"], "tokens": ns.tokens, "target": ns.target, "gate_fired": gate,
               "rows": rows, "chosen": chosen["strength"] if chosen else None, "seconds": round(time.time() - t0, 1)}
     out_path.write_text(json.dumps(result, indent=1) + "\n")
-    print("| strength | dev harmful refusal | hard-negative refusal | code refusal |\n|---|---|---|---|")
-    print(f"| aligned model | - | {base['refused'][BENIGN[0]]}/{base['n'][BENIGN[0]]} | "
-          f"{base['refused'][BENIGN[1]]}/{base['n'][BENIGN[1]]} |")
+    print("| strength | " + " | ".join(sets) + " |\n|---" * (len(sets) + 1) + "|")
+    print("| aligned model | " + " | ".join(f"{base['refused'][k]}/{base['n'][k]}" if k in base["refused"] else "-"
+                                           for k in sets) + " |")
     for r in rows:
-        print("| " + " | ".join([f"{r['strength']:g}"] + [f"{r['refused'][k]}/{r['n'][k]}" for k in SETS]) + " |")
+        print("| " + " | ".join([f"{r['strength']:g}"] + [f"{r['refused'][k]}/{r['n'][k]}" for k in sets]) + " |")
     print("gate fired: " + ", ".join(f"{k} {v['fired']}/{v['n']}" for k, v in gate.items()))
     print(f"chosen strength: {result['chosen']} -> {out_path}")
     return 0

@@ -177,10 +177,10 @@ def context_tokens(model, tok) -> int | None:
 
 
 def templated_sets(sets: dict[str, data.PromptSet], tok, *, seed: int = SPLIT_SEED, limit: int | None = None,
-                   max_tokens: int | None = None) -> tuple[dict[str, data.PromptSet], dict]:
+                   max_tokens: int | None = None, roles: tuple = TEMPLATED_ROLES) -> tuple[dict[str, data.PromptSet], dict]:
     """The ``--gate-templates`` sets built on ``sets`` (the bare fitting/dev sets) and their record.
 
-    For each role of TEMPLATED_ROLES and each template kind (dan, itw): the requests of the role's bare
+    For each role of ``roles`` (default TEMPLATED_ROLES) and each template kind (dan, itw): the requests of the role's bare
     sets taken round-robin (the first N_TEMPLATED, or ``limit``, for kind dan, the next ones for itw),
     request i wrapped (``steer.data.wrap``) in template i % n of the kind's templates of the role's family
     part (``template_split(seed)``: gate families for fitting, dev families for the threshold), in the
@@ -193,7 +193,7 @@ def templated_sets(sets: dict[str, data.PromptSet], tok, *, seed: int = SPLIT_SE
     sources = {k: data.load(v) for k, v in (("dan", "dan_templates"), ("itw", "inthewild_templates"))}
     rec_sets: dict[str, dict] = {}
     skipped: list[str] = []
-    for prefix, part, label, names in TEMPLATED_ROLES:
+    for prefix, part, label, names in roles:
         pools = [list(sets[k].prompts) for k in names]
         rr = [(k, pool[i]) for i in range(max(map(len, pools))) for k, pool in zip(names, pools, strict=True)
               if i < len(pool)]
