@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               "gate": vector.config["gate"], "tokens": ns.tokens, "target": ns.target, "gate_fired": gate,
               "rows": rows, "chosen": chosen["strength"] if chosen else None, "seconds": round(time.time() - t0, 1)}
     out_path.write_text(json.dumps(result, indent=1) + "\n")
-    print("| strength | " + " | ".join(sets) + " |\n|---" * (len(sets) + 1) + "|")
+    print("| strength | " + " | ".join(sets) + " |\n" + "|---" * (len(sets) + 1) + "|")
     print("| aligned model | " + " | ".join(f"{base['refused'][k]}/{base['n'][k]}" if k in base["refused"] else "-"
                                            for k in sets) + " |")
     for r in rows:
