@@ -124,14 +124,14 @@ def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor]
     if not cfg.lower:
         return None
     low = min(float(h.min()) for h in harmful if len(h))
-    t = min(low, threshold) - cfg.lower_margin
-    out = {"threshold": round(t, 4), "strength": cfg.lower, "span": cfg.lower_span, "margin": cfg.lower_margin,
+    t = round(min(low, threshold) - cfg.lower_margin, 4)
+    out = {"threshold": t, "strength": cfg.lower, "span": cfg.lower_span, "margin": cfg.lower_margin,
            "rule": "margin below the lowest score of the harmful prompts the gate was fitted or tuned on"}
     if cfg.lower_floor:
         floor = max((float(c.max()) for c in code if len(c)), default=None)
-        if floor is None or not floor < round(t, 4):
+        if floor is None or not floor < t:
             raise VectorError(f"--lower-floor: the gate's code prompts score up to {floor}, not below the lower "
-                              f"threshold {t:.4f}: no band is left to lower")
+                              f"threshold {t}: no band is left to lower")
         out |= {"floor": round(floor, 4),
                 "floor_rule": "the highest score of the code prompts the gate was fitted or tuned on "
                               f"({', '.join(CODE_SETS)}): rows at or below it are left vanilla"}
