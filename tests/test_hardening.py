@@ -215,7 +215,7 @@ def test_a_full_queue_is_429_with_retry_after(one_slot: Served, monkeypatch: pyt
     socks = [socket.create_connection(("127.0.0.1", one_slot.srv.port), timeout=5) for _ in range(2)]
     try:
         socks[0].sendall(head.encode() + body)  # takes the slot
-        assert wait(lambda: one_slot.backend.engine.running == 1)
+        assert wait(lambda: metric_value(metrics_text(one_slot), "steer_running_rows") == 1)  # and is recounted
         socks[1].sendall(head.encode() + body)  # waits for it
         assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 1)
         r = one_slot.http.post(_CHAT, json=chat_body())
@@ -225,6 +225,45 @@ def test_a_full_queue_is_429_with_retry_after(one_slot: Served, monkeypatch: pyt
         for sk in socks:
             sk.close()
     assert wait(lambda: engine_idle(one_slot), timeout=3)
+    assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 0)
+    assert_alive(one_slot)
+
+
+def test_a_request_the_worker_has_just_taken_still_counts_against_the_queue(
+    one_slot: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a CI run hit: the worker takes the waiting request out of its inbox and steps before it
+    recounts the queue. A request arriving in that window is still refused; the cap holds at every instant."""
+    import threading
+
+    engine = one_slot.backend.engine
+    step, held, release = engine.step, threading.Event(), threading.Event()
+
+    def step_held_while_a_request_waits():
+        if engine.running and engine.pending and not release.is_set():  # the second request is in, uncounted
+            held.set()
+            release.wait(10)
+        return step()
+
+    monkeypatch.setattr(engine, "step", step_held_while_a_request_waits)
+    body = json.dumps(chat_body(max_tokens=50, ignore_eos=True)).encode()
+    head = f"POST {_CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    socks = [socket.create_connection(("127.0.0.1", one_slot.srv.port), timeout=5) for _ in range(2)]
+    unstick = threading.Timer(5, release.set)  # without the fix the third request waits on the held step
+    try:
+        socks[0].sendall(head.encode() + body)
+        assert wait(lambda: metric_value(metrics_text(one_slot), "steer_running_rows") == 1)
+        socks[1].sendall(head.encode() + body)
+        assert held.wait(5)
+        unstick.start()
+        r = one_slot.http.post(_CHAT, json=chat_body())
+        assert error_of(r, 429, "server_error")["code"] == "queue_full"
+    finally:
+        unstick.cancel()
+        release.set()
+        for sk in socks:
+            sk.close()
+    assert wait(lambda: engine_idle(one_slot), timeout=5)
     assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 0)
     assert_alive(one_slot)
 

@@ -98,7 +98,12 @@ class TransformersBackend:
         self._jobs: dict[int, _Job] = {}  # seq id -> job, rows not finished (worker thread only)
         self._live: dict[int, _Job] = {}  # id(job) -> every job the worker took and has not finished
         self._inflight: set[int] = set()  # ids of jobs not finished (event loop thread only)
-        self._queued = 0  # requests waiting for a batch slot (written by the worker)
+        # Requests waiting for a batch slot, as the 429 check counts them: `_unseen` in the inbox, `_queued`
+        # in the engine's waiting list. A job moves from one to the other under the lock as the worker takes
+        # it, so it is never in neither (the cap holds at every instant); the worker recounts `_queued` after
+        # each step, when rows have left the waiting list for the batch.
+        self._unseen = 0
+        self._queued = 0
         self._step_failures = 0
         # Tokenizing (chat templates of long prompts) must not block the event loop. One thread, so the
         # encoding tokenizer is only ever used from one thread (the engine thread decodes with its own copy).
@@ -275,9 +280,11 @@ class TransformersBackend:
         with self._lock:
             if not self.healthy():
                 raise self._unavailable(job.request_id)
-            if self._inbox.qsize() + self._queued >= self.settings.max_queued_requests:
-                raise APIError(429, f"the server is at capacity ({self._queued} requests waiting); retry shortly",
+            waiting = self._unseen + self._queued
+            if waiting >= self.settings.max_queued_requests:
+                raise APIError(429, f"the server is at capacity ({waiting} requests waiting); retry shortly",
                                type=SERVER_ERROR, code="queue_full", headers={"Retry-After": "1"})
+            self._unseen += 1
             self._inbox.put(job)
 
     def _unavailable(self, request_id: str) -> APIError:
@@ -379,6 +386,8 @@ class TransformersBackend:
                 raise _Stopped
             if isinstance(item, _Job):
                 self._live[id(item)] = item  # from here on a worker fault fails it: never lost
+                with self._lock:
+                    self._unseen, self._queued = self._unseen - 1, self._queued + 1
                 self._admit(item)
             elif item[0] == "cancel":
                 for sid in item[1]:
@@ -448,10 +457,13 @@ class TransformersBackend:
 
     def _observe(self) -> None:
         """Running rows and waiting requests, for /metrics and the 429 check."""
-        self._queued = len({id(self._jobs.get(s.id)) for s in self.engine.pending})
+        queued = len({id(self._jobs.get(s.id)) for s in self.engine.pending})
+        with self._lock:
+            self._queued = queued
+            waiting = self._queued + self._unseen
         if self.metrics:
             self.metrics.running_rows.set(self.engine.running)
-            self.metrics.queued_requests.set(self._queued + self._inbox.qsize())
+            self.metrics.queued_requests.set(waiting)
 
     def _fail_running(self) -> None:
         """After a failed forward pass: fail the requests with rows in the batch, keep the waiting ones."""
@@ -474,6 +486,7 @@ class TransformersBackend:
                     break
                 if isinstance(item, _Job):
                     self._live[id(item)] = item
+            self._queued = self._unseen = 0  # every accepted request fails here
         for job in list(self._live.values()):  # the engine may be what broke: it is not touched
             self._fail_job(job, failure, cancel=False)
         self._jobs.clear()
