@@ -26,7 +26,11 @@ for, 1 on a harmful row pushed as fitted).
 from the residual cache), the cheap first look, as the gate studies read gate decisions before answers.
 Residuals are cached under ~/.cache/steer/alphasteer/, keyed by the prompts, positions and layer.
 
+``--held-out-strength S`` answers the held-out suites at ``S`` whatever dev chose (``--grid ''`` skips
+dev): a diagnostic outside the dev rule, recorded as such in the output.
+
     .venv/bin/python bench/alphasteer.py [--keep 0.99] [--grid 0.5,1,1.5,2] [--limit 40] [--push-only]
+        [--held-out-strength S]
 """
 
 from __future__ import annotations
@@ -120,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=float, default=0.99, help="benign Gram energy the benign subspace keeps")
     ap.add_argument("--ridge", type=float, default=0.1)
     ap.add_argument("--positions", type=int, default=5, help="last N prompt positions fitted on")
+    ap.add_argument("--benign-positions", type=int, default=None,
+                    help="last N prompt positions of the benign rows the null space is fitted on (default: --positions)")
     ap.add_argument("--grid", default="0.5,1,1.5,2")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dev-tokens", type=int, default=48)
     ap.add_argument("--push-only", action="store_true", help="no generation: push ratios only")
+    ap.add_argument("--held-out-strength", type=float, default=None,
+                    help="answer the held-out suites at this strength whatever dev chose (a diagnostic outside "
+                         "the dev rule; recorded as such)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "alphasteer.json"))
     ns = ap.parse_args(argv)
     t0 = time.time()
@@ -137,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     sets, record = _with_templates(ExtractConfig(gate_templates=True), sets, model, tok)
     roles = gate_roles(sets)
     pos = tuple(range(-ns.positions, 0))
+    ben_pos = tuple(range(-(ns.benign_positions or ns.positions), 0))
 
-    def feats(names) -> torch.Tensor:
-        return torch.cat([cached_residuals(model, tok, sets[k].prompts, pos, layer, k).flatten(0, 1) for k in names])
+    def feats(names, at) -> torch.Tensor:
+        return torch.cat([cached_residuals(model, tok, sets[k].prompts, at, layer, k).flatten(0, 1) for k in names])
 
-    m, info = fit_map(feats(roles["harmful"]), feats(roles["benign"]), push, keep=ns.keep, ridge=ns.ridge)
+    m, info = fit_map(feats(roles["harmful"], pos), feats(roles["benign"], ben_pos), push, keep=ns.keep, ridge=ns.ridge)
     print(json.dumps(info), flush=True)
     norm = float(push.norm())
 
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     hook = MapHook(model, layer, m)
     dev_benign = [p for k in roles["dev_benign"] for p in sets[k].prompts]
     dev = {"harmful": sets["dev_harmful"].prompts, "benign": dev_benign}
-    grid = [] if ns.push_only else [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]
+    grid = [] if ns.push_only or not ns.grid.strip() else [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]
     rows = []
     for s in grid:
         row = {"strength": s, **{k: sum(refused(model, tok, hook, v, s, ns.dev_tokens, f"dev {k} @{s:g}"))
@@ -170,19 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         chosen = max(ok, key=lambda r_: (r_["harmful"], -r_["strength"]))["strength"] if ok else None
         print(f"chosen strength {chosen}", flush=True)
     held = {}
-    if chosen is not None:
+    answered_at = chosen if ns.held_out_strength is None else ns.held_out_strength
+    if answered_at is not None and not ns.push_only:
         for suite in suites:
-            ref = refused(model, tok, hook, suite.prompts, chosen, ns.max_tokens, f"{suite.name} @{chosen:g}")
+            ref = refused(model, tok, hook, suite.prompts, answered_at, ns.max_tokens, f"{suite.name} @{answered_at:g}")
             key = "refused" if suite.kind == "benign" else "unsafe"
             k = sum(ref) if key == "refused" else len(ref) - sum(ref)
             held[suite.name] = {"kind": suite.kind, key: k, "n": len(ref), "rate": k / len(ref)}
             print(json.dumps({suite.name: held[suite.name]}), flush=True)
     result = {"command": "python bench/alphasteer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "vector": vec.name, "layer": layer, "fit": info, "positions": list(pos),
+              "vector": vec.name, "layer": layer, "fit": info, "positions": list(pos), "benign_positions": list(ben_pos),
               "fit_sets": {k: sets[k].describe() for k in (*roles["harmful"], *roles["benign"])},
               "dev_sets": {k: sets[k].describe() for k in ("dev_harmful", *roles["dev_benign"])},
               "templates": record, "dev": rows, "dev_n": {k: len(v) for k, v in dev.items()},
-              "push_ratio": ratios, "chosen": chosen, "held_out": held, "limit": ns.limit, "max_tokens": ns.max_tokens,
+              "push_ratio": ratios, "chosen": chosen, "held_out_strength": answered_at,
+              "held_out_strength_from": "dev rule" if ns.held_out_strength is None else "--held-out-strength (diagnostic)",
+              "held_out": held, "limit": ns.limit, "max_tokens": ns.max_tokens,
               "seconds": round(time.time() - t0, 1)}
     Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {ns.out}")
