@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the dev rule; recorded as such)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "alphasteer.json"))
     ns = ap.parse_args(argv)
+    if ns.held_out_strength is not None and not ns.held_out_strength >= 0:
+        ap.error(f"--held-out-strength {ns.held_out_strength:g}: must be >= 0")
+    if ns.benign_positions is not None and ns.benign_positions < 1:
+        ap.error(f"--benign-positions {ns.benign_positions}: must be >= 1")
     t0 = time.time()
     torch.set_grad_enabled(False)
     vec = SafetyVector.load(ns.vector)

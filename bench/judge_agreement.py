@@ -34,7 +34,10 @@ def load_items(dirs: list[str]) -> list[dict]:
     those of a ``--judge llm`` run have the LLM judge's verdict as well."""
     items = []
     for d in dirs:
-        res = json.loads((Path(d) / "results.json").read_text())
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--results {d}: no results.json there (a steer eval --out directory)")
+        res = json.loads(path.read_text())
         for it in res["items"]:
             j = it.get("judgement") or {}
             if "refused" not in j or "answer" not in it or it.get("kind") == "benign":

@@ -87,3 +87,8 @@ def test_runs_without_answers_to_join_are_refused(ja, tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", [item("aplomb", 1.0, 0, "A poem", False, kind="benign")])
     with pytest.raises(SystemExit, match="no judged harmful-prompt answers"):
         ja.main(["--results", run, "--labels", str(tmp_path / "none.json"), "--out", str(tmp_path / "o.json")])
+
+
+def test_a_directory_without_results_is_one_line(ja, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no results.json there"):
+        ja.main(["--results", str(tmp_path), "--out", str(tmp_path / "o.json")])
