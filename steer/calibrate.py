@@ -383,7 +383,8 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     cand, coef, search = _search(model, tok, sets, R, dirs, steer_layers, fp, cfg.name, gate_layers)
     gate = {"layer": cand["layer"], "threshold": cand["threshold"], "position": GATE_POSITION, "metric": "linear",
             "probe_l2": cand["l2"]}
-    def score(k: str) -> torch.Tensor:
+
+    def score(k: str) -> torch.Tensor:  # gate scores of one set's prompts
         return linear_scores(R[k][:, 1, cand["layer"]], cand["tensors"]["gate.direction"], cand["tensors"]["gate.center"])
 
     harm = [score(k) for k in (*gate_roles(sets)["harmful"], "dev_harmful")]
