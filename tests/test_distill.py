@@ -179,6 +179,22 @@ def test_orthogonalization_removes_the_direction(kind, tiny_tokenizer):
         not model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_affine_orthogonalization_holds_the_direction_at_its_level(kind, tiny_tokenizer):
+    """level: the residual's part along r is that constant at every layer's input, whatever the token."""
+    model = _model(kind, tiny_tokenizer)
+    r = torch.randn(model.config.hidden_size)
+    r = r / r.norm()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight.clone()
+        orthogonalize(model, r, level=0.75)
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for i in range(model.config.num_hidden_layers):
+        assert torch.allclose(hs[i] @ r, torch.full((2, 10), 0.75), atol=1e-4), i
+    assert torch.equal(model.get_output_embeddings().weight, head)  # the unembedding is left as it was
+
+
 def test_training_prompts_never_evaluated():
     from server.evaluation.suites import DEFAULT_SUITES, OPT_IN, load_suites
 

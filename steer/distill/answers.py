@@ -97,11 +97,13 @@ def read_answers_file(path: str | Path, limit: int | None) -> Pairs:
 
 
 @torch.no_grad()
-def orthogonalize(model: nn.Module, r: torch.Tensor) -> None:
+def orthogonalize(model: nn.Module, r: torch.Tensor, *, level: float = 0.0) -> None:
     """Project the unit direction r (d,) out of everything that writes into the residual stream.
 
     A tied lm_head is untied first (given its own copy): ablation removes r from the residual stream,
-    not from the unembedding, exactly like the hook-based version.
+    not from the unembedding, exactly like the hook-based version. ``level``: the token embeddings' r
+    part is set to this instead of 0, so the residual stream's r part is ``level`` everywhere (affine
+    ablation).
     """
     arch = architecture(model.config.model_type)
     r = (r / r.norm()).float()
@@ -110,7 +112,7 @@ def orthogonalize(model: nn.Module, r: torch.Tensor) -> None:
     if head is not None and head.weight is embed.weight:
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
     e = embed.weight.float()  # (V, d)
-    embed.weight.copy_(e - (e @ r)[:, None] * r[None, :])
+    embed.weight.copy_(e - ((e @ r) - level)[:, None] * r[None, :])
     for layer in decoder_layers(model):
         for path in arch.residual_writers:
             lin = layer.get_submodule(path)
