@@ -30,6 +30,10 @@ held-out families the ``*_heldout`` suites use; ``steer.calibrate.templated_sets
 ``--weight W.json`` calibrates a weight vector's per-request strength instead, served behind ``--vector``'s
 gate (the server's ``--gate-with W=V``): the strength grid applies to the weight vector's low-rank factors.
 
+``--also W.json:R`` steers with both kinds on one row: the activation vector at each strength of the grid
+and the weight vector W behind the activation vector's gate at R times that strength (the server's
+``--gate-with W=V --combine NAME=V+W*R``).
+
     .venv/bin/python bench/gated_calibrate.py --model DIR --vector V.json --tag NAME [--grid 1,1.5,2,3,4]
         [--weight vectors/enchtable.json]
 """
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vector", default=str(ROOT / "vectors" / "refusal.json"), help="a gated activation vector")
     ap.add_argument("--weight", default=None, help="a weight vector served behind --vector's gate: its strength is "
                     "calibrated instead")
+    ap.add_argument("--also", default=None, metavar="W.json:R", help="also steer the same rows with this weight "
+                    "vector at R times the strength (a dev measurement; see the module docstring)")
     ap.add_argument("--base", default=None, help="the aligned model (default: the demo model)")
     ap.add_argument("--tag", default="ablated")
     ap.add_argument("--grid", default="1,1.5,2,3,4")
@@ -93,6 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     if weight is not None and weight.kind != "weight":
         raise SystemExit(f"error: --weight {ns.weight}: {weight.name!r} is not a weight vector")
     steered = weight if weight is not None else vector
+    also = None
+    if ns.also:
+        path, sep, ratio = ns.also.rpartition(":")
+        try:
+            ratio_f = float(ratio)
+        except ValueError:
+            ratio_f = -1.0
+        if not sep or ratio_f <= 0 or weight is not None:
+            raise SystemExit(f"error: --also {ns.also}: expected W.json:R with R > 0 (and no --weight)")
+        also = SafetyVector.load(path)
+        if also.kind != "weight":
+            raise SystemExit(f"error: --also {path}: {also.name!r} is not a weight vector")
     sp = splits()
     sets = {k: list(sp[k].prompts[:ns.limit]) for k in SETS}
     if ns.templates:
@@ -108,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     key = {"model": str(model), "vector": ns.vector, "tokens": ns.tokens, "limit": ns.limit, "sets": list(sets)}
     if weight is not None:
         key["weight"] = ns.weight
+    if also is not None:
+        key["also"] = ns.also
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     reuse = old.get("key") == key
     t0 = time.time()
@@ -123,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"base": base}), flush=True)
     rows = [r for r in old.get("rows", [])] if reuse else []
     gate = old.get("gate_fired", {}) if reuse else {}
-    if weight is None:
+    if weight is None and also is None:
         served = serving.build(model)
-    else:  # the server's --gate-with: the runtime attached before the weights are packed
-        served = serving.build(model, [weight, vector], transfers={weight.name, vector.name},
-                               gated_by={weight.name: vector.name})
+    else:  # the server's --gate-with (and --combine): the runtime attached before the weights are packed
+        w = weight if weight is not None else also
+        combos = {"both": {vector.name: 1.0, also.name: ratio_f}} if also is not None else None
+        served = serving.build(model, [w, vector], transfers={w.name, vector.name}, gated_by={w.name: vector.name},
+                               combos=combos)
+        if also is not None:
+            steered = "both"
     for s in [0.0] + [float(x) for x in ns.grid.split(",") if x.strip()]:
         if any(r["strength"] == s for r in rows) and (s == 0 or gate):
             continue
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = choose(rows, base, ns.target, harmful, benign)
     result = {"command": "python bench/gated_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "key": key, "tag": ns.tag, "model": str(model), "base": base, "vector": ns.vector, "vector_name": vector.name,
-              "weight": ns.weight,
+              "weight": ns.weight, "also": ns.also,
               "gate": vector.config["gate"], "tokens": ns.tokens, "target": ns.target, "gate_fired": gate,
               "rows": rows, "chosen": chosen["strength"] if chosen else None, "seconds": round(time.time() - t0, 1)}
     out_path.write_text(json.dumps(result, indent=1) + "\n")

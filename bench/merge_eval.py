@@ -15,7 +15,8 @@ activation vector ``--gate`` at each ``--gated`` strength (``steer serve --gate-
 EnchTable-merged model (each EnchTable row's) with the gated activation vector per request at strength 1
 (both kinds together). ``--own-gate`` names a gated activation vector fitted on the ft itself (``steer
 extract --model FT``): the ft served with it per request, and with the weight vector per request behind
-its gate (a gate that reads the served model's own residual stream). ``--activation`` serves any gated
+its gate (a gate that reads the served model's own residual stream), and (``--own-combined``) with both on one
+request behind its gate (``steer serve --combine``). ``--activation`` serves any gated
 activation vector on the ft at the ``--activation-strengths`` (a strength chosen per fine-tune on a dev
 split by ``bench/gated_calibrate.py``). Rows are appended to ``--out`` as
 they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
@@ -69,9 +70,10 @@ def _pool(summary: list[dict], suites: tuple[str, ...]) -> dict:
 
 
 def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength: float = 0.0,
-             transfer: bool = False, gate: str | None = None) -> dict:
+             transfer: bool = False, gate: str | None = None, combine: float | None = None) -> dict:
     """Serve ``model`` (with only ``vector`` loaded, if any, behind the gate of the activation vector
-    ``gate`` if given) and run the suites; rates per group and suite."""
+    ``gate`` if given; ``combine``: each request steered by both, the weight vector at this ratio of the
+    strength, as the combination "both") and run the suites; rates per group and suite."""
     vdir = work / "vectors"
     shutil.rmtree(vdir, ignore_errors=True)
     vdir.mkdir()
@@ -91,6 +93,9 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
         cmd += ["--transfer", ",".join(loaded)]
     if gate:
         cmd += ["--gate-with", f"{vector}={gate}", "--default-vector", vector]
+    if gate and combine is not None:
+        cmd += ["--combine", f"both={gate}+{vector}*{combine:g}", "--default-vector", "both"]
+        vector = "both"
     log = (work / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     summary: list[dict] = []
@@ -203,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--own-strengths", default="1")
     ap.add_argument("--own-gated", default=None, help="strengths of the weight vector per request behind --own-gate's "
                     "gate (default: --gated's)")
+    ap.add_argument("--own-combined", default="", metavar="S[,S]",
+                    help="strengths of rows steered by both kinds behind --own-gate's gate: its activation vector "
+                         "and the weight vector at --combine-ratio times the strength (steer serve --combine)")
+    ap.add_argument("--combine-ratio", type=float, default=1.0)
     ap.add_argument("--activation", default=None, metavar="MANIFEST",
                     help="a gated activation vector (a shipped name or a manifest path, declared transfer) served "
                          "on the ft at each --activation-strengths (e.g. a strength chosen by "
@@ -268,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                     record({"row": label, "gate": ns.own_gate, **evaluate(Path(ft), ns, work, vector=ns.vector,
                                                                           strength=s, transfer=True,
                                                                           gate=ns.own_gate)})
+            for s in [float(x) for x in ns.own_combined.split(",") if x.strip()]:
+                own = json.loads(Path(ns.own_gate).read_text())["name"]
+                label = f"ft + {own} (fitted on the ft) + {Path(ns.vector).stem} x{ns.combine_ratio:g} on its gate @{s:g}"
+                if label not in done:
+                    record({"row": label, "gate": ns.own_gate, **evaluate(Path(ft), ns, work, vector=ns.vector,
+                                                                          strength=s, transfer=True, gate=ns.own_gate,
+                                                                          combine=ns.combine_ratio)})
         if ns.activation:
             act = json.loads(_manifest(ns.activation).read_text())["name"]
             for s in [float(x) for x in ns.activation_strengths.split(",") if x.strip()]:

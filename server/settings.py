@@ -51,6 +51,13 @@ class Settings(BaseModel):
         "WEIGHT=ACTIVATION[,...]: a request's weight delta applies only if its prompt passes that gate "
         "(from the gate layer on over the prompt, at every layer for the generated tokens).",
     )
+    combine: str | None = Field(
+        None,
+        description="Named combinations of per-request vectors, NAME=VECTOR[*RATIO]+VECTOR[*RATIO][,...]: a "
+        "request naming NAME is steered by each vector at its strength times the vector's ratio (default 1), "
+        "each behind its own gate (a weight vector: the one --gate-with gives it). E.g. both kinds on one "
+        "request: --gate-with enchtable=refusal --combine both=refusal+enchtable*0.5.",
+    )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Inference backend.")
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM backend: GPUs (on CPU: worker processes, each bound to its own CPUs) the "
@@ -172,6 +179,7 @@ class Settings(BaseModel):
     def _check_vector_lists(self) -> Settings:
         self.merged()  # raises ValueError with the reason
         self.transfers()
+        self.combinations()
         gated = self.gated_by()
         both = sorted(set(gated) & set(self.merged()))
         if both:
@@ -209,6 +217,30 @@ class Settings(BaseModel):
             if weight in out:
                 raise ValueError(f"gate_with names {weight!r} twice")
             out[weight] = source
+        return out
+
+    def combinations(self) -> dict[str, dict[str, float]]:
+        """--combine parsed: {name: {vector: ratio}}."""
+        out: dict[str, dict[str, float]] = {}
+        for item in _items(self.combine):
+            name, sep, rest = (x.strip() for x in item.partition("="))
+            parts: dict[str, float] = {}
+            for term in rest.split("+") if sep else []:
+                vector, star, ratio = (x.strip() for x in term.partition("*"))
+                try:
+                    r = float(ratio) if star else 1.0
+                except ValueError:
+                    r = math.nan
+                if not vector or not math.isfinite(r) or r <= 0:
+                    raise ValueError(f"combine wants NAME=VECTOR[*RATIO]+VECTOR[*RATIO] with ratios > 0, got {item!r}")
+                if vector in parts:
+                    raise ValueError(f"combine {name}: names {vector!r} twice")
+                parts[vector] = r
+            if not sep or not name or len(parts) < 2:
+                raise ValueError(f"combine wants NAME=VECTOR[*RATIO]+VECTOR[*RATIO] (two or more vectors), got {item!r}")
+            if name in out:
+                raise ValueError(f"combine names {name!r} twice")
+            out[name] = parts
         return out
 
     def transfers(self) -> frozenset[str]:

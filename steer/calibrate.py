@@ -281,14 +281,17 @@ def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, d
     return {**sets, **tsets}, record
 
 
-def generate_texts(model, tok, vector: SafetyVector | None, prompts, *, strength: float, max_tokens: int = 32,
+def generate_texts(model, tok, vector: SafetyVector | str | None, prompts, *, strength: float, max_tokens: int = 32,
                    batch_size: int = 16, desc: str | None = None,
                    runtime: SteeringRuntime | None = None) -> tuple[list[str], list[float]]:
     """Greedy answers (and gate decisions) for prompts through the serving engine, steered by ``vector``
-    (through ``runtime`` where given, e.g. a served model's, with a weight vector behind a gate)."""
+    (through ``runtime`` where given, e.g. a served model's, with a weight vector behind a gate; there
+    ``vector`` may be a name, e.g. of one of its combinations)."""
+    if isinstance(vector, str) and runtime is None:
+        raise ValueError("a vector given by name needs the runtime that holds it")
     rt = runtime if runtime is not None or vector is None else SteeringRuntime(model, [vector], check_fingerprint=False)
     eng = Engine(model, tok, rt, max_batch_size=batch_size)
-    name = vector.name if vector is not None else ""
+    name = vector if isinstance(vector, str) else vector.name if vector is not None else ""
     seqs = [Sequence(chat_prompt_ids(tok, p), SamplingParams(max_tokens=max_tokens, temperature=0.0), name, strength)
             for p in prompts]
     for s in seqs:

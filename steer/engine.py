@@ -256,8 +256,8 @@ class Engine:
         if self.runtime is None:
             return set()
         st = self.runtime.steerers
-        return {st[s.vector].gate.layer for s in seqs
-                if s.strength > 0 and s.vector in st and st[s.vector].gate is not None}
+        return {st[n].gate.layer for s in seqs if s.strength > 0
+                for n in self.runtime.parts(s.vector) if n in st and st[n].gate is not None}
 
     # -- forward passes ----------------------------------------------------------------------
     def _decode(self) -> list[Event]:
@@ -314,7 +314,7 @@ class Engine:
         for name, st in (self.runtime.steerers.items() if self.runtime else ()):
             if st.gate is None or not any(start <= ly < stop for ly in st.gate.layers[:-1]):
                 continue
-            if not any(s.vector == name and s.strength > 0 for s in p.seqs):
+            if not any(s.strength > 0 and name in self.runtime.parts(s.vector) for s in p.seqs):
                 continue
             lens = p.pad.sum(dim=1) if lens is None else lens
             cols = gate_columns(p.width, st.gate.position, lens)
@@ -344,7 +344,7 @@ class Engine:
         for name, st in (self.runtime.steerers.items() if self.runtime else ()):
             if st.gate is None or st.gate.layer != layer:
                 continue
-            rows = [i for i, s in enumerate(p.seqs) if s.vector == name and s.strength > 0]
+            rows = [i for i, s in enumerate(p.seqs) if s.strength > 0 and name in self.runtime.parts(s.vector)]
             if not rows:
                 continue
             idx = torch.tensor(rows)
@@ -352,7 +352,10 @@ class Engine:
             parts[layer] = p.hidden[idx, gate_columns(p.width, st.gate.position, lens[idx])]
             decided = st.gate.decide_from(parts).tolist()
             for i, f in zip(rows, decided, strict=True):
-                p.seqs[i].gate[name] = float(f)
+                seq = p.seqs[i]
+                seq.gate[name] = float(f)
+                if seq.vector != name and self.runtime.deciding(seq.vector) == name:
+                    seq.gate[seq.vector] = float(f)  # a combination's decision: its first gated part's
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """(B, d) last-position residuals -> (B, V) float logits. Only the last position goes through
@@ -368,7 +371,7 @@ class Engine:
         rows = self.runtime.rows
         rows.reset(decode=decode)
         for name, st in self.runtime.steerers.items():
-            s = torch.tensor([q.strength if q.vector == name else 0.0 for q in seqs])
+            s = torch.tensor([q.strength * self.runtime.parts(q.vector).get(name, 0.0) for q in seqs])
             if bool(s.any()):
                 rows.strength[name] = s
                 if st.gate_layer is not None:

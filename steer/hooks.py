@@ -441,20 +441,41 @@ def borrowed_gates(vectors: dict[str, SafetyVector], gated_by: dict[str, str]) -
     return gates
 
 
+def check_combinations(vectors: dict[str, SafetyVector], combos: dict[str, dict[str, float]]) -> None:
+    """``combos`` ({name: {part vector: ratio}}) checked against the loaded per-request ``vectors``: a name
+    of its own, two or more loaded parts, positive finite ratios, no combination inside another."""
+    for name, parts in combos.items():
+        spec = f"--combine {name}={'+'.join(f'{p}*{r:g}' for p, r in parts.items())}"
+        if name in vectors:
+            raise VectorError(f"{spec}: {name!r} is already a loaded vector's name")
+        if len(parts) < 2:
+            raise VectorError(f"{spec}: a combination needs two or more vectors")
+        for part, ratio in parts.items():
+            if part not in vectors:
+                what = "another combination" if part in combos else "not a loaded per-request vector"
+                raise VectorError(f"{spec}: {part!r} is {what}; loaded: {', '.join(sorted(vectors)) or 'none'}")
+            if not (math.isfinite(ratio) and ratio > 0):
+                raise VectorError(f"{spec}: the ratio of {part!r} must be a finite number > 0, got {ratio!r}")
+
+
 class SteeringRuntime:
     """Owns the steerers for one model; ``with runtime:`` installs hooks, exit removes them.
 
     ``transfers``: names of vectors the operator declared as transfers (made on another model of the
     same architecture, e.g. the aligned model a fine-tune came from); any other vector must have been
     made from exactly these weights. ``gated_by``: {weight vector: activation vector} serves each such
-    weight vector behind the activation vector's gate (both loaded here)."""
+    weight vector behind the activation vector's gate (both loaded here). ``combos``: {name: {vector:
+    ratio}}: a row that names a combination is steered by each of its vectors at its strength times the
+    vector's ratio, each behind its own gate (a weight vector: the one it borrows, if any)."""
 
     def __init__(self, model: nn.Module, vectors: Iterable[SafetyVector], *, check_fingerprint: bool = True,
                  model_fingerprint: ModelFingerprint | None = None, transfers: Iterable[str] = (),
-                 gated_by: dict[str, str] | None = None):
+                 gated_by: dict[str, str] | None = None, combos: dict[str, dict[str, float]] | None = None):
         self.model = model
         self.rows = RowSteering()
         vectors = list(vectors)
+        self.combos = {n: dict(p) for n, p in (combos or {}).items()}
+        check_combinations({v.name: v for v in vectors}, self.combos)
         transfers = set(transfers)
         matched: dict[str, str] = {}
         if check_fingerprint and vectors:
@@ -481,6 +502,17 @@ class SteeringRuntime:
     @property
     def gated(self) -> list[str]:
         return [n for n, s in self.steerers.items() if s.gate_layer is not None]
+
+    def deciding(self, name: str | None) -> str | None:
+        """The vector whose gate decision a row naming ``name`` reports: the first gated part of a
+        combination (in the order given), or the vector itself if it has a gate."""
+        return next((n for n in self.parts(name) if n in self.steerers and self.steerers[n].gate is not None), None)
+
+    def parts(self, name: str | None) -> dict[str, float]:
+        """{vector: ratio} a row naming ``name`` is steered by: a combination's parts, or the vector."""
+        if not name:
+            return {}
+        return self.combos.get(name) or {name: 1.0}
 
     def __enter__(self) -> SteeringRuntime:
         if self._handles:

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from steer import hardware
-from steer.hooks import SteeringRuntime, borrowed_gates, merge_weight_vector
+from steer.hooks import SteeringRuntime, borrowed_gates, check_combinations, merge_weight_vector
 from steer.models import ModelFingerprint, fingerprint, load_config, load_model
 from steer.packed import is_packed, pack_linears
 from steer.vectors import SafetyVector, VectorError
@@ -50,12 +50,13 @@ def choose_kernels(path: str | Path, *, dtype: str = "auto", linear_weights: str
 def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = None, *, dtype: str = "auto",
           linear_weights: str = "auto", model: nn.Module | None = None, tokenizer=None,
           merged: dict[str, float] | None = None, transfers: set[str] | frozenset[str] = frozenset(),
-          gated_by: dict[str, str] | None = None) -> ServedModel:
+          gated_by: dict[str, str] | None = None, combos: dict[str, dict[str, float]] | None = None) -> ServedModel:
     """Load ``path`` with the kernels this host runs fastest (or as set), or take ``model`` exactly as
     given (tests, embedding), then fingerprint it, check ``vectors`` against it (``transfers``: the
     vectors declared as made on another model of this architecture), merge the weight vectors named
     in ``merged`` at their strength, attach the others for per-request steering (a weight vector named
-    in ``gated_by`` behind that activation vector's gate), and pack if chosen.
+    in ``gated_by`` behind that activation vector's gate; ``combos``: named combinations of them, see
+    SteeringRuntime), and pack if chosen.
 
     Raises hardware.HardwareError for a kernel setting the host cannot run, VectorError for a vector
     made for other weights (or a merge/transfer naming no loaded vector), ModelError for an unsupported
@@ -76,6 +77,8 @@ def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = N
     both = sorted(set(gated_by) & set(merged))
     if both:
         raise VectorError(f"--gate-with {', '.join(both)}: a vector merged at load cannot be gated")
+    combos = dict(combos or {})
+    check_combinations({n: v for n, v in by_name.items() if n not in merged}, combos)  # before the model loads
     choice = None
     if model is None:
         choice = choose_kernels(path, dtype=dtype, linear_weights=linear_weights)
@@ -87,8 +90,8 @@ def build(path: str | Path | None = None, vectors: list[SafetyVector] | None = N
         log.info("merged weight vector %s at strength %g into %d weights%s", name, strength, len(changed),
                  " (declared transfer)" if matched[name] == "transfer" else "")
     per_request = [v for n, v in by_name.items() if n not in merged]
-    runtime = (SteeringRuntime(model, per_request, model_fingerprint=fp, transfers=transfers, gated_by=gated_by)
-               if per_request else None)
+    runtime = (SteeringRuntime(model, per_request, model_fingerprint=fp, transfers=transfers, gated_by=gated_by,
+                               combos=combos) if per_request else None)
     if choice is not None and choice.packed:
         pack_linears(model, hybrid=choice.hybrid)
     return ServedModel(model, tokenizer, fp, by_name, runtime, _kernels(model, choice), hardware.detect().to_dict(),

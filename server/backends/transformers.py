@@ -136,10 +136,12 @@ class TransformersBackend:
         default = settings.default_vector
         if default is None and model is None and not settings.vectors and not settings.model:
             default = SHIPPED_DEFAULT  # the shipped set: its gated activation vector, by name
-        self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged], default)
+        combos = settings.combinations()
+        self._default_vector = choose_default([v.name for v in vectors or [] if v.name not in merged] + list(combos),
+                                              default)
         served = serving.build(path, vectors, dtype=settings.dtype, linear_weights=settings.linear_weights,
                                model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers(),
-                               gated_by=settings.gated_by())
+                               gated_by=settings.gated_by(), combos=combos)
         self.served, self.model, self.tok = served, served.model, served.tokenizer
         self.model_name = settings.served_model_name or _model_name(settings)
         ctx = getattr(self.model.config, "max_position_embeddings", settings.max_model_len)
@@ -154,8 +156,10 @@ class TransformersBackend:
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
-        """The vectors a request may name (a vector merged at load is part of the model instead)."""
-        return {n: v.kind for n, v in self.vectors.items() if n not in self.served.merged}
+        """The vectors a request may name (a vector merged at load is part of the model instead), and the
+        combinations of them (kind "combined")."""
+        kinds = {n: v.kind for n, v in self.vectors.items() if n not in self.served.merged}
+        return kinds | dict.fromkeys(self.settings.combinations(), "combined")
 
     def default_vector(self) -> str | None:
         return self._default_vector
@@ -185,6 +189,18 @@ class TransformersBackend:
                 "gated_by": self.settings.gated_by().get(v.name),
             }
             for v in self.vectors.values()
+        ] + [
+            {
+                "name": name,
+                "kind": "combined",
+                "default": name == self.default_vector(),
+                # each vector steers a row naming this at the row's strength times its ratio
+                "parts": parts,
+                # whose gate decision the response's safety echo reports
+                "gate_from": self.runtime.deciding(name) if self.runtime is not None else None,
+                "applied": "per_request",
+            }
+            for name, parts in self.settings.combinations().items()
         ]
 
     def model_fingerprint(self) -> dict:

@@ -268,6 +268,9 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
     if settings.gated_by():
         raise VectorError("--gate-with: gated weight vectors are not served on --backend vllm yet; use "
                           "--backend transformers")
+    if settings.combinations():
+        raise VectorError("--combine: combinations of vectors are not served on --backend vllm yet; use "
+                          "--backend transformers")
     vectors = [v for v in vectors if v.name not in settings.merged()]
     other = sorted(v.name for v in vectors if v.kind not in ("activation", "weight"))
     if other:
