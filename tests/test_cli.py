@@ -20,6 +20,8 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["serve", "--model", "/nonexistent/model"], "not a Hugging Face checkpoint directory"),
         (["serve", "--min-strength", "3", "--default-strength", "1"], "min_strength <= default_strength"),
         (["serve", "--max-strength", "nan"], "max_strength"),
+        (["serve", "--combine", "both=refusal"], "combine wants NAME=VECTOR[*RATIO]+VECTOR[*RATIO] (two or more"),
+        (["serve", "--combine", "both=refusal+enchtable*0"], "with ratios > 0"),
         (["serve", "--vectors", "/nonexistent/vectors", "--model", "{tiny}"], "vector directory"),
         (["serve", "--model", "{tiny}"], "no safety vectors are loaded"),
         (["extract", "--refit-gate", "/nonexistent/v.json", "--model", "{tiny}"], "cannot read vector manifest"),
