@@ -70,10 +70,20 @@ def test_benign_coding_prompt_is_still_answered(client):
     assert answer == resp.model_extra["baseline"]["choices"][0]["message"]["content"]  # gate left it vanilla
 
 
+def _zero_and_baseline(c, **safety) -> tuple[str, str]:
+    """A request at strength 0 asked with compare: its answer and its unsteered twin's, decoded side by side
+    in one batch. Only answers decoded in the same batch are compared token for token: on some CPUs (AMD
+    EPYC, AVX-512 bf16) a bf16 greedy answer changes after a few dozen tokens with the number of rows
+    decoding beside it (a one-row matmul sums in another order), steering or not; a steered twin that
+    stops early leaves its baseline decoding alone."""
+    resp = _ask(c, HARMFUL, strength=0, compare=True, **safety)
+    return resp.choices[0].message.content, resp.model_extra["baseline"]["choices"][0]["message"]["content"]
+
+
 def test_strength_zero_is_vanilla_on_the_demo_model(client):
     c, _ = client
-    vanilla = _ask(c, HARMFUL, strength=0).choices[0].message.content
-    assert vanilla == _ask(c, HARMFUL, compare=True).model_extra["baseline"]["choices"][0]["message"]["content"]
+    zero, twin = _zero_and_baseline(c)
+    assert zero == twin and not is_refusal(zero)  # the vanilla model answers this one
 
 
 @pytest.mark.parametrize(
@@ -102,4 +112,5 @@ def test_shipped_weight_vector_per_request_on_the_demo_model(client):
     assert is_refusal(resp.choices[0].message.content), resp.choices[0].message.content
     baseline = resp.model_extra["baseline"]["choices"][0]["message"]["content"]
     assert not is_refusal(baseline)
-    assert _ask(c, HARMFUL, vector="enchtable", strength=0).choices[0].message.content == baseline
+    zero, twin = _zero_and_baseline(c, vector="enchtable")
+    assert zero == twin and not is_refusal(zero)
