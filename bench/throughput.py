@@ -14,7 +14,9 @@ Modes on the same server are interleaved and repeated; the table reports medians
         [--vectors DIR --default-vector NAME]   # another vector set on the steering server
 
 ``--vectors``/``--default-vector`` serve another vector (e.g. a multi-layer gate) as the one the
-``off`` and ``k-strengths`` requests use; the default is the shipped set.
+``off`` and ``k-strengths`` requests use; the default is the shipped set. ``--serve-arg`` passes more
+``steer serve`` flags to the steering server (e.g. a combination: ``--serve-arg=--gate-with=enchtable=refusal
+--serve-arg=--combine=both=refusal+enchtable --default-vector both --vectors vectors``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8123, help="steering server; the vanilla one uses port+1")
     ap.add_argument("--vectors", default=None, help="vector directory of the steering server (default: shipped)")
     ap.add_argument("--default-vector", default=None, help="with --vectors: the vector the requests use")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="another steer serve argument for the steering server, repeatable "
+                         "(e.g. --serve-arg=--combine=both=refusal+enchtable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     ns = ap.parse_args(argv)
     c = ns.concurrency
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         # both servers stay up for the whole run so modes can be interleaved (an idle server uses no CPU)
         steering = ["--vectors", ns.vectors] if ns.vectors else []
         steering += ["--default-vector", ns.default_vector] if ns.default_vector else []
+        steering += ns.serve_arg
         servers = [start_server(ns.port, steering),
                    start_server(ns.port + 1, ["--vectors", empty, "--default-strength", "0"])]
         try:
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ttft = {m: statistics.median(r["ttft_median"] for r in runs) for m, runs in results.items()}
     summary = {
         "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "vectors": ns.vectors, "default_vector": ns.default_vector,
+        "vectors": ns.vectors, "default_vector": ns.default_vector, "serve_args": ns.serve_arg,
         "concurrency": c, "max_tokens": ns.max_tokens, "repeats": ns.repeats, "strengths": distinct,
         "median_tok_per_s": med, "median_ttft_s": ttft,
         "ratio_steered_to_off": med[k_name] / med["off"],
