@@ -28,7 +28,6 @@ that ``steer serve`` and vLLM load unchanged; the held-out suites are then run w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -53,10 +52,7 @@ RULE = ("fewest dev hard-negative refusals among candidates that refuse fewer of
 
 
 def pseudo_harmful() -> data.PromptSet:
-    text = PSEUDO.read_text()
-    prompts = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
-    return data.PromptSet("pseudo_harmful", "benign", prompts, "bench/data/pseudo_harmful.txt",
-                          hashlib.sha256(text.encode()).hexdigest())
+    return data.from_text("pseudo_harmful", "benign", PSEUDO.read_text(), "bench/data/pseudo_harmful.txt")
 
 
 def refusals(model, tok, prompts, max_tokens: int, desc: str, vector: SafetyVector | None = None,

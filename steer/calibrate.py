@@ -30,7 +30,6 @@ on them).
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 import time
@@ -140,9 +139,7 @@ def lower_gate(cfg: ExtractConfig, threshold: float, harmful: list[torch.Tensor]
 
 def hard_negatives() -> data.PromptSet:
     text = resources.files("steer").joinpath("_data/hard_negatives.txt").read_text()
-    prompts = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
-    return data.PromptSet("hard_negatives", "benign", prompts, "steer:_data/hard_negatives.txt",
-                          hashlib.sha256(text.encode()).hexdigest())
+    return data.from_text("hard_negatives", "benign", text, "steer:_data/hard_negatives.txt")
 
 
 def splits(seed: int = SPLIT_SEED) -> dict[str, data.PromptSet]:

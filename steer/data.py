@@ -101,6 +101,13 @@ REQUEST_SLOT = re.compile(
 )
 
 
+def from_text(name: str, label: str, text: str, source: str) -> PromptSet:
+    """A prompt set written as text, one prompt per line ("#" lines are comments), e.g. a file the
+    project wrote itself; its sha256 is the text's."""
+    prompts = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
+    return PromptSet(name, label, prompts, source, hashlib.sha256(text.encode()).hexdigest())
+
+
 def wrap(template: str, request: str) -> str:
     """``request`` inside a jailbreak ``template``: TEMPLATE_FILLS applied, then the request in place of
     every REQUEST_SLOT match, or, when the template has none, after it separated by a blank line."""
