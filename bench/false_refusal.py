@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     if (ns.layer is None) != (ns.position is None):
         ap.error("--layer and --position go together")
+    try:
+        subtract = [float(x) for x in ns.subtract.split(",")] if ns.subtract else []
+    except ValueError:
+        subtract = [-1.0]
+    if not all(a > 0 for a in subtract):
+        ap.error(f"--subtract {ns.subtract}: expected a comma list of numbers > 0")
     layers = [ns.layer] if ns.layer is not None else [int(x) for x in ns.layers.split(",")]
     positions = [ns.position] if ns.position is not None else [int(x) for x in ns.positions.split(",")]
     if ns.save and Path(ns.save).exists():
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 v, cos, level = direction(pi, layer)
                 if ns.subtract:
                     vec = SafetyVector("fr", "activation", fp, {f"layers.{layer}": -v}, {"coefficient": 1.0})
-                    for a in map(float, ns.subtract.split(",")):
+                    for a in subtract:
                         got = {k: sum(refusals(model, tok, sp[k].prompts, ns.max_tokens, f"{k} L{layer} p{p} -{a:g}v",
                                                vec, a)) for k in DEV}
                         row = {"layer": layer, "position": p, "subtract": a, "v_norm": round(float(v.norm()), 3),

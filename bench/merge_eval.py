@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", nargs="+", metavar="RESULTS", help="only draw the trade-off plot from these files")
     ap.add_argument("--plot-out", default=str(ROOT / "bench" / "results" / "merge_tradeoff.png"))
     ns = ap.parse_args(argv)
+    if ns.own_combined and (not ns.own_gate or not ns.combine_ratio > 0):
+        ap.error("--own-combined needs --own-gate and a --combine-ratio > 0")
     if ns.plot:
         plot(ns.plot, ns.plot_out)
         print(f"wrote {ns.plot_out}")

@@ -161,12 +161,16 @@ def test_resume_equals_uninterrupted(tiny_tokenizer, tmp_path):
 # ---------------------------------------------------------------- refusal ablation, data split
 
 
+def _ablation_inputs(kind, tok):
+    """A tiny model, a random unit direction in its residual stream, and a batch of token ids."""
+    model = _model(kind, tok)
+    r = torch.randn(model.config.hidden_size)
+    return model, r / r.norm(), torch.randint(0, len(tok), (2, 10))
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_orthogonalization_removes_the_direction(kind, tiny_tokenizer):
-    model = _model(kind, tiny_tokenizer)
-    r = torch.randn(model.config.hidden_size)
-    r = r / r.norm()
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
+    model, r, ids = _ablation_inputs(kind, tiny_tokenizer)
     with torch.no_grad():
         before = model(input_ids=ids, output_hidden_states=True).hidden_states
         orthogonalize(model, r)
@@ -182,10 +186,7 @@ def test_orthogonalization_removes_the_direction(kind, tiny_tokenizer):
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_affine_orthogonalization_holds_the_direction_at_its_level(kind, tiny_tokenizer):
     """level: the residual's part along r is that constant at every layer's input, whatever the token."""
-    model = _model(kind, tiny_tokenizer)
-    r = torch.randn(model.config.hidden_size)
-    r = r / r.norm()
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
+    model, r, ids = _ablation_inputs(kind, tiny_tokenizer)
     with torch.no_grad():
         head = model.get_output_embeddings().weight.clone()
         orthogonalize(model, r, level=0.75)
