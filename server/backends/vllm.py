@@ -49,7 +49,7 @@ import torch
 from server.backends.transformers import SHIPPED_DEFAULT, SHIPPED_VECTORS, TransformersBackend, _model_name
 from server.settings import Settings
 from steer.engine import Event, Sequence
-from steer.hooks import ActivationSteerer
+from steer.hooks import ActivationSteerer, Gate, borrowed_gates, check_combinations
 from steer.models import fingerprint_checkpoint
 from steer.types import GenerationInput, SamplingParams
 from steer.vectors import SafetyVector, VectorError, choose_default, load_directory
@@ -83,11 +83,11 @@ class VllmBackend(TransformersBackend):
         default = settings.default_vector
         if default is None and not settings.vectors and not settings.model:
             default = SHIPPED_DEFAULT
-        _refuse_unsupported(settings, vectors)
+        self.gated_by, self.combos = _refuse_unsupported(settings, vectors)
         self.merged = settings.merged()
         self.all_vectors = {v.name: v for v in vectors}
         vectors = [v for v in vectors if v.name not in self.merged]  # the per-request ones
-        self._default_vector = choose_default([v.name for v in vectors], default)
+        self._default_vector = choose_default([v.name for v in vectors] + list(self.combos), default)
         self.vectors = {v.name: v for v in vectors}
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model_name = settings.served_model_name or _model_name(settings)
@@ -188,7 +188,7 @@ class VllmBackend(TransformersBackend):
             log.debug("LoRA adapter %s (id %d) was not loaded in vLLM: %s", ad.name, ad.id, e)
 
     def applied_strength(self, vector: str | None, strength: float) -> float:
-        if self.adapters is not None and vector in self.adapters.vectors:
+        if self.adapters is not None and vector in self.adapters.vectors:  # a combination's parts: not echoed
             return self.adapters.quantize(strength)
         return strength
 
@@ -203,11 +203,16 @@ class VllmBackend(TransformersBackend):
         old = getattr(self, "engine", None)
         if old is not None:
             old.abort_everything()
-        return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size, adapters=self.adapters)
+        return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size, adapters=self.adapters,
+                          gated_by=self.gated_by, combos=self.combos)
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
-        return {n: v.kind for n, v in self.vectors.items()}
+        return {n: v.kind for n, v in self.vectors.items()} | dict.fromkeys(self.combos, "combined")
+
+    def _deciding(self, name: str) -> str | None:
+        """The vector whose gate decision a row naming combination ``name`` reports: its first gated part."""
+        return next((n for n in self.combos[name] if self.hooks.gated(n) or n in self.gated_by), None)
 
     def merged_vectors(self) -> dict[str, float]:
         return dict(self.merged)
@@ -222,9 +227,13 @@ class VllmBackend(TransformersBackend):
                 "merged_strength": self.merged.get(v.name),
                 "strength_step": self.adapters.step
                 if self.adapters is not None and v.name in self.adapters.vectors else None,
-                "transfer": self._matched.get(v.name) == "transfer", "gated_by": None,
+                "transfer": self._matched.get(v.name) == "transfer", "gated_by": self.gated_by.get(v.name),
             }
             for v in self.all_vectors.values()
+        ] + [
+            {"name": name, "kind": "combined", "default": name == self.default_vector(), "parts": parts,
+             "gate_from": self._deciding(name), "applied": "per_request"}
+            for name, parts in self.combos.items()
         ]
 
     def runtime_info(self) -> dict:
@@ -255,7 +264,9 @@ def _check_vectors(settings: Settings, vectors: list[SafetyVector], fp) -> dict[
     return {v.name: v.check_model(fp, transfer=v.name in settings.transfers()) for v in vectors}
 
 
-def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None:
+def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> tuple[dict, dict]:
+    """What this backend cannot serve, refused in one line before vLLM starts; returns the checked
+    ``--gate-with`` ({weight vector: activation vector}) and ``--combine`` ({name: {vector: ratio}})."""
     by_name = {v.name: v for v in vectors}
     unknown = sorted(set(settings.merged()) - set(by_name))
     if unknown:
@@ -265,16 +276,26 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
         if by_name[name].kind != "weight":
             raise VectorError(f"--merge-vector {name}: only weight vectors can be merged, {name!r} is an "
                               f"{by_name[name].kind} vector")
-    if settings.gated_by():
-        raise VectorError("--gate-with: gated weight vectors are not served on --backend vllm yet; use "
-                          "--backend transformers")
-    if settings.combinations():
-        raise VectorError("--combine: combinations of vectors are not served on --backend vllm yet; use "
-                          "--backend transformers")
+    gated_by, combos = settings.gated_by(), settings.combinations()
+    borrowed_gates(by_name, gated_by)
     vectors = [v for v in vectors if v.name not in settings.merged()]
     other = sorted(v.name for v in vectors if v.kind not in ("activation", "weight"))
     if other:
         raise VectorError(f"{', '.join(other)}: only activation and weight vectors are served on --backend vllm")
+    per_request = {v.name: v for v in vectors}
+    check_combinations(per_request, combos)
+    for name, parts in combos.items():
+        kinds = [per_request[p].kind for p in parts]
+        acts = [p for p in parts if per_request[p].kind == "activation"]
+        weight = next((p for p in parts if per_request[p].kind == "weight"), None)
+        if max(kinds.count("activation"), kinds.count("weight")) > 1:
+            raise VectorError(f"--combine {name}: on --backend vllm a combination is one activation vector and one "
+                              "weight vector (a request carries one LoRA adapter); use --backend transformers")
+        gate = gated_by.get(weight) if weight else None
+        if gate and acts and Gate.of(per_request[acts[0]]) is not None and acts[0] != gate:
+            raise VectorError(f"--combine {name}: on --backend vllm its weight part must borrow its activation "
+                              f"part's gate (--gate-with {weight}={acts[0]}) when both are gated; "
+                              "use --backend transformers")
     from steer.adapters import lowrank_targets
 
     for v in vectors:
@@ -284,6 +305,7 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> None
             except VectorError as e:
                 raise VectorError(f"{e} (on --backend vllm a weight vector per request is a LoRA adapter; merge a "
                                   "dense one at load with --merge-vector NAME=STRENGTH)") from None
+    return gated_by, combos
 
 
 def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) -> Path:
@@ -482,18 +504,41 @@ class _Row:
     rid: str
     n_tokens: int = 0
     adapter: object = None  # the LoRA adapter it holds (released when the row ends)
+    gate_pass: bool = False  # a first pass that only decides the row's gate (see VllmEngine)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one row is steered: an activation part by the hooks, a weight part as a LoRA adapter."""
+
+    activation: tuple[str, float] | None = None  # (vector, strength)
+    weight: tuple[str, float] | None = None  # (vector, strength)
+    gate: float | None = None  # the activation part's gate, already decided by the row's gate pass
+    gate_pass: str | None = None  # decide this gated activation vector's gate first, in a pass of its own
 
 
 @dataclass
 class VllmEngine:
-    """The embedded engine's interface over vLLM's: rows in, events out, one owner thread."""
+    """The embedded engine's interface over vLLM's: rows in, events out, one owner thread.
+
+    A weight vector behind a gate (``gated_by``: {weight vector: gated activation vector}) cannot wait for
+    its gate inside vLLM's forward pass: a request's LoRA adapter is fixed when it is submitted. Such a row
+    runs a gate pass first: its prompt alone, one token, unsteered, with the gating vector's hooks deciding
+    the gate; then the row itself, with its adapter if the gate opened, vanilla if not (its prompt's KV from
+    the gate pass is then read back from the prefix cache). An open row's delta applies at every layer of
+    its prompt (the embedded engine's phased prefill applies it from the gate layer on). A combination's
+    activation part gated by the same vector keeps the gate pass's decision: with the adapter in the
+    layers below the gate, its own reading would see another residual."""
 
     llm: object
     hooks: _Hooks
     max_rows: int
     adapters: object = None  # steer.adapters.AdapterCache for weight vectors per request
+    gated_by: dict[str, str] = field(default_factory=dict)
+    combos: dict[str, dict[str, float]] = field(default_factory=dict)
     pending: list[Sequence] = field(default_factory=list)
     rows: dict[str, _Row] = field(default_factory=dict)  # vLLM request id -> row
+    decided: dict[int, float] = field(default_factory=dict)  # sequence id -> its gate pass's decision
     last_step: dict = field(default_factory=dict)
 
     def add(self, seq: Sequence) -> None:
@@ -518,11 +563,29 @@ class VllmEngine:
     def has_work(self) -> bool:
         return bool(self.pending) or bool(self.rows)
 
+    def _plan(self, seq: Sequence) -> _Plan:
+        if seq.strength <= 0 or not seq.vector:
+            return _Plan()
+        activation = weight = None
+        for name, ratio in (self.combos.get(seq.vector) or {seq.vector: 1.0}).items():
+            if self.adapters is not None and name in self.adapters.vectors:
+                weight = (name, seq.strength * ratio)
+            else:
+                activation = (name, seq.strength * ratio)
+        source = self.gated_by.get(weight[0]) if weight else None
+        if source is None:
+            return _Plan(activation, weight)
+        decided = self.decided.get(seq.id)
+        if decided is None:
+            return _Plan(gate_pass=source)
+        if activation is not None and activation[0] == source:
+            return _Plan(activation, weight if decided > 0 else None, gate=decided)
+        return _Plan(activation, weight if decided > 0 else None)
+
     def _waits_for_adapter(self, seq: Sequence) -> bool:
         """Its strength's adapter is still being written (in the background: the batch goes on)."""
-        if seq.strength <= 0 or self.adapters is None or seq.vector not in self.adapters.vectors:
-            return False
-        return not self.adapters.ready(seq.vector, seq.strength)
+        weight = self._plan(seq).weight
+        return weight is not None and not self.adapters.ready(*weight)
 
     def step(self) -> list[Event]:
         events = self._drop_cancelled()
@@ -535,6 +598,7 @@ class VllmEngine:
             try:
                 self._submit(seq)
             except _AdapterFailed as e:  # this row fails (500, logged); the batch goes on
+                self.decided.pop(seq.id, None)
                 seq.finish_reason, seq.error = "error", str(e.__cause__ or e)
                 events.append(Event(seq.id, "", 0, "error"))
         self.pending[:0] = waiting  # first in line once their adapters are written
@@ -543,9 +607,17 @@ class VllmEngine:
             if waiting and not events:  # nothing to run until an adapter is written: wait, don't spin
                 concurrent.futures.wait(self.adapters.pending(), timeout=0.05)
             return events
+        decided = []
         for out in self.llm.step():
             row = self.rows.get(out.request_id)
             if row is None:
+                continue
+            if row.gate_pass:
+                if out.finished:  # the row itself goes next, first in line, steered as its gate decided
+                    self._end(out.request_id)
+                    gate = self.hooks.pop_gate(out.request_id)
+                    self.decided[row.seq.id] = row.seq.gate[row.seq.vector] = 0.0 if gate is None else gate
+                    decided.append(row.seq)
                 continue
             o = out.outputs[0]
             row.n_tokens += len(o.token_ids)
@@ -555,33 +627,51 @@ class VllmEngine:
                 reason = o.finish_reason if o.finish_reason in ("stop", "length") else "cancelled"
                 self._finish(out.request_id)
             events.append(Event(row.seq.id, o.text, row.n_tokens, reason))
+        self.pending[:0] = decided
         return events
 
     def _submit(self, seq: Sequence) -> None:
         from vllm import SamplingParams as VllmSampling
         from vllm.sampling_params import RequestOutputKind
 
+        plan = self._plan(seq)
+        if plan.gate_pass:  # the prompt alone, one token, unsteered: only the gate is read
+            rid = f"gate-{seq.id}"
+            params = VllmSampling(n=1, max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA,
+                                  extra_args={"steer": {"vector": plan.gate_pass, "strength": 0.0}},
+                                  skip_reading_prefix_cache=True)
+            self.llm.add_request(rid, {"prompt_token_ids": list(seq.prompt_ids)}, params)
+            self.rows[rid] = _Row(seq, rid, gate_pass=True)
+            self.hooks.expect_gate(rid)
+            return
+        self.decided.pop(seq.id, None)
         rid = f"row-{seq.id}"
         p = seq.sampling
         adapter = None
-        if seq.strength > 0 and self.adapters is not None and seq.vector in self.adapters.vectors:
+        if plan.weight is not None:
             try:
-                adapter = self.adapters.acquire(seq.vector, seq.strength)
+                adapter = self.adapters.acquire(*plan.weight)
             except Exception as e:  # writing the adapter failed (disk full, ...)
-                raise _AdapterFailed(f"making the LoRA adapter for {seq.vector}@{seq.strength:g} failed") from e
-        steered = seq.strength > 0 and bool(seq.vector) and adapter is None  # activation steering (hooks)
-        gated = steered and self.hooks.gated(seq.vector)
+                raise _AdapterFailed(f"making the LoRA adapter for {plan.weight[0]}@{plan.weight[1]:g} failed") from e
+        steer = None
+        if plan.activation is not None:
+            name, strength = plan.activation
+            steer = {"vector": name, "strength": float(strength)}
+            if plan.gate is not None:
+                steer["gate"] = plan.gate
+        gated = steer is not None and plan.gate is None and self.hooks.gated(steer["vector"])
         params = VllmSampling(
             n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
             top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={"steer": {"vector": seq.vector, "strength": float(seq.strength)}} if steered else None,
+            extra_args={"steer": steer} if steer else None,
             # a gated request's gate position must be computed, never read from the cache
             skip_reading_prefix_cache=gated,
         )
         prompt = {"prompt_token_ids": list(seq.prompt_ids)}
-        if steered:  # its KV holds steered activations: never shared with other settings
-            prompt["cache_salt"] = f"steer:{seq.vector}:{self.hooks.sha(seq.vector)}:{seq.strength!r}"
+        if steer:  # its KV holds steered activations: never shared with other settings
+            prompt["cache_salt"] = (f"steer:{steer['vector']}:{self.hooks.sha(steer['vector'])}:{steer['strength']!r}"
+                                    + (f":gate={plan.gate!r}" if plan.gate is not None else ""))
         lora = None
         if adapter is not None:  # vLLM keys the prefix cache by adapter: no salt needed
             from vllm.lora.request import LoRARequest
@@ -594,7 +684,7 @@ class VllmEngine:
                 self.adapters.release(adapter)
             raise
         self.rows[rid] = _Row(seq, rid, adapter=adapter)
-        if gated:
+        if gated or plan.gate is not None:  # a decision to read back, or one given to drop when the row ends
             self.hooks.expect_gate(rid)
 
     def _end(self, rid: str) -> _Row:
@@ -606,11 +696,14 @@ class VllmEngine:
     def _finish(self, rid: str) -> None:
         row = self._end(rid)
         decided = self.hooks.pop_gate(rid)
-        if decided is not None:
-            row.seq.gate[row.seq.vector] = decided
+        if decided is not None:  # a decision from the row's gate pass stays
+            row.seq.gate.setdefault(row.seq.vector, decided)
 
     def _drop_cancelled(self) -> list[Event]:
         events = [Event(s.id, "", 0, "cancelled") for s in self.pending if s.cancelled]
+        for s in self.pending:
+            if s.cancelled:
+                self.decided.pop(s.id, None)
         self.pending = [s for s in self.pending if not s.cancelled]
         gone = [rid for rid, row in self.rows.items() if row.seq.cancelled]
         if gone:
@@ -618,6 +711,7 @@ class VllmEngine:
             for rid in gone:
                 row = self._end(rid)
                 self.hooks.pop_gate(rid)
+                self.decided.pop(row.seq.id, None)
                 events.append(Event(row.seq.id, "", row.n_tokens, "cancelled"))
         return events
 
@@ -628,6 +722,7 @@ class VllmEngine:
                 self._end(rid)
                 self.hooks.pop_gate(rid)
         self.pending.clear()
+        self.decided.clear()
 
 
 # ------------------------------------------------------------------------------ steering hooks
@@ -720,6 +815,8 @@ class _Hooks(_HookInfo):
             strength.setdefault(name, torch.zeros(n))[i] = s["strength"]
             st = self.steerers[name]
             ours = _our_id(rid)
+            if st.gate is not None and "gate" in s:  # decided by the request's gate pass (VllmEngine)
+                self.gates.setdefault(ours, float(s["gate"]))
             if st.gate is not None and ours not in self.gates:
                 at = int(ib.num_prompt_tokens[i]) + st.gate.position  # the gate's position in the prompt
                 done = int(ib.num_computed_tokens_cpu[i])
