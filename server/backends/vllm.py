@@ -188,7 +188,7 @@ class VllmBackend(TransformersBackend):
             log.debug("LoRA adapter %s (id %d) was not loaded in vLLM: %s", ad.name, ad.id, e)
 
     def applied_strength(self, vector: str | None, strength: float) -> float:
-        if self.adapters is not None and vector in self.adapters.vectors:  # a combination's parts: not echoed
+        if self.adapters is not None and vector in self.adapters.vectors:  # (a combination's weight part is rounded too)
             return self.adapters.quantize(strength)
         return strength
 
@@ -524,8 +524,8 @@ class VllmEngine:
     A weight vector behind a gate (``gated_by``: {weight vector: gated activation vector}) cannot wait for
     its gate inside vLLM's forward pass: a request's LoRA adapter is fixed when it is submitted. Such a row
     runs a gate pass first: its prompt alone, one token, unsteered, with the gating vector's hooks deciding
-    the gate; then the row itself, with its adapter if the gate opened, vanilla if not (its prompt's KV from
-    the gate pass is then read back from the prefix cache). An open row's delta applies at every layer of
+    the gate; then the row itself, with its adapter if the gate opened, vanilla if not (reading back the full
+    KV blocks of its prompt that the gate pass cached). An open row's delta applies at every layer of
     its prompt (the embedded engine's phased prefill applies it from the gate layer on). A combination's
     activation part gated by the same vector keeps the gate pass's decision: with the adapter in the
     layers below the gate, its own reading would see another residual."""
