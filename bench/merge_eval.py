@@ -19,7 +19,8 @@ its gate (a gate that reads the served model's own residual stream), and (``--ow
 request behind its gate (``steer serve --combine``). ``--activation`` serves any gated
 activation vector on the ft at the ``--activation-strengths`` (a strength chosen per fine-tune on a dev
 split by ``bench/gated_calibrate.py``). Rows are appended to ``--out`` as
-they finish and a rerun skips rows already there (``--fresh`` starts over). ``--plot`` draws the trade-off
+they finish and a rerun skips rows already there (``--fresh`` starts over). ``--backend vllm`` serves every
+row on vLLM's engine (``steer serve --backend vllm --max-model-len 2048``) instead. ``--plot`` draws the trade-off
 plot (unsafe vs pass@1, one point per row) from every results file named.
 
     .venv/bin/python bench/merge_eval.py [--ft DIR --tag NAME] [--methods enchtable,ties,...]
@@ -89,6 +90,8 @@ def evaluate(model: Path, ns, work: Path, *, vector: str | None = None, strength
     loaded = [v for v in (vector, gate) if v]
     cmd = [str(BIN / "steer"), "serve", "--model", str(model), "--vectors", str(vdir), "--port", str(ns.port),
            "--default-strength", str(strength)]
+    if ns.backend == "vllm":
+        cmd += ["--backend", "vllm", "--max-model-len", "2048"]
     if loaded and transfer:
         cmd += ["--transfer", ",".join(loaded)]
     if gate:
@@ -222,11 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--humaneval", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--port", type=int, default=8350)
+    ap.add_argument("--references", default="ft,base",
+                    help="the unsteered reference rows to measure: ft, base, both (the default) or '' for none")
+    ap.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                    help="the steer serve backend every row is served on")
     ap.add_argument("--out", default=None, help="default: bench/results/merge_eval_TAG.json")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
     ap.add_argument("--plot", nargs="+", metavar="RESULTS", help="only draw the trade-off plot from these files")
     ap.add_argument("--plot-out", default=str(ROOT / "bench" / "results" / "merge_tradeoff.png"))
     ns = ap.parse_args(argv)
+    if set(filter(None, ns.references.split(","))) - {"ft", "base"}:
+        ap.error(f"--references takes ft, base or both, got {ns.references!r}")
     if ns.own_combined and (not ns.own_gate or not ns.combine_ratio > 0):
         ap.error("--own-combined needs --own-gate and a --combine-ratio > 0")
     if ns.plot:
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ft = ns.ft or str(cache_dir() / "models" / f"{ensure_demo_model().name}-ablated")
     out_path = Path(ns.out or ROOT / "bench" / "results" / f"merge_eval_{ns.tag}.json")
     command = "python bench/merge_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command, "tag": ns.tag, "ft": ft, "base": base, "vector": ns.vector,
+    result = {"command": command, "tag": ns.tag, "ft": ft, "base": base, "vector": ns.vector, "backend": ns.backend,
               "limits": {"harmful_and_aplomb": ns.limit, "jailbreak": ns.jb_limit, "humaneval": ns.humaneval},
               "checkpoint_mib": round(sum(f.stat().st_size for f in Path(ft).glob("*.safetensors")) / 2**20),
               "rows": []}
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         work = Path(tmp)
         for label, path in (("ft (unmerged)", ft), ("base (aligned)", base)):
-            if label not in done:
+            if label not in done and label.split()[0] in ns.references.split(","):
                 record({"row": label, **evaluate(Path(path), ns, work)})
         for s in [float(x) for x in ns.per_request.split(",") if x.strip()]:
             label = f"ft + {Path(ns.vector).stem} per request @{s:g}"

@@ -12,7 +12,7 @@ from api_utils import API_KEY, MODEL, serve
 from conftest import make_model, make_vector
 from test_weight_vectors import GREEDY, _chat, _gate_threshold, _generate, _prompts, make_weight_vector
 
-from server.backends.vllm import _refuse_unsupported
+from server.backends.vllm import _refuse_unsupported, from_layer
 from server.settings import Settings
 from steer.engine import Engine, Sequence
 from steer.hooks import SteeringRuntime, merge_weight_vector
@@ -115,6 +115,20 @@ def test_combinations_are_checked(tiny_qwen):
                             (Settings(combine="both=a+b"), "'a' is not a loaded per-request vector")):
         with pytest.raises(VectorError, match=match):
             _refuse_unsupported(settings, loaded)
+
+
+def test_a_gated_weight_vectors_adapter_on_vllm_holds_the_layers_from_the_gate_on(tiny_qwen):
+    """On --backend vllm a gated weight vector's adapter is chosen before its gate is read, so it holds only
+    the layers the embedded engine changes in a gated prompt: those from the gate layer on."""
+    wvec = make_weight_vector(tiny_qwen)
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in wvec.tensors})
+    assert len(layers) > 1
+    n = len(wvec.tensors)
+    kept = from_layer(wvec, layers[1])
+    assert kept.tensors and all(int(k.split(".layers.")[1].split(".")[0]) >= layers[1] for k in kept.tensors)
+    assert {k: t for k, t in wvec.tensors.items() if k not in kept.tensors} and all(
+        torch.equal(kept.tensors[k], wvec.tensors[k]) for k in kept.tensors)
+    assert len(wvec.tensors) == n == len(from_layer(wvec, 0).tensors)  # the vector itself is left alone
 
 
 def test_the_server_lists_and_serves_a_combination(tiny_tokenizer):

@@ -95,6 +95,9 @@ class VllmBackend(TransformersBackend):
                                     self.fingerprint) if self.merged else path
         activation = [v for v in vectors if v.kind == "activation"]
         per_request_weights = {v.name: v for v in vectors if v.kind == "weight"}
+        for name, source in self.gated_by.items():  # the layers a gated row's prompt runs changed (see VllmEngine)
+            per_request_weights[name] = from_layer(per_request_weights[name],
+                                                   Gate.of(self.all_vectors[source], two_sided=False).layer)
         self.adapters = None
         if per_request_weights:
             from steer.adapters import AdapterCache, adapter_rank, engine_max_rank
@@ -306,6 +309,18 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> tupl
                 raise VectorError(f"{e} (on --backend vllm a weight vector per request is a LoRA adapter; merge a "
                                   "dense one at load with --merge-vector NAME=STRENGTH)") from None
     return gated_by, combos
+
+
+def from_layer(vector: SafetyVector, layer: int) -> SafetyVector:
+    """A weight vector's tensors in decoder layers ``layer`` and above: what a gated weight vector's adapter
+    holds on this backend, where the adapter is chosen before the gate is read."""
+    import copy
+    import re
+
+    out = copy.copy(vector)
+    out.tensors = {k: t for k, t in vector.tensors.items()
+                   if (m := re.search(r"\.layers\.(\d+)\.", k)) is None or int(m.group(1)) >= layer}
+    return out
 
 
 def merged_checkpoint(path: Path, merges: list[tuple[SafetyVector, float]], fp) -> Path:
@@ -525,8 +540,9 @@ class VllmEngine:
     its gate inside vLLM's forward pass: a request's LoRA adapter is fixed when it is submitted. Such a row
     runs a gate pass first: its prompt alone, one token, unsteered, with the gating vector's hooks deciding
     the gate; then the row itself, with its adapter if the gate opened, vanilla if not (reading back the full
-    KV blocks of its prompt that the gate pass cached). An open row's delta applies at every layer of
-    its prompt (the embedded engine's phased prefill applies it from the gate layer on). A combination's
+    KV blocks of its prompt that the gate pass cached). Its adapter holds the vector's layers from the gate
+    layer on (:func:`from_layer`): its prompt then runs as in the embedded engine's phased prefill, and its
+    generated tokens run the lower layers unchanged too (the embedded engine changes them). A combination's
     activation part gated by the same vector keeps the gate pass's decision: with the adapter in the
     layers below the gate, its own reading would see another residual."""
 
