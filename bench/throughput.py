@@ -49,8 +49,11 @@ PROMPTS = [
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+    """``steer serve`` on ``port``, its log in the temp dir (steer-serve-PORT.log: where a failed request's
+    cause is)."""
     cmd = [str(ROOT / ".venv" / "bin" / "steer"), "serve", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (Path(tempfile.gettempdir()) / f"steer-serve-{port}.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return wait_healthy(proc, port, timeout=300, what=" ".join(cmd))
 
 

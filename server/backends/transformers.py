@@ -84,6 +84,14 @@ def gate_label(decision: float | None) -> str | None:
     return "open" if decision > 0 else "lowered" if decision < 0 else "closed"
 
 
+def combined_info(name: str, parts: dict[str, float], *, default: bool, gate_from: str | None) -> dict:
+    """A combination (``--combine``) as ``/v1/safety/vectors`` lists it, on either backend."""
+    return {"name": name, "kind": "combined", "default": default,
+            "parts": parts,  # each vector steers a row naming this at the row's strength times its ratio
+            "gate_from": gate_from,  # whose gate decision the response's safety echo reports
+            "applied": "per_request"}
+
+
 class TransformersBackend:
     def __init__(self, settings: Settings, *, model=None, tokenizer=None, vectors: list[SafetyVector] | None = None,
                  metrics: Metrics | None = None):
@@ -189,19 +197,9 @@ class TransformersBackend:
                 "gated_by": self.settings.gated_by().get(v.name),
             }
             for v in self.vectors.values()
-        ] + [
-            {
-                "name": name,
-                "kind": "combined",
-                "default": name == self.default_vector(),
-                # each vector steers a row naming this at the row's strength times its ratio
-                "parts": parts,
-                # whose gate decision the response's safety echo reports
-                "gate_from": self.runtime.deciding(name) if self.runtime is not None else None,
-                "applied": "per_request",
-            }
-            for name, parts in self.settings.combinations().items()
-        ]
+        ] + [combined_info(name, parts, default=name == self.default_vector(),
+                           gate_from=self.runtime.deciding(name) if self.runtime is not None else None)
+             for name, parts in self.settings.combinations().items()]
 
     def model_fingerprint(self) -> dict:
         return self.fingerprint.to_dict()

@@ -46,7 +46,13 @@ from pathlib import Path
 
 import torch
 
-from server.backends.transformers import SHIPPED_DEFAULT, SHIPPED_VECTORS, TransformersBackend, _model_name
+from server.backends.transformers import (
+    SHIPPED_DEFAULT,
+    SHIPPED_VECTORS,
+    TransformersBackend,
+    _model_name,
+    combined_info,
+)
 from server.settings import Settings
 from steer.engine import Event, Sequence
 from steer.hooks import ActivationSteerer, Gate, borrowed_gates, check_combinations
@@ -233,11 +239,8 @@ class VllmBackend(TransformersBackend):
                 "transfer": self._matched.get(v.name) == "transfer", "gated_by": self.gated_by.get(v.name),
             }
             for v in self.all_vectors.values()
-        ] + [
-            {"name": name, "kind": "combined", "default": name == self.default_vector(), "parts": parts,
-             "gate_from": self._deciding(name), "applied": "per_request"}
-            for name, parts in self.combos.items()
-        ]
+        ] + [combined_info(name, parts, default=name == self.default_vector(), gate_from=self._deciding(name))
+             for name, parts in self.combos.items()]
 
     def runtime_info(self) -> dict:
         from steer import hardware
