@@ -291,10 +291,10 @@ def _refuse_unsupported(settings: Settings, vectors: list[SafetyVector]) -> tupl
     per_request = {v.name: v for v in vectors}
     check_combinations(per_request, combos)
     for name, parts in combos.items():
-        kinds = [per_request[p].kind for p in parts]
         acts = [p for p in parts if per_request[p].kind == "activation"]
-        weight = next((p for p in parts if per_request[p].kind == "weight"), None)
-        if max(kinds.count("activation"), kinds.count("weight")) > 1:
+        weights = [p for p in parts if per_request[p].kind == "weight"]
+        weight = weights[0] if weights else None
+        if len(acts) > 1 or len(weights) > 1:
             raise VectorError(f"--combine {name}: on --backend vllm a combination is one activation vector and one "
                               "weight vector (a request carries one LoRA adapter); use --backend transformers")
         gate = gated_by.get(weight) if weight else None
@@ -597,9 +597,8 @@ class VllmEngine:
         decided = self.decided.get(seq.id)
         if decided is None:
             return _Plan(gate_pass=source)
-        if activation is not None and activation[0] == source:
-            return _Plan(activation, weight if decided > 0 else None, gate=decided)
-        return _Plan(activation, weight if decided > 0 else None)
+        shared = activation is not None and activation[0] == source  # its gate: the gate pass's decision
+        return _Plan(activation, weight if decided > 0 else None, gate=decided if shared else None)
 
     def _waits_for_adapter(self, seq: Sequence) -> bool:
         """Its strength's adapter is still being written (in the background: the batch goes on)."""
