@@ -92,8 +92,11 @@ def export_lora(vector: SafetyVector, strength: float, out: Path, model_config, 
     scale = float(strength) * float(vector.config.get("coefficient", 1.0))
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(targets), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    # dtype given: from_config would otherwise switch torch's process-wide default dtype to the config's
+    # (bf16) while it builds, and a server exports adapters on a request thread while its engine thread
+    # allocates tensors (a float tensor made then comes out bf16). float32 is torch's default already.
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     peft_model = get_peft_model(skeleton, config)
     modules = dict(peft_model.named_modules())
     for name, (a, b) in targets.items():
@@ -101,7 +104,8 @@ def export_lora(vector: SafetyVector, strength: float, out: Path, model_config, 
         if module is None or not hasattr(module, "lora_A"):
             raise VectorError(f"vector {vector.name!r} changes {name}, which the model has no linear layer for")
         r = a.shape[0]
-        a_full, b_full = torch.zeros(rank, a.shape[1]), torch.zeros(b.shape[0], rank)
+        a_full = torch.zeros(rank, a.shape[1], dtype=torch.float32)
+        b_full = torch.zeros(b.shape[0], rank, dtype=torch.float32)
         a_full[:r], b_full[:, :r] = a.float(), b.float() * scale
         module.lora_A["default"].weight = torch.nn.Parameter(a_full, requires_grad=False)
         module.lora_B["default"].weight = torch.nn.Parameter(b_full, requires_grad=False)

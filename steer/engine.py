@@ -371,11 +371,11 @@ class Engine:
         rows = self.runtime.rows
         rows.reset(decode=decode)
         for name, st in self.runtime.steerers.items():
-            s = torch.tensor([q.strength * self.runtime.parts(q.vector).get(name, 0.0) for q in seqs])
+            s = torch.tensor([q.strength * self.runtime.parts(q.vector).get(name, 0.0) for q in seqs], dtype=torch.float32)
             if bool(s.any()):
                 rows.strength[name] = s
                 if st.gate_layer is not None:
-                    rows.gate[name] = torch.tensor([q.gate.get(name, 0.0) for q in seqs])
+                    rows.gate[name] = torch.tensor([q.gate.get(name, 0.0) for q in seqs], dtype=torch.float32)
 
     # -- tokens and text ---------------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:

@@ -197,3 +197,18 @@ def test_adapters_are_written_in_the_background(tiny_qwen, tmp_path, monkeypatch
     b = cache.acquire("w", 1.0)  # waits for that write
     assert b.name == "w@1" and cache.made == 2 and cache.loaded() == ["w@0.5", "w@1"]
     cache.close()
+
+
+def test_export_leaves_the_process_default_dtype_alone(tiny_qwen, tmp_path, monkeypatch):
+    """The server exports adapters on a request thread while its engine thread allocates tensors, and
+    torch's default dtype is process-wide: building the PEFT skeleton must not switch it to the served
+    model's dtype (transformers' from_config does, for a bf16 config, unless told otherwise). A float
+    tensor made in that window came out bf16 and failed an engine step."""
+    config = copy.deepcopy(tiny_qwen.config)
+    config.dtype = torch.bfloat16  # the served checkpoints are bf16
+    switched = []
+    real = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda d: (switched.append(d), real(d))[1])
+    export_lora(make_weight_vector(tiny_qwen, name="w"), 0.5, tmp_path / "ad", config)
+    assert torch.get_default_dtype() == torch.float32
+    assert all(d == torch.float32 for d in switched), switched

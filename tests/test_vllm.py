@@ -725,6 +725,41 @@ def test_fused_lora_linear_needs_one_ratio_per_slot_across_slices():
     torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices, indices))
 
 
+@cpu_only
+def test_fused_lora_linear_survives_the_default_dtype_changing_mid_plan(monkeypatch):
+    """torch's default dtype is process-wide; another thread may switch it (transformers does while it
+    builds a model) between two slices of one layer's plan. The plan's per-slot scales are float32
+    whatever the default, so the layer is still fused and right. (Before, one slice's scales came out
+    bf16 and comparing them raised "BFloat16 did not match Float": a 500 under load.)"""
+    from server.backends import vllm_cpu_lora as L
+
+    L.install_grouped_ops()
+    g = torch.Generator().manual_seed(6)
+    slices = (4, 4)
+    a0, b0 = torch.randn(1, 2, 8, generator=g), torch.randn(1, 4, 2, generator=g)
+    a_stacked = (torch.stack([a0, a0]), torch.stack([a0, a0]))
+    b_stacked = (torch.stack([b0, 2 * b0]), torch.stack([b0.clone(), 2 * b0]))
+    real, calls = L._b_scales, []
+
+    def flipping(w):  # the other thread switches the default after the first slice
+        calls.append(1)
+        if len(calls) == 2:
+            torch.set_default_dtype(torch.bfloat16)
+        return real(w)
+
+    monkeypatch.setattr(L, "_b_scales", flipping)
+    indices = [0, 1, -1]
+    x, base = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    got = base.clone()
+    try:
+        L.fused_add_lora_linear(_punica(indices), got, x, a_stacked, b_stacked, 1.0, slices)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert len(calls) == 2
+    assert L._fused(a_stacked, b_stacked, (0, 1), slices) is not None
+    torch.testing.assert_close(got, _lora_linear_reference(base, x, a_stacked, b_stacked, 1.0, slices, indices))
+
+
 # ------------------------------------------------------------------ tensor parallel
 
 

@@ -830,7 +830,7 @@ class _Hooks(_HookInfo):
             if not s or s["vector"] not in self.steerers:
                 continue
             name = s["vector"]
-            strength.setdefault(name, torch.zeros(n))[i] = s["strength"]
+            strength.setdefault(name, torch.zeros(n, dtype=torch.float32))[i] = s["strength"]
             st = self.steerers[name]
             ours = _our_id(rid)
             if st.gate is not None and "gate" in s:  # decided by the request's gate pass (VllmEngine)
@@ -855,7 +855,7 @@ class _Hooks(_HookInfo):
             if st.gate is None:
                 k = per_req[step.req_of_token]
             else:  # undecided counts as closed; a generated token's row may run a lowered row vanilla
-                g = torch.tensor([self.gates.get(r, 0.0) for r in step.rids])[step.req_of_token]
+                g = torch.tensor([self.gates.get(r, 0.0) for r in step.rids], dtype=torch.float32)[step.req_of_token]
                 k = per_req[step.req_of_token] * torch.where(step.prompt_token, g, st.gate.in_decode(g))
             k = step.multiplier[st.name] = k * st.coefficient
         return k

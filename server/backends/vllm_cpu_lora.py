@@ -162,7 +162,7 @@ def _b_scales(w: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     all-zero slot). Multiples are accepted within 1e-5 of the slot's largest entry."""
     slots = w.reshape(w.shape[0], -1).float()
     refs: list[int] = []
-    scale = torch.zeros(len(slots))
+    scale = torch.zeros(len(slots), dtype=torch.float32)
     for s in range(len(slots)):
         b = slots[s]
         top = float(b.abs().max())
