@@ -195,6 +195,13 @@ def _gate_count(url: str, vector: str, fired: str) -> float:
                if line.startswith(f'steer_gate_total{{fired="{fired}",vector="{vector}"}}'))
 
 
+def _gate_passes(url: str) -> dict[str, float]:
+    """``steer_gate_pass_total`` by outcome from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {o: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(f'steer_gate_pass_total{{outcome="{o}"}}')) for o in ("kept", "rerun")}
+
+
 def test_checkpoint_fingerprint_is_the_loaded_models(vllm_model):
     d, _, model = vllm_model
     assert fingerprint_checkpoint(d) == fingerprint(model)
@@ -447,7 +454,8 @@ def test_adapters_are_a_bounded_lru(steer_vllm):
 @vs_embedded
 def test_gated_weight_vector_and_combination_match_the_embedded_backend(steer_vllm, embedded, vanilla_vllm):
     """``wg`` behind ``gated``'s gate and ``both`` (``gated`` plus ``wg`` at half its strength, one gate):
-    on vLLM a gate pass decides the gate, then the row runs with its adapter or vanilla. The same answers
+    on vLLM a gate pass decides the gate, run as the whole row: kept if the gate closes, the row run again
+    with its adapter if it opens. The same answers
     and gate decisions as the embedded backend (``wg`` has no delta below the gate layer, the one place
     the two apply a gated delta differently), alone, with compare, streamed and batched."""
     info = {v["name"]: v for v in httpx.get(f"{steer_vllm}/v1/safety/vectors", timeout=30).json()["data"]}
@@ -455,6 +463,7 @@ def test_gated_weight_vector_and_combination_match_the_embedded_backend(steer_vl
     assert {k: info["both"][k] for k in ("kind", "parts", "gate_from", "applied")} == {
         "kind": "combined", "parts": {"gated": 1.0, "wg": 0.5}, "gate_from": "gated", "applied": "per_request"}
     before = _gate_count(steer_vllm, "wg", "true"), _gate_count(steer_vllm, "wg", "false")
+    passes = _gate_passes(steer_vllm)
     answers = {}
     for vector in ("wg", "both"):
         for p, opens in ((OPEN, True), (CLOSED, False)):
@@ -470,6 +479,9 @@ def test_gated_weight_vector_and_combination_match_the_embedded_backend(steer_vl
             assert _streamed_choices(steer_vllm, p, 1.0, vector, ignore_eos=True) == ours["safety"]["choices"]
     assert (_gate_count(steer_vllm, "wg", "true"), _gate_count(steer_vllm, "wg", "false")) == (
         before[0] + 2, before[1] + 2)  # the streamed requests too
+    # each gate pass ran as the whole row: a closed gate kept it (no second prefill), an open one ran the
+    # row again with its adapter (the pass's first token never sent)
+    assert _gate_passes(steer_vllm) == {"kept": passes["kept"] + 4, "rerun": passes["rerun"] + 4}
     # both parts act: the combination is neither of them alone
     assert answers[(OPEN, "both")] not in (_text(steer_vllm, OPEN, 1.0, "gated"), _text(steer_vllm, OPEN, 0.5, "wg"))
     # in one batch with rows of every other kind: each row's own gate pass, its own answer

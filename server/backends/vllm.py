@@ -522,7 +522,8 @@ class _Row:
     rid: str
     n_tokens: int = 0
     adapter: object = None  # the LoRA adapter it holds (released when the row ends)
-    gate_pass: bool = False  # a first pass that only decides the row's gate (see VllmEngine)
+    gate_pass: bool = False  # a first pass that decides the row's gate (see VllmEngine)
+    speculative: bool = False  # a gate pass run as the whole row, vanilla: kept if the gate closes
 
 
 @dataclass(frozen=True)
@@ -533,6 +534,7 @@ class _Plan:
     weight: tuple[str, float] | None = None  # (vector, strength)
     gate: float | None = None  # the activation part's gate, already decided by the row's gate pass
     gate_pass: str | None = None  # decide this gated activation vector's gate first, in a pass of its own
+    speculate: bool = False  # the row is vanilla if that gate closes: the gate pass runs as the whole row
 
 
 @dataclass
@@ -547,7 +549,12 @@ class VllmEngine:
     layer on (:func:`from_layer`): its prompt then runs as in the embedded engine's phased prefill, and its
     generated tokens run the lower layers unchanged too (the embedded engine changes them). A combination's
     activation part gated by the same vector keeps the gate pass's decision: with the adapter in the
-    layers below the gate, its own reading would see another residual."""
+    layers below the gate, its own reading would see another residual.
+
+    Where a closed gate leaves the row vanilla (no other steering), the gate pass is the row itself,
+    vanilla with the row's sampling: the gate is decided in its prefill, before its first token. If the
+    gate closes it carries on as the row (no second prefill); if it opens it is aborted after that token,
+    which is never sent, and the row runs with its adapter as above."""
 
     llm: object
     hooks: _Hooks
@@ -559,6 +566,7 @@ class VllmEngine:
     rows: dict[str, _Row] = field(default_factory=dict)  # vLLM request id -> row
     decided: dict[int, float] = field(default_factory=dict)  # sequence id -> its gate pass's decision
     last_step: dict = field(default_factory=dict)
+    gate_passes: dict[str, int] = field(default_factory=lambda: {"kept": 0, "rerun": 0})  # speculative ones
 
     def add(self, seq: Sequence) -> None:
         if seq.sampling.max_tokens is None or seq.sampling.max_tokens < 1:
@@ -595,10 +603,15 @@ class VllmEngine:
         if source is None:
             return _Plan(activation, weight)
         decided = self.decided.get(seq.id)
-        if decided is None:
-            return _Plan(gate_pass=source)
         shared = activation is not None and activation[0] == source  # its gate: the gate pass's decision
+        if decided is None:
+            return _Plan(gate_pass=source, speculate=activation is None or shared)
         return _Plan(activation, weight if decided > 0 else None, gate=decided if shared else None)
+
+    @staticmethod
+    def _vanilla(plan: _Plan) -> bool:
+        """Whether a decided row runs unsteered (a shared gate's 0 multiplies its activation part away)."""
+        return plan.weight is None and (plan.activation is None or plan.gate == 0.0)
 
     def _waits_for_adapter(self, seq: Sequence) -> bool:
         """Its strength's adapter is still being written (in the background: the batch goes on)."""
@@ -631,12 +644,22 @@ class VllmEngine:
             if row is None:
                 continue
             if row.gate_pass:
-                if out.finished:  # the row itself goes next, first in line, steered as its gate decided
+                if not (out.finished or row.speculative):
+                    continue
+                # the gate was decided in the prefill, which ended with this output's (first) token
+                gate = self.hooks.pop_gate(out.request_id)
+                self.decided[row.seq.id] = row.seq.gate[row.seq.vector] = 0.0 if gate is None else gate
+                if row.speculative and self._vanilla(self._plan(row.seq)):  # it is the row: carry on
+                    self.decided.pop(row.seq.id)
+                    row.gate_pass = False
+                    self.gate_passes["kept"] += 1
+                else:  # the row itself goes next, first in line, steered as its gate decided
+                    if not out.finished:
+                        self.llm.abort_request([out.request_id])
+                    self.gate_passes["rerun"] += row.speculative
                     self._end(out.request_id)
-                    gate = self.hooks.pop_gate(out.request_id)
-                    self.decided[row.seq.id] = row.seq.gate[row.seq.vector] = 0.0 if gate is None else gate
                     decided.append(row.seq)
-                continue
+                    continue
             o = out.outputs[0]
             row.n_tokens += len(o.token_ids)
             row.seq.generated.extend(o.token_ids)
@@ -653,18 +676,26 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         plan = self._plan(seq)
-        if plan.gate_pass:  # the prompt alone, one token, unsteered: only the gate is read
+        p = seq.sampling
+
+        def sampling(**kw) -> VllmSampling:
+            return VllmSampling(
+                n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
+                top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None,
+                ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, **kw)
+
+        if plan.gate_pass:  # unsteered, the gating vector's hooks reading the gate; the whole row if speculative
             rid = f"gate-{seq.id}"
-            params = VllmSampling(n=1, max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA,
-                                  extra_args={"steer": {"vector": plan.gate_pass, "strength": 0.0}},
-                                  skip_reading_prefix_cache=True)
+            steer = {"steer": {"vector": plan.gate_pass, "strength": 0.0}}
+            params = (sampling(extra_args=steer, skip_reading_prefix_cache=True) if plan.speculate else
+                      VllmSampling(n=1, max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA,
+                                   extra_args=steer, skip_reading_prefix_cache=True))
             self.llm.add_request(rid, {"prompt_token_ids": list(seq.prompt_ids)}, params)
-            self.rows[rid] = _Row(seq, rid, gate_pass=True)
+            self.rows[rid] = _Row(seq, rid, gate_pass=True, speculative=plan.speculate)
             self.hooks.expect_gate(rid)
             return
         self.decided.pop(seq.id, None)
         rid = f"row-{seq.id}"
-        p = seq.sampling
         adapter = None
         if plan.weight is not None:
             try:
@@ -678,14 +709,8 @@ class VllmEngine:
             if plan.gate is not None:
                 steer["gate"] = plan.gate
         gated = steer is not None and plan.gate is None and self.hooks.gated(steer["vector"])
-        params = VllmSampling(
-            n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
-            top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={"steer": steer} if steer else None,
-            # a gated request's gate position must be computed, never read from the cache
-            skip_reading_prefix_cache=gated,
-        )
+        # a gated request's gate position must be computed, never read from the cache
+        params = sampling(extra_args={"steer": steer} if steer else None, skip_reading_prefix_cache=gated)
         prompt = {"prompt_token_ids": list(seq.prompt_ids)}
         if steer:  # its KV holds steered activations: never shared with other settings
             prompt["cache_salt"] = (f"steer:{steer['vector']}:{self.hooks.sha(steer['vector'])}:{steer['strength']!r}"
