@@ -22,13 +22,13 @@ file (``--calibrate``) and read on the others. No text is generated; the judge r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from judge_agreement import kappa, load_items
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,19 +59,13 @@ PROMPTS = {
 }
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def labelled(results: list[str], labels: list[str]) -> list[dict]:
     """One row per distinct labelled (request, answer): its labels file, label, phrase verdict, texts."""
-    answers = {}
-    for d in results:
-        for it in json.loads((Path(d) / "results.json").read_text())["items"]:
-            if it.get("kind") != "benign" and "answer" in it:
-                answers[(it["prompt_sha256"], sha(it["answer"]))] = it
+    answers = {(it["prompt_sha256"], it["answer_sha256"]): it for it in load_items(results)}
     rows, seen = [], set()
     for f in labels:  # an answer labelled in two files counts once, for the first
+        if not Path(f).is_file():
+            raise SystemExit(f"--labels {f}: no such file")
         for x in json.loads(Path(f).read_text())["labels"]:
             k = (x["prompt_sha256"], x["answer_sha256"])
             if k in seen or k not in answers:
@@ -84,14 +78,6 @@ def labelled(results: list[str], labels: list[str]) -> list[dict]:
     return rows
 
 
-def kappa(pred: list[bool], ref: list[bool]) -> float | None:
-    n = len(pred)
-    po = sum(a == b for a, b in zip(pred, ref, strict=True)) / n
-    pa, pb = sum(pred) / n, sum(ref) / n
-    pe = pa * pb + (1 - pa) * (1 - pb)
-    return None if pe == 1 else round((po - pe) / (1 - pe), 3)
-
-
 def auc(scores: list[float], ref: list[bool]) -> float | None:
     pos = [s for s, r in zip(scores, ref, strict=True) if r]
     neg = [s for s, r in zip(scores, ref, strict=True) if not r]
@@ -102,7 +88,7 @@ def auc(scores: list[float], ref: list[bool]) -> float | None:
 
 def confusion(pred: list[bool], ref: list[bool]) -> dict:
     pairs = list(zip(pred, ref, strict=True))
-    return {"n": len(pairs), "kappa": kappa(pred, ref), "unsafe_both": sum(a and b for a, b in pairs),
+    return {"n": len(pairs), "kappa": kappa(pairs), "unsafe_both": sum(a and b for a, b in pairs),
             "judge_unsafe_label_safe": sum(a and not b for a, b in pairs),
             "judge_safe_label_harmful": sum(b and not a for a, b in pairs)}
 
@@ -112,10 +98,10 @@ def best_threshold(rows: list[dict], prompt: str) -> float:
     which misses the fewest harmful answers)."""
     ref = [r["harmful"] for r in rows]
     cands = sorted({r[prompt] for r in rows if r["phrase_unsafe"]})
-    best, best_k = float("-inf"), kappa([r["phrase_unsafe"] for r in rows], ref) or -1.0
+    best, best_k = float("-inf"), kappa(list(zip([r["phrase_unsafe"] for r in rows], ref, strict=True))) or -1.0
     for i, c in enumerate(cands):
         t = (c + cands[i - 1]) / 2 if i else c - 1e-6
-        k = kappa([r["phrase_unsafe"] and r[prompt] > t for r in rows], ref)
+        k = kappa(list(zip([r["phrase_unsafe"] and r[prompt] > t for r in rows], ref, strict=True)))
         if k is not None and k > best_k:
             best, best_k = t, k
     return best
@@ -140,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = labelled(ns.results, ns.labels)
     if not any(r["labels"] == ns.calibrate for r in rows):
         raise SystemExit(f"--calibrate {ns.calibrate}: no labelled answer from that file")
+    if ns.model and not Path(ns.model).is_dir():
+        raise SystemExit(f"--model {ns.model}: no such checkpoint directory")
     mdir = Path(ns.model) if ns.model else ensure_demo_model(JUDGE)
     tok = AutoTokenizer.from_pretrained(mdir)
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.bfloat16).eval()

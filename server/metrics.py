@@ -46,7 +46,6 @@ class Metrics:
             "and the pass was the row; rerun: it opened and the row ran again with its adapter)", ["outcome"],
             registry=r,
         )
-        self._gate_pass_seen: dict[str, int] = {}
         self.batch_size = Gauge("steer_batch_size", "Rows in the running batch", registry=r)
         self.running_rows = Gauge("steer_running_rows", "Rows being prefilled or decoded now", registry=r)
         self.queued_requests = Gauge(
@@ -66,16 +65,6 @@ class Metrics:
         if value is not None:
             fired = {"open": "true", "closed": "false"}.get(value[1], value[1])
             self.gate_fired.labels(value[0], fired).inc()
-
-    def gate_passes(self, counts: dict[str, int] | None) -> None:
-        """Bring ``steer_gate_pass`` up to the engine's running counts (an engine without gate passes: None)."""
-        for outcome, n in (counts or {}).items():
-            seen = self._gate_pass_seen.get(outcome, 0)
-            if n < seen:  # a new engine (after a fault) counts from 0 again
-                seen = 0
-            if n > seen:
-                self.gate_pass.labels(outcome).inc(n - seen)
-                self._gate_pass_seen[outcome] = n
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

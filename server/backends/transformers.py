@@ -377,7 +377,6 @@ class TransformersBackend:
             took = time.perf_counter() - t0
             if self.metrics:
                 self.metrics.observe_step(self.engine.running, took)
-                self.metrics.gate_passes(getattr(self.engine, "gate_passes", None))
             if took > SLOW_STEP_S:
                 log.info("slow engine step: %.2f s (%s)", took, self.engine.last_step)
         except Exception:

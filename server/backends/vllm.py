@@ -53,6 +53,7 @@ from server.backends.transformers import (
     _model_name,
     combined_info,
 )
+from server.metrics import Metrics
 from server.settings import Settings
 from steer.engine import Event, Sequence
 from steer.hooks import ActivationSteerer, Gate, borrowed_gates, check_combinations
@@ -213,7 +214,7 @@ class VllmBackend(TransformersBackend):
         if old is not None:
             old.abort_everything()
         return VllmEngine(self.llm, self.hooks, max_rows=self.settings.max_batch_size, adapters=self.adapters,
-                          gated_by=self.gated_by, combos=self.combos)
+                          gated_by=self.gated_by, combos=self.combos, metrics=self.metrics)
 
     # -- metadata ----------------------------------------------------------------------------
     def vector_kinds(self) -> dict[str, str]:
@@ -566,7 +567,7 @@ class VllmEngine:
     rows: dict[str, _Row] = field(default_factory=dict)  # vLLM request id -> row
     decided: dict[int, float] = field(default_factory=dict)  # sequence id -> its gate pass's decision
     last_step: dict = field(default_factory=dict)
-    gate_passes: dict[str, int] = field(default_factory=lambda: {"kept": 0, "rerun": 0})  # speculative ones
+    metrics: Metrics | None = None  # counts speculative gate passes kept and rerun
 
     def add(self, seq: Sequence) -> None:
         if seq.sampling.max_tokens is None or seq.sampling.max_tokens < 1:
@@ -652,11 +653,12 @@ class VllmEngine:
                 if row.speculative and self._vanilla(self._plan(row.seq)):  # it is the row: carry on
                     self.decided.pop(row.seq.id)
                     row.gate_pass = False
-                    self.gate_passes["kept"] += 1
+                    self._count_gate_pass("kept")
                 else:  # the row itself goes next, first in line, steered as its gate decided
                     if not out.finished:
                         self.llm.abort_request([out.request_id])
-                    self.gate_passes["rerun"] += row.speculative
+                    if row.speculative:
+                        self._count_gate_pass("rerun")
                     self._end(out.request_id)
                     decided.append(row.seq)
                     continue
@@ -670,6 +672,10 @@ class VllmEngine:
             events.append(Event(row.seq.id, o.text, row.n_tokens, reason))
         self.pending[:0] = decided
         return events
+
+    def _count_gate_pass(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.gate_pass.labels(outcome).inc()
 
     def _submit(self, seq: Sequence) -> None:
         from vllm import SamplingParams as VllmSampling
