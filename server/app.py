@@ -323,17 +323,21 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
 class _Rows:
     """Accumulates row texts, finish reasons and token counts for steered and baseline rows."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, logprobs: bool = False):
         self.text = {(i, b): "" for i in range(n) for b in (False, True)}
         self.finish: dict[tuple[int, bool], str] = {}
         self.tokens = {(i, b): 0 for i in range(n) for b in (False, True)}
         self.gate: dict[int, bool | None] = {}
         self.lowered: dict[int, bool] = {}
+        self.logprobs = {(i, b): r.Logprobs() for i in range(n) for b in (False, True)} if logprobs else None
+        self.sent = {(i, b): 0 for i in range(n) for b in (False, True)}  # logprobs already streamed
 
     def add(self, ev) -> None:
         key = (ev.index, ev.baseline)
         self.text[key] += ev.text
         self.tokens[key] = ev.n_tokens
+        if self.logprobs is not None:
+            self.logprobs[key].add(ev.logprobs)
         if ev.finish_reason:
             self.finish[key] = ev.finish_reason
             if not ev.baseline:
@@ -351,7 +355,16 @@ class _Rows:
         return {**safety, "choices": per}
 
     def choices(self, n: int, baseline: bool) -> list[r.Choice]:
-        return [r.Choice(self.text[(i, baseline)], self.finish.get((i, baseline), "stop")) for i in range(n)]
+        return [r.Choice(self.text[(i, baseline)], self.finish.get((i, baseline), "stop"),
+                         self.logprobs[(i, baseline)] if self.logprobs is not None else None) for i in range(n)]
+
+    def unsent_logprobs(self, kind: r.Kind, key: tuple[int, bool]) -> dict | None:
+        """The logprobs of the tokens since the last chunk of this row (a chunk is sent only when text
+        is, so a token whose text is held back reaches the client with the next chunk)."""
+        if self.logprobs is None:
+            return None
+        start, self.sent[key] = self.sent[key], len(self.logprobs[key].entries)
+        return self.logprobs[key].render(kind, start, self.sent[key])
 
     def usage(self, prompt: int, n: int, baseline: bool) -> r.Usage:
         return r.Usage(prompt, sum(self.tokens[(i, baseline)] for i in range(n)))
@@ -397,7 +410,7 @@ async def _gather(backend: Backend, prepared: Prepared, rows: _Rows, t0: float) 
 
 async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint: str, request: Request):
     t0 = time.perf_counter()
-    n, rows = prepared.inp.n, _Rows(prepared.inp.n)
+    n, rows = prepared.inp.n, _Rows(prepared.inp.n, prepared.inp.sampling.logprobs is not None)
     try:
         first = await _unless_disconnected(request, _gather(backend, prepared, rows, t0))
     except ClientDisconnected:
@@ -415,7 +428,8 @@ async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint:
 async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str,
                   include_baseline: bool = False) -> AsyncIterator[str]:
     t0 = time.perf_counter()
-    n, rows, first, started = prepared.inp.n, _Rows(prepared.inp.n), None, set()
+    n, first, started = prepared.inp.n, None, set()
+    rows = _Rows(n, prepared.inp.sampling.logprobs is not None)
     try:
         async with aclosing(backend.generate(prepared)) as events:
             async for ev in events:
@@ -428,16 +442,19 @@ async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_us
                         role = None if (ev.index, True) in started else "assistant"
                         started.add((ev.index, True))
                         yield r.sse_line(r.baseline_chunk(meta, ev.index, role=role, content=ev.text,
-                                                          finish_reason=finish))
+                                                          finish_reason=finish,
+                                                          logprobs=rows.unsent_logprobs(meta.kind, (ev.index, True))))
                     continue
                 if first is None:
                     first = time.perf_counter() - t0
+                lp = rows.unsent_logprobs(meta.kind, (ev.index, False))
                 if meta.kind == "chat":
                     role = None if ev.index in started else "assistant"
                     started.add(ev.index)
-                    chunk = r.chat_chunk(meta, ev.index, role=role, content=ev.text, finish_reason=finish)
+                    chunk = r.chat_chunk(meta, ev.index, role=role, content=ev.text, finish_reason=finish,
+                                         logprobs=lp)
                 else:
-                    chunk = r.completion_chunk(meta, ev.index, text=ev.text, finish_reason=finish)
+                    chunk = r.completion_chunk(meta, ev.index, text=ev.text, finish_reason=finish, logprobs=lp)
                 yield r.sse_line(chunk)
     except APIError as e:
         yield sse_error_line(e)

@@ -19,6 +19,7 @@ from server.settings import Settings
 from steer.types import ChatMessage, GenerationInput, SamplingParams, SteeringSpec
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions) at most: OpenAI's and vLLM's limit
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
 # strict=True: "1.5" and true are not numbers; allow_inf_nan=False: Python's json accepts NaN/Infinity.
@@ -115,8 +116,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "presence_penalty": lambda v: v is None or v == 0,
     "frequency_penalty": lambda v: v is None or v == 0,
     "logit_bias": lambda v: not v,
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v is None or v == 0,
     "tools": lambda v: not v,
     "tool_choice": _neutral_choice,
     "functions": lambda v: not v,
@@ -191,8 +190,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: StrictBool | None = Field(None, description="Return each answer token's log-probability.")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: also the most likely tokens at each position."
+    )
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -200,8 +201,18 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: Any = None
 
     _check_chat_neutral = field_validator(
-        "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "response_format"
+        "tools", "tool_choice", "functions", "function_call", "response_format"
     )(_reject_unsupported)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
@@ -216,10 +227,16 @@ class CompletionRequest(_SamplingRequest):
     prompt: str = Field(description="A non-empty string, or a list holding exactly one string.")
     echo: Any = None
     suffix: Any = None
-    logprobs: Any = None
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="Return each answer token's log-probability and this many most likely tokens at each position.",
+    )
     best_of: Any = None
 
-    _check_completion_neutral = field_validator("echo", "suffix", "logprobs", "best_of")(_reject_unsupported)
+    _check_completion_neutral = field_validator("echo", "suffix", "best_of")(_reject_unsupported)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -278,6 +295,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Se
         seed=req.seed,
         ignore_eos=req.ignore_eos,
         stop=req.stop,
+        logprobs=req.logprobs_k(),
     )
 
 

@@ -5,13 +5,15 @@ Builders take plain values (texts, finish reasons, token counts), never engine o
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from server.backends.base import LogprobEntry
 from steer.types import SteeringSpec
 
 FinishReason = Literal["stop", "length"]
@@ -20,12 +22,49 @@ Kind = Literal["chat", "text"]  # /v1/chat/completions vs /v1/completions
 SSE_DONE = "data: [DONE]\n\n"
 
 
+class Logprobs:
+    """One answer's token log-probabilities as they arrive, with each token's character offset in the
+    answer (the legacy completions format's ``text_offset``; a token holding part of a character starts
+    where that character does)."""
+
+    def __init__(self) -> None:
+        self.entries: list[LogprobEntry] = []
+        self.offsets: list[int] = []
+        self._chars = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, entries: Sequence[LogprobEntry]) -> None:
+        for e in entries:
+            self.entries.append(e)
+            self.offsets.append(self._chars)
+            self._chars += len(self._utf8.decode(e.bytes))
+
+    def render(self, kind: Kind, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+        """Tokens ``start:stop`` as a choice's ``logprobs``: ``{"content": [...]}`` for chat, the legacy
+        ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` for completions."""
+        part = self.entries[start:stop]
+        if kind == "chat":
+            def one(token: str, raw: bytes, logprob: float) -> dict[str, Any]:
+                return {"token": token, "logprob": logprob, "bytes": list(raw)}
+
+            content = [one(e.token, e.bytes, e.logprob) | {"top_logprobs": [one(*t) for t in e.top]} for e in part]
+            return {"content": content, "refusal": None}
+        return {
+            "tokens": [e.token for e in part],
+            "token_logprobs": [e.logprob for e in part],
+            # as vLLM: the most likely tokens and the chosen one (a text shared by two tokens shows once)
+            "top_logprobs": [{t: v for t, _, v in e.top} | {e.token: e.logprob} for e in part],
+            "text_offset": self.offsets[start:stop],
+        }
+
+
 @dataclass(frozen=True)
 class Choice:
-    """One generated answer."""
+    """One generated answer; ``logprobs`` where the request asked for them."""
 
     text: str
     finish_reason: FinishReason
+    logprobs: Logprobs | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,7 +129,8 @@ def _choice_dicts(kind: Kind, choices: Sequence[Choice]) -> list[dict[str, Any]]
             body = {"index": i, "message": {"role": "assistant", "content": c.text}}
         else:
             body = {"index": i, "text": c.text}
-        return body | {"logprobs": None, "finish_reason": c.finish_reason}
+        lp = c.logprobs.render(kind) if c.logprobs is not None else None
+        return body | {"logprobs": lp, "finish_reason": c.finish_reason}
 
     return [one(i, c) for i, c in enumerate(choices)]
 
@@ -134,18 +174,21 @@ def chat_chunk(
     role: str | None = None,
     content: str | None = None,
     finish_reason: FinishReason | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` for one choice; send ``role="assistant"`` on a choice's first chunk."""
+    """One ``chat.completion.chunk`` for one choice; send ``role="assistant"`` on a choice's first chunk.
+    ``logprobs``: the chunk's tokens, rendered by ``Logprobs.render``."""
     delta = {k: v for k, v in (("role", role), ("content", content)) if v is not None}
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return meta.body("chat.completion.chunk", [choice])
 
 
 def completion_chunk(
-    meta: ResponseMeta, index: int = 0, *, text: str = "", finish_reason: FinishReason | None = None
+    meta: ResponseMeta, index: int = 0, *, text: str = "", finish_reason: FinishReason | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` chunk for one choice."""
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return meta.body("text_completion", [choice])
 
 
@@ -156,6 +199,7 @@ def baseline_chunk(
     role: str | None = None,
     content: str = "",
     finish_reason: FinishReason | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """New text of one baseline choice while it streams (``stream_options.include_baseline``): a chunk
     with no choices (so a client reading ``choices`` sees nothing) and the baseline choice's delta under
@@ -167,7 +211,7 @@ def baseline_chunk(
     else:
         choice, object_ = {"index": index, "text": content}, "text_completion"
     body = meta.body(object_, [])
-    body["baseline"] = {"choices": [choice | {"logprobs": None, "finish_reason": finish_reason}]}
+    body["baseline"] = {"choices": [choice | {"logprobs": logprobs, "finish_reason": finish_reason}]}
     return body
 
 

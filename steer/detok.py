@@ -11,6 +11,7 @@ where a stop string is first completed (see ``StopMatcher``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -124,6 +125,61 @@ def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[in
 
 _CLEANUP = ("tokenizer.decode applies clean_up_tokenization_spaces, which rewrites text across token "
             "boundaries; it cannot be decoded incrementally (decode the whole sequence instead)")
+
+
+class TokenBytes:
+    """Token id -> the UTF-8 bytes the token stands for, as OpenAI's logprobs ``bytes`` give them: exact
+    for byte-level BPE (GPT-2, Qwen2, Llama 3: a token may hold part of a character) and SentencePiece
+    byte fallback (``<0xE4>``), the token's text with its word-boundary mark as a space for SentencePiece
+    pieces, an added token's content, and ``decode([id])`` for any other tokenizer. Concatenated over a
+    byte-level answer they are its UTF-8 text. Cached per id."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | Any):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        kinds: set[str] = set()
+        if isinstance(backend, tokenizers.Tokenizer):
+            kinds = _decoder_kinds(json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else None)
+            added = backend.get_added_tokens_decoder()
+            self._token = backend.id_to_token
+        else:
+            added = getattr(tokenizer, "added_tokens_decoder", {})
+            self._token = getattr(tokenizer, "convert_ids_to_tokens", None)
+        self._added = {i: t.content for i, t in added.items()}
+        self._tok = tokenizer
+        self._byte_level = "ByteLevel" in kinds and self._token is not None
+        self._pieces = bool(kinds & {"ByteFallback", "Metaspace", "Replace"}) and self._token is not None
+        if self._byte_level:
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self._unbyte = {c: b for b, c in bytes_to_unicode().items()}
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        got = self._cache.get(token_id)
+        if got is None:
+            got = self._cache[token_id] = self._bytes(token_id)
+        return got
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        token = self._token(token_id) if (self._byte_level or self._pieces) else None
+        if token is None:
+            return self._tok.decode([token_id]).encode()
+        if self._byte_level and all(c in self._unbyte for c in token):
+            return bytes(self._unbyte[c] for c in token)
+        if _BYTE.fullmatch(token):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("\u2581", " ").encode()
+
+
+def _decoder_kinds(spec: dict | None) -> set[str]:
+    """The decoder types of a tokenizer.json decoder (a Sequence's, flattened)."""
+    if not spec:
+        return set()
+    if spec.get("type") == "Sequence":
+        return set().union(*(_decoder_kinds(d) for d in spec.get("decoders", [])))
+    return {spec.get("type", "")}
 
 
 class StopMatcher:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from steer.detok import StopMatcher, detokenizer
 from steer.forward import LayerRunner, attention_mask, positions
 from steer.hooks import SteeringRuntime, gate_columns
-from steer.types import SamplingParams
+from steer.types import SamplingParams, TokenLogprob
 
 log = logging.getLogger("steer.engine")
 
@@ -61,6 +61,9 @@ class Event:
     text: str  # new text since the previous event of this sequence
     n_tokens: int  # tokens generated so far
     finish_reason: str | None  # "stop" | "length" | "cancelled" | "error" | None while running
+    # the tokens this event adds, where the row asked for logprobs (an end-of-sequence token that ends
+    # the answer has none: it is not part of the answer, as in OpenAI's API)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class _Text:
@@ -395,7 +398,10 @@ class Engine:
         try:
             tok = best if s.sampling.greedy else _sample(logits, s.sampling, s.rng)
             s.generated.append(tok)
-            return self._emit(s, tok)
+            ev = self._emit(s, tok)
+            if s.sampling.logprobs is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
+                ev = replace(ev, logprobs=(token_logprob(logits, tok, s.sampling.logprobs),))
+            return ev
         except Exception as e:  # noqa: BLE001 - isolate the row; the caller reports it
             log.exception("row %d failed", s.id)
             s.finish_reason, s.error = "error", f"{type(e).__name__}: {e}"
@@ -425,6 +431,15 @@ def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None
         keep[0] = True  # the top token, whatever top_p (a subnormal top_p is 0 in float32)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """``token``'s log-probability under (V,) float logits and the ``k`` most likely tokens', before
+    temperature and top_p."""
+    lp = torch.log_softmax(logits, dim=-1)
+    top = torch.topk(lp, k) if k else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+    return TokenLogprob(token, float(lp[token]), pairs)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -18,12 +18,24 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (fixed-length benchmark outputs)
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
     @property
     def greedy(self) -> bool:
         # As vLLM: a temperature this small is argmax in effect, and dividing float32 logits by it
         # overflows to NaN probabilities.
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model that generated it (steered rows: the
+    steered model), before temperature and top_p (vLLM's default ``raw_logprobs``), and the ``top`` most
+    likely tokens as (token id, log-probability), most likely first."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from api_utils import (
 from conftest import make_model, make_vector
 
 from server.settings import Settings
+from steer.detok import TokenBytes
 from steer.models import fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -449,6 +450,94 @@ def test_stop_sequence_truncates_the_answer(api: Served) -> None:
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == full[: full.find(stop)]
     assert r.usage.completion_tokens < 16
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def _reference_logprobs(tokenizer, prompt_ids: list[int], entries: list[dict]) -> tuple[list[int], torch.Tensor]:
+    """The generated ids (from each entry's bytes) and the log-softmax of a plain transformers forward of
+    a freshly built copy of the served weights over prompt + answer, one row per answer token."""
+    by_bytes = {TokenBytes(tokenizer)(i): i for i in range(len(tokenizer))}
+    assert len(by_bytes) == len(tokenizer), "the tiny vocabulary's token bytes should be unique"
+    ids = [by_bytes[bytes(e["bytes"])] for e in entries]
+    model = make_model("qwen2", len(tokenizer), heads=2)
+    logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+    return ids, torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_chat_logprobs_are_the_models(api: Served, tiny_tokenizer) -> None:
+    """Unsteered, each answer token's logprob and its top alternatives are the model's own log-softmax
+    (cross-checked against a plain transformers forward), and the tokens' bytes spell the answer."""
+    r = chat(api, PROMPTS[1], 0, logprobs=True, top_logprobs=3)
+    [choice] = r.choices
+    assert choice.finish_reason == "length"
+    entries = [e.to_dict() for e in choice.logprobs.content]
+    assert len(entries) == r.usage.completion_tokens == MAX_TOKENS
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", errors="replace") == choice.message.content
+    prompt_ids = tiny_tokenizer.apply_chat_template(msgs(PROMPTS[1]), add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
+    ids, ref = _reference_logprobs(tiny_tokenizer, list(prompt_ids), entries)
+    by_bytes = {TokenBytes(tiny_tokenizer)(i): i for i in range(len(tiny_tokenizer))}
+    for i, e in enumerate(entries):
+        top = ref[i].topk(3)
+        assert e["logprob"] == pytest.approx(float(ref[i, ids[i]]), abs=1e-3)
+        assert ids[i] == int(top.indices[0])  # greedy: the most likely token
+        assert [by_bytes[bytes(t["bytes"])] for t in e["top_logprobs"]] == top.indices.tolist()
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert e["token"] == bytes(e["bytes"]).decode("utf-8", errors="replace")
+    # without logprobs none come back; logprobs without top_logprobs: no alternatives
+    assert chat(api, PROMPTS[1], 0).choices[0].logprobs is None
+    bare = chat(api, PROMPTS[1], 0, logprobs=True).choices[0].logprobs.content
+    assert [(e.token, e.top_logprobs) for e in bare] == [(e["token"], []) for e in entries]
+
+
+def test_logprobs_follow_steering_and_the_baseline_is_vanilla(api: Served) -> None:
+    """A steered answer's logprobs are the steered model's; the compare baseline's are strength 0's."""
+    r = chat(api, PROMPTS[1], WEAK, safety={"compare": True}, logprobs=True, top_logprobs=2)
+    zero = chat(api, PROMPTS[1], 0, logprobs=True, top_logprobs=2).choices[0].logprobs.to_dict()["content"]
+    steered = r.choices[0].logprobs.to_dict()["content"]
+    baseline = ext(r, "baseline")["choices"][0]["logprobs"]["content"]
+
+    assert _rounded(baseline) == _rounded(zero)
+    assert steered[0]["logprob"] != pytest.approx(zero[0]["logprob"], abs=1e-3)  # the first token's context is shared
+
+
+def _rounded(value: Any) -> Any:
+    """A JSON value with its floats to 3 decimals (two runs of one request on a batch of another size)."""
+    return json.loads(json.dumps(value), parse_float=lambda x: round(float(x), 3))
+
+
+@pytest.mark.parametrize("path", [_CHAT, "/v1/completions"])
+def test_streamed_logprobs_match_non_streamed(api: Served, path: str) -> None:
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0,
+                            "safety": {"strength": WEAK, "compare": True}}
+    if path == _CHAT:
+        body |= {"messages": msgs(PROMPTS[3]), "logprobs": True, "top_logprobs": 2}
+    else:
+        body |= {"prompt": PROMPTS[3], "logprobs": 2}
+    whole = api.http.post(path, json=body).json()
+    with api.http.stream("POST", path, json=body | {"stream": True, "stream_options": {"include_baseline": True}}) as r:
+        payloads = [json.loads(e) for e in sse_events(r.iter_lines())[:-1]]
+    *chunks, final = payloads
+    assert final["choices"] == [] and _rounded(final["baseline"]["choices"][0]["logprobs"]) == _rounded(
+        whole["baseline"]["choices"][0]["logprobs"])
+    steered = [c["logprobs"] for p in chunks for c in p["choices"]]
+    base = [c["logprobs"] for p in chunks if not p["choices"] for c in p["baseline"]["choices"]]
+    assert len(steered) >= 2 and all(lp is not None for lp in steered)
+
+    def joined(parts: list[dict]) -> dict:
+        return {k: [x for part in parts for x in part[k]] for k in parts[0] if k != "refusal"}
+
+    for got, want in ((joined(steered), whole["choices"][0]["logprobs"]),
+                      (joined(base), whole["baseline"]["choices"][0]["logprobs"])):
+        assert _rounded(got) == _rounded({k: v for k, v in want.items() if k != "refusal"})
+    if path != _CHAT:  # the legacy format: the chosen token among its alternatives, offsets into the text
+        lp, text = whole["choices"][0]["logprobs"], whole["choices"][0]["text"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == MAX_TOKENS
+        assert all(t in top and 2 <= len(top) <= 3 for t, top in zip(lp["tokens"], lp["top_logprobs"], strict=True))
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+        assert lp["text_offset"][-1] <= len(text)
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from steer.detok import FullDetokenizer, IncrementalDetokenizer, StopMatcher, detokenizer
+from steer.detok import FullDetokenizer, IncrementalDetokenizer, StopMatcher, TokenBytes, detokenizer
 
 PROPS = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -168,6 +168,38 @@ def test_split_character_is_held_until_complete(kind):
     held = "".join(det.push(t) for t in cut)
     tail = det.flush()
     assert "\ufffd" not in held and tail.endswith("\ufffd") and held + tail == tok.decode(cut)
+
+
+@functools.cache
+def _token_bytes(tok) -> TokenBytes:
+    return TokenBytes(tok)
+
+
+@PROPS
+@given(data=st.data())
+def test_token_bytes_spell_the_text_on_byte_level_tokenizers(data):
+    """The logprobs ``bytes`` of every token, a token that holds part of a character included, join to
+    the text's UTF-8; special tokens are their content."""
+    for tok in (build("bytelevel-unicode"), *([qwen()] if QWEN.is_dir() else [])):
+        text = "".join(data.draw(st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=30)))
+        ids = tok.encode(text, add_special_tokens=False)
+        tb = _token_bytes(tok)
+        assert b"".join(tb(i) for i in ids) == text.encode()
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        assert tb(eos) == b"<|im_end|>"
+
+
+def test_token_bytes_on_sentencepiece_tokenizers():
+    """Byte-fallback tokens are their byte; a piece's word-boundary mark is a space (the first token's
+    included: each token's own bytes, as OpenAI's logprobs show a token)."""
+    tok = build("llama2-bytefallback")
+    text = "héllo 世界 🙂 café"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(re.fullmatch(r"<0x[0-9A-F]{2}>", t) for t in tok.convert_ids_to_tokens(ids))
+    assert b"".join(TokenBytes(tok)(i) for i in ids) == (" " + text).encode()
+    tok = build("metaspace")
+    ids = tok.encode("hello world the fox", add_special_tokens=False)
+    assert b"".join(TokenBytes(tok)(i) for i in ids) == b" hello world the fox"
 
 
 def test_leading_space_of_a_later_word_survives_metaspace():

@@ -100,6 +100,57 @@ def test_steered_rows_in_shared_batch_match_running_alone(tiny_qwen, tiny_tokeni
     assert any(t.generated != v.generated for t, v in zip(together[1:], vanilla[1:], strict=True))
 
 
+def _events(engine: Engine, seqs: list[Sequence]) -> dict[int, list]:
+    for s in seqs:
+        engine.add(s)
+    got: dict[int, list] = {s.id: [] for s in seqs}
+    while engine.has_work():
+        for ev in engine.step():
+            got[ev.seq_id].append(ev)
+    return got
+
+
+def test_logprobs_match_hf_generate(tiny_model, tiny_tokenizer):
+    """Each token's logprob and top-k are the log-softmax of the logits transformers' generate returns
+    (before temperature and top_p); rows without logprobs get none; sampled rows too."""
+    prompts = _prompts(3, len(tiny_tokenizer))
+    params = [SamplingParams(max_tokens=6, temperature=0, logprobs=3), SamplingParams(max_tokens=6, temperature=0),
+              SamplingParams(max_tokens=6, temperature=0.9, top_p=0.5, seed=1, logprobs=0)]
+    seqs = [Sequence(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    for s in seqs:
+        s.rng = torch.Generator().manual_seed(1)
+    got = _events(Engine(tiny_model, tiny_tokenizer, max_batch_size=4), seqs)
+    assert all(ev.logprobs == () for ev in got[seqs[1].id])
+    for s in (seqs[0], seqs[2]):
+        lps = [lp for ev in got[s.id] for lp in ev.logprobs]
+        assert [lp.id for lp in lps] == s.generated
+        out = tiny_model.generate(torch.tensor([s.prompt_ids + s.generated[:-1]]), max_new_tokens=1, do_sample=False,
+                                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        forward = tiny_model(torch.tensor([s.prompt_ids + s.generated])).logits[0, len(s.prompt_ids) - 1 : -1]
+        ref = torch.log_softmax(forward.float(), dim=-1)
+        assert torch.allclose(torch.log_softmax(out.logits[0][0].float(), -1), ref[-1], atol=1e-5)
+        for i, lp in enumerate(lps):
+            assert lp.logprob == pytest.approx(float(ref[i, lp.id]), abs=1e-4)
+            k = s.sampling.logprobs
+            assert [t for t, _ in lp.top] == ref[i].topk(k).indices.tolist() if k else lp.top == ()
+            assert [v for _, v in lp.top] == pytest.approx(ref[i].topk(k).values.tolist(), abs=1e-4)
+
+
+def test_an_eos_that_ends_the_answer_has_no_logprob(tiny_qwen, tiny_tokenizer):
+    prompt = _prompts(1, len(tiny_tokenizer))[0]
+    full = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(prompt, SamplingParams(max_tokens=8, temperature=0))])[0]
+    eng = Engine(tiny_qwen, tiny_tokenizer)
+    eng.eos_ids = [full.generated[3]]  # the fourth greedy token ends the answer
+    ends = full.generated.index(full.generated[3]) + 1
+    seq = Sequence(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1))
+    got = _events(eng, [seq])[seq.id]
+    assert seq.finish_reason == "stop" and len(seq.generated) == ends
+    assert [lp.id for ev in got for lp in ev.logprobs] == full.generated[: ends - 1]
+    kept = Sequence(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))
+    got = _events(eng, [kept])[kept.id]
+    assert [lp.id for ev in got for lp in ev.logprobs] == full.generated  # ignore_eos: an ordinary token
+
+
 def test_stop_string_cuts_text_and_finishes(tiny_qwen, tiny_tokenizer):
     prompt = _prompts(1, len(tiny_tokenizer))[0]
     full = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(prompt, SamplingParams(max_tokens=12, temperature=0))])[0]

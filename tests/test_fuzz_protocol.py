@@ -141,7 +141,7 @@ def request_bodies(
     chat_fields = {
         **shared,
         "max_completion_tokens": st.none() | st.integers(1, max_tokens),
-        "logprobs": st.sampled_from([None, False]),
+        "logprobs": st.sampled_from([None, False, True]),
         "top_logprobs": st.sampled_from([None, 0]),
         "tools": st.sampled_from([None, []]),
         "tool_choice": st.sampled_from([None, "none", "auto"]),
@@ -153,7 +153,7 @@ def request_bodies(
         **shared,
         "echo": st.sampled_from([None, False]),
         "suffix": st.none(),
-        "logprobs": st.sampled_from([None, False]),
+        "logprobs": st.none() | st.integers(0, 20),
         "best_of": st.sampled_from([None, 1]),
     }
     prompt = st.text(min_size=1, max_size=text_size)
@@ -226,8 +226,8 @@ CHAT_BAD = {
                            [{"type": "text", "text": "\ud83d"}]],
     "messages.*.tool_calls": [[{"id": "1"}], [1]],
     "max_completion_tokens": _BAD_INT,
-    "logprobs": [True, 1, 0, "yes"],
-    "top_logprobs": [3, -1, "0"],
+    "logprobs": [1, 0, "yes", "true"],
+    "top_logprobs": [21, -1, "0", 1.5, True],
     "tools": [[{"type": "function", "function": {"name": "f"}}], "x", 1],
     "tool_choice": ["required", {"type": "function"}, 1],
     "functions": [[{"name": "f"}], 1],
@@ -239,7 +239,7 @@ COMPLETION_BAD = {
     "prompt": ["", [], [""], ["a", "b"], [1, 2], [1], 1, None, {}, True, "\ud800", ["x\udc00"]],
     "echo": [True, 1, "yes"],
     "suffix": ["", "end", 1],
-    "logprobs": [True, 1, 0, 2],
+    "logprobs": [True, False, 21, -1, "2", 1.5],
     "best_of": [2, 0, "1"],
 }
 
@@ -356,6 +356,10 @@ def check_resolved(model: Model, body: dict, policy, gen: GenerationInput, spec:
     assert isinstance(p.stop, tuple) and len(p.stop) <= MAX_STOP_SEQUENCES
     assert all(isinstance(x, str) and x and _text_ok(x) for x in p.stop)
     assert type(p.ignore_eos) is bool
+    if model is ChatCompletionRequest:
+        assert p.logprobs == ((body.get("top_logprobs") or 0) if body.get("logprobs") else None)
+    else:
+        assert p.logprobs == body.get("logprobs")
     # the prompt: exactly one of messages / prompt, all of it valid Unicode for the tokenizer
     if model is ChatCompletionRequest:
         assert gen.prompt is None and gen.messages and len(gen.messages) == len(body["messages"])

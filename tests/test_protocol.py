@@ -19,7 +19,7 @@ from server.errors import (
     sse_error_line,
     validation_error_to_api_error,
 )
-from server.protocol import ChatCompletionRequest, CompletionRequest, resolve
+from server.protocol import ChatCompletionRequest, CompletionRequest, resolve, sampling_params
 from server.responses import (
     SSE_DONE,
     Choice,
@@ -213,8 +213,6 @@ def test_bad_chat_requests_name_the_param(body: dict[str, Any], param: str) -> N
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "required"),
         ("functions", [{"name": "f"}]),
@@ -227,6 +225,36 @@ def test_bad_chat_requests_name_the_param(body: dict[str, Any], param: str) -> N
 )
 def test_unsupported_chat_features_are_rejected(field: str, value: Any) -> None:
     assert param_of(ChatCompletionRequest, chat(**{field: value})) == field
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat(logprobs="yes"), "logprobs"),
+        (chat(logprobs=1), "logprobs"),
+        (chat(top_logprobs=3), "top_logprobs"),  # without logprobs: true (OpenAI)
+        (chat(logprobs=False, top_logprobs=1), "top_logprobs"),
+        (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+    ],
+)
+def test_bad_logprobs_name_the_param(body: dict[str, Any], param: str) -> None:
+    assert param_of(ChatCompletionRequest, body) == param
+
+
+@pytest.mark.parametrize(
+    ("body", "k"),
+    [(chat(), None), (chat(logprobs=False), None), (chat(logprobs=False, top_logprobs=0), None),
+     (chat(logprobs=True), 0), (chat(logprobs=True, top_logprobs=20), 20)],
+)
+def test_chat_logprobs_reach_the_sampling_params(body: dict[str, Any], k: int | None) -> None:
+    assert sampling_params(ChatCompletionRequest.model_validate(body), Settings()).logprobs == k
+
+
+@pytest.mark.parametrize("k", [None, 0, 5, 20])
+def test_completion_logprobs_reach_the_sampling_params(k: int | None) -> None:
+    req = CompletionRequest.model_validate({"prompt": "x", "logprobs": k})
+    assert sampling_params(req, Settings()).logprobs == k
 
 
 def test_neutral_and_unknown_fields_are_accepted() -> None:
@@ -257,7 +285,8 @@ def test_neutral_and_unknown_fields_are_accepted() -> None:
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "safety": {"strength": "2"}}, "safety.strength"),
     ],
@@ -485,7 +514,7 @@ def test_app_valid_request(client: TestClient) -> None:
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({}, "messages"),
         (chat(max_tokens=0), "max_tokens"),
-        (chat(logprobs=True), "logprobs"),
+        (chat(top_logprobs=2), "top_logprobs"),
     ],
 )
 def test_app_validation_failure_is_400_envelope(client: TestClient, body: dict[str, Any], param: str) -> None:

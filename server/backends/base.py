@@ -10,6 +10,18 @@ from steer.types import GenerationInput, SteeringSpec
 
 
 @dataclass(frozen=True)
+class LogprobEntry:
+    """One generated token's log-probability as the API shows it: its text, its UTF-8 bytes (a token may
+    hold part of a character; its text then has U+FFFD where the bytes are incomplete) and the most
+    likely tokens at its position as (text, bytes, log-probability), most likely first."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RowEvent:
     """New text for one output row. ``baseline`` rows are the unsteered twins of compare requests."""
 
@@ -22,6 +34,7 @@ class RowEvent:
     # the vector has no gate or no gate was decided (strength 0, baseline rows, cancelled before prefill)
     gate: bool | None = None
     lowered: bool = False  # a two-sided gate judged the prompt benign and lowered refusal on this row
+    logprobs: tuple[LogprobEntry, ...] = ()  # the tokens this event adds, where the request asked for logprobs
 
 
 @dataclass(frozen=True)

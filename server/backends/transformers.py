@@ -26,16 +26,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from server.backends.base import Prepared, RowEvent
+from server.backends.base import LogprobEntry, Prepared, RowEvent
 from server.errors import SERVER_ERROR, APIError, current_request_id
 from server.memory import Trimmer
 from server.metrics import Metrics
 from server.settings import Settings
 from steer import serving
+from steer.detok import TokenBytes
 from steer.engine import Engine, Event, Sequence
 from steer.vectors import SafetyVector, choose_default, load_directory
 
@@ -273,11 +275,24 @@ class TransformersBackend:
                     job.remaining.discard(item.seq_id)
                     gate = gate_label(_row_gate(seqs[item.seq_id], b))
                 yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason,
-                               None if gate is None else gate == "open", gate == "lowered")
+                               None if gate is None else gate == "open", gate == "lowered",
+                               tuple(map(self._logprob_entry, item.logprobs)))
         finally:
             self._inflight.discard(id(job))
             if job.remaining:  # consumer left early or a row failed: free the other rows
                 self._inbox.put(("cancel", list(job.remaining)))
+
+    @cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.tok)
+
+    def _logprob_entry(self, lp) -> LogprobEntry:
+        """A steer.types.TokenLogprob (token ids) as the API shows it (token texts and bytes)."""
+        def shown(token_id: int) -> tuple[str, bytes]:
+            raw = self._token_bytes(token_id)
+            return raw.decode("utf-8", errors="replace"), raw
+
+        return LogprobEntry(*shown(lp.id), lp.logprob, tuple((*shown(t), v) for t, v in lp.top))
 
     def _job(self, req: Prepared) -> _Job:
         rows = []

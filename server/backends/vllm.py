@@ -58,7 +58,7 @@ from server.settings import Settings
 from steer.engine import Event, Sequence
 from steer.hooks import ActivationSteerer, Gate, borrowed_gates, check_combinations
 from steer.models import fingerprint_checkpoint
-from steer.types import GenerationInput, SamplingParams
+from steer.types import GenerationInput, SamplingParams, TokenLogprob
 from steer.vectors import SafetyVector, VectorError, choose_default, load_directory
 
 # Before vllm is imported anywhere: the engine core must live in this process (see above).
@@ -669,7 +669,7 @@ class VllmEngine:
             if out.finished:
                 reason = o.finish_reason if o.finish_reason in ("stop", "length") else "cancelled"
                 self._finish(out.request_id)
-            events.append(Event(row.seq.id, o.text, row.n_tokens, reason))
+            events.append(Event(row.seq.id, o.text, row.n_tokens, reason, _logprobs(o, row.seq.sampling)))
         self.pending[:0] = decided
         return events
 
@@ -688,7 +688,7 @@ class VllmEngine:
             return VllmSampling(
                 n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
                 top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None,
-                ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, **kw)
+                ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, logprobs=p.logprobs, **kw)
 
         if plan.gate_pass:  # unsteered, the gating vector's hooks reading the gate; the whole row if speculative
             rid = f"gate-{seq.id}"
@@ -775,6 +775,22 @@ class VllmEngine:
 
 
 # ------------------------------------------------------------------------------ steering hooks
+
+
+def _logprobs(o, p: SamplingParams) -> tuple[TokenLogprob, ...]:
+    """A completion output's new tokens' logprobs as the embedded engine gives them: vLLM's raw
+    log-probabilities (its default ``logprobs_mode``), the ``p.logprobs`` most likely by rank, and none
+    for an end-of-sequence token that ends the answer (``stop_reason`` None on a "stop" finish)."""
+    if p.logprobs is None or not o.logprobs:
+        return ()
+    ids = list(o.token_ids)
+    if o.finish_reason == "stop" and o.stop_reason is None and not p.ignore_eos and ids:
+        ids = ids[:-1]
+    out = []
+    for tok, step in zip(ids, o.logprobs, strict=False):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= p.logprobs)
+        out.append(TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top)))
+    return tuple(out)
 
 
 @dataclass
