@@ -19,6 +19,7 @@ from server.settings import Settings
 from steer.types import ChatMessage, GenerationInput, SamplingParams, SteeringSpec
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGIT_BIAS = 1024  # logit_bias entries at most (each costs a little per token)
 MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions) at most: OpenAI's and vLLM's limit
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
@@ -113,9 +114,6 @@ def _neutral_choice(value: Any) -> bool:
 
 # Fields we accept only at their neutral value: anything else would silently change the semantics.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": lambda v: v is None or v == 0,
-    "frequency_penalty": lambda v: v is None or v == 0,
-    "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "tool_choice": _neutral_choice,
     "functions": lambda v: not v,
@@ -150,13 +148,38 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     safety: SafetyOptions | None = None
     user: str | None = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-
-    _check_neutral = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(
-        _reject_unsupported
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, **_NUMBER, description="Subtracted from the logit of every token already in the answer."
     )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, **_NUMBER, description="Subtracted from a token's logit once per time it is in the answer."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, **_NUMBER, description="vLLM extension: divides positive (multiplies negative) logits of "
+        "tokens in the prompt or the answer; 1 = off."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description=f"Token id (a string) -> bias added to its logit, -100..100; at most {MAX_LOGIT_BIAS} entries."
+    )
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to biases")
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(value)}")
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {_QUOTE.repr(key)}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers from -100 to 100, got {_QUOTE.repr(bias)}")
+        return value
+
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -296,6 +319,10 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Se
         ignore_eos=req.ignore_eos,
         stop=req.stop,
         logprobs=req.logprobs_k(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=req.logit_bias_ids(),
     )
 
 

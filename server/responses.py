@@ -36,7 +36,14 @@ class Logprobs:
     def add(self, entries: Sequence[LogprobEntry]) -> None:
         for e in entries:
             self.entries.append(e)
-            self.offsets.append(self._chars)
+            start = self._chars
+            held = self._utf8.getstate()[0]  # the start of a character the last tokens left incomplete
+            if held:
+                try:  # this token goes on with that character: it starts where the character does
+                    codecs.getincrementaldecoder("utf-8")().decode(held + e.bytes[:1])
+                except UnicodeDecodeError:  # it does not: the held bytes are one U+FFFD before it
+                    start += 1
+            self.offsets.append(start)
             self._chars += len(self._utf8.decode(e.bytes))
 
     def render(self, kind: Kind, start: int = 0, stop: int | None = None) -> dict[str, Any]:

@@ -396,11 +396,15 @@ class Engine:
     def _next_token(self, s: Sequence, logits: torch.Tensor, best: int) -> Event:
         """Sample, detokenize and check stop conditions for one row; a failure ends this row only."""
         try:
+            raw = logits
+            if s.sampling.adjusts_logits:
+                logits = adjusted_logits(logits, s.sampling, s.prompt_ids, s.generated)
+                best = int(logits.argmax())
             tok = best if s.sampling.greedy else _sample(logits, s.sampling, s.rng)
             s.generated.append(tok)
             ev = self._emit(s, tok)
             if s.sampling.logprobs is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
-                ev = replace(ev, logprobs=(token_logprob(logits, tok, s.sampling.logprobs),))
+                ev = replace(ev, logprobs=(token_logprob(raw, tok, s.sampling.logprobs),))
             return ev
         except Exception as e:  # noqa: BLE001 - isolate the row; the caller reports it
             log.exception("row %d failed", s.id)
@@ -431,6 +435,25 @@ def _sample(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None
         keep[0] = True  # the top token, whatever top_p (a subnormal top_p is 0 in float32)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def adjusted_logits(logits: torch.Tensor, p: SamplingParams, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """(V,) float logits after ``p``'s logit biases, then its repetition penalty (tokens of the prompt or
+    the answer: a positive logit divided by it, a negative one multiplied), then its frequency and
+    presence penalties (tokens of the answer), in vLLM's order and by its definitions. A new tensor."""
+    out = logits.clone()
+    vocab = out.shape[-1]
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias, strict=True)
+        out[torch.tensor(ids)] += torch.tensor(bias, dtype=out.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in (*prompt, *generated) if t < vocab}), dtype=torch.long)
+        got = out[seen]
+        out[seen] = torch.where(got > 0, got / p.repetition_penalty, got * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated), minlength=vocab)[:vocab].to(out.dtype)
+        out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    return out
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

@@ -19,6 +19,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (fixed-length benchmark outputs)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    # OpenAI's penalties over the answer's tokens, vLLM's repetition penalty over prompt and answer, and
+    # per-token logit biases as (token id, bias); applied in that order after the bias, as vLLM does
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

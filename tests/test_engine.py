@@ -12,11 +12,12 @@ from transformers import DynamicCache
 
 from steer import attention
 from steer.attention import ATTENTION
-from steer.engine import Engine, Sequence
+from steer.engine import Engine, Sequence, adjusted_logits
 from steer.hooks import SteeringRuntime
 from steer.types import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+GREEDY_8 = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def _prompts(n: int, vocab: int) -> list[list[int]]:
@@ -149,6 +150,43 @@ def test_an_eos_that_ends_the_answer_has_no_logprob(tiny_qwen, tiny_tokenizer):
     kept = Sequence(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))
     got = _events(eng, [kept])[kept.id]
     assert [lp.id for ev in got for lp in ev.logprobs] == full.generated  # ignore_eos: an ordinary token
+
+
+@pytest.mark.parametrize("kw", [{"repetition_penalty": 1.8}, {"repetition_penalty": 0.7}, {"bias": 6.0}],
+                         ids=["repetition", "repetition-below-1", "logit-bias"])
+def test_penalties_and_biases_match_hf_generate(tiny_model, tiny_tokenizer, kw):
+    """Greedy rows with a repetition penalty or logit biases generate what transformers' generate does
+    with its RepetitionPenaltyLogitsProcessor or SequenceBiasLogitsProcessor; rows without them in the
+    same batch are unchanged."""
+    prompts = _prompts(3, len(tiny_tokenizer))
+    plain = [tiny_model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    biased = sorted({plain[0][1], plain[1][0], 42})  # tokens the plain answers use, and one they may not
+    hf = {"repetition_penalty": kw["repetition_penalty"]} if "repetition_penalty" in kw else {
+        "sequence_bias": {(t,): kw["bias"] for t in biased}}
+    ref = [tiny_model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               eos_token_id=None, **hf)[0, len(p):].tolist() for p in prompts]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                        repetition_penalty=kw.get("repetition_penalty", 1.0),
+                        logit_bias=tuple((t, kw["bias"]) for t in biased) if "bias" in kw else ())
+    seqs = [Sequence(p, sp) for p in prompts] + [Sequence(prompts[0], GREEDY_8)]
+    _run(Engine(tiny_model, tiny_tokenizer, max_batch_size=4), seqs)
+    assert [s.generated for s in seqs[:3]] == ref
+    assert seqs[3].generated == plain[0]
+    assert ref != plain  # the adjustment changed something, so the comparison has teeth
+
+
+def test_frequency_and_presence_penalties_follow_openai_definitions():
+    """logit - frequency * count - presence * (count > 0) over the answer's tokens; the prompt's tokens
+    count only for the repetition penalty (vLLM's definitions)."""
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias=((4, 3.0),))
+    out = adjusted_logits(logits, p, prompt=[1, 2], generated=[3, 3, 4])
+    want = logits.clone()
+    want[4] += 3.0
+    want[3] -= 0.5 * 2 + 0.25
+    want[4] -= 0.5 * 1 + 0.25
+    assert torch.equal(out, want) and not torch.equal(out, logits)
 
 
 def test_stop_string_cuts_text_and_finishes(tiny_qwen, tiny_tokenizer):

@@ -134,9 +134,10 @@ def request_bodies(
         "stream_options": st.none() | st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
         "safety": st.none() | safety,
         "user": st.none() | st.text(max_size=10),
-        "presence_penalty": st.sampled_from([None, 0, 0.0]),
-        "frequency_penalty": st.sampled_from([None, 0, 0.0]),
-        "logit_bias": st.sampled_from([None, {}]),
+        "presence_penalty": st.none() | st.floats(-2, 2),
+        "frequency_penalty": st.none() | st.floats(-2, 2),
+        "repetition_penalty": st.none() | st.floats(0.01, 10),
+        "logit_bias": st.none() | st.dictionaries(st.integers(0, 300).map(str), st.floats(-100, 100), max_size=4),
     }
     chat_fields = {
         **shared,
@@ -213,9 +214,10 @@ _SHARED_BAD: dict[str, list[Any]] = {
     "safety.vector": [3, True, [], {}, 1.5],
     "safety.compare": _NOT_BOOL,
     "user": [3, [], {}],
-    "presence_penalty": [0.5, -1, "0", float("nan"), [], {"a": 1}],
-    "frequency_penalty": [2, -0.5, float("inf")],
-    "logit_bias": [{"50256": -100}, [1], "x", 1],
+    "presence_penalty": [2.5, -3, "0", float("nan"), [], {"a": 1}],
+    "frequency_penalty": [2.01, float("inf"), True],
+    "repetition_penalty": [0, -1, 11, "1", float("nan")],
+    "logit_bias": [{"x": 1}, {"1": 101}, {"1": "2"}, {"-1": 0}, [1], "x", 1],
 }
 CHAT_BAD = {
     **_SHARED_BAD,
@@ -356,6 +358,10 @@ def check_resolved(model: Model, body: dict, policy, gen: GenerationInput, spec:
     assert isinstance(p.stop, tuple) and len(p.stop) <= MAX_STOP_SEQUENCES
     assert all(isinstance(x, str) and x and _text_ok(x) for x in p.stop)
     assert type(p.ignore_eos) is bool
+    assert p.presence_penalty == (body.get("presence_penalty") or 0.0)
+    assert p.frequency_penalty == (body.get("frequency_penalty") or 0.0)
+    assert p.repetition_penalty == (1.0 if body.get("repetition_penalty") is None else body["repetition_penalty"])
+    assert dict(p.logit_bias) == {int(k): v for k, v in (body.get("logit_bias") or {}).items()}
     if model is ChatCompletionRequest:
         assert p.logprobs == ((body.get("top_logprobs") or 0) if body.get("logprobs") else None)
     else:

@@ -9,9 +9,13 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
+from server.backends.base import LogprobEntry
 from server.errors import (
     APIError,
     error_body,
@@ -23,6 +27,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, resolve, s
 from server.responses import (
     SSE_DONE,
     Choice,
+    Logprobs,
     ResponseMeta,
     Usage,
     chat_chunk,
@@ -218,9 +223,6 @@ def test_bad_chat_requests_name_the_param(body: dict[str, Any], param: str) -> N
         ("functions", [{"name": "f"}]),
         ("function_call", {"name": "f"}),
         ("response_format", {"type": "json_object"}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
-        ("logit_bias", {"50256": -100}),
     ],
 )
 def test_unsupported_chat_features_are_rejected(field: str, value: Any) -> None:
@@ -240,6 +242,34 @@ def test_unsupported_chat_features_are_rejected(field: str, value: Any) -> None:
 )
 def test_bad_logprobs_name_the_param(body: dict[str, Any], param: str) -> None:
     assert param_of(ChatCompletionRequest, body) == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat(presence_penalty=2.5), "presence_penalty"),
+        (chat(frequency_penalty=-3), "frequency_penalty"),
+        (chat(frequency_penalty="1"), "frequency_penalty"),
+        (chat(repetition_penalty=0), "repetition_penalty"),
+        (chat(logit_bias={"x": 1}), "logit_bias"),
+        (chat(logit_bias={"-1": 1}), "logit_bias"),
+        (chat(logit_bias={"5": 101}), "logit_bias"),
+        (chat(logit_bias={"5": True}), "logit_bias"),
+        (chat(logit_bias={"5": "1"}), "logit_bias"),
+        (chat(logit_bias=[1]), "logit_bias"),
+        (chat(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+    ],
+)
+def test_bad_penalties_and_biases_name_the_param(body: dict[str, Any], param: str) -> None:
+    assert param_of(ChatCompletionRequest, body) == param
+
+
+def test_penalties_and_biases_reach_the_sampling_params() -> None:
+    body = chat(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"7": -100, "3": 2.5})
+    p = sampling_params(ChatCompletionRequest.model_validate(body), Settings())
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == ((3, 2.5), (7, -100.0)) and p.adjusts_logits
+    assert not sampling_params(ChatCompletionRequest.model_validate(chat(logit_bias={})), Settings()).adjusts_logits
 
 
 @pytest.mark.parametrize(
@@ -572,3 +602,36 @@ def test_app_unexpected_error_is_500_without_traceback(
     err = assert_envelope(resp, 500, None)
     assert err["message"].startswith("internal error (request id ") and "secret" not in resp.text
     assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
+
+
+# ---------------------------------------------------------------- logprobs rendering
+
+
+def _logprobs(chunks: list[bytes]) -> tuple[str, Logprobs]:
+    lp = Logprobs()
+    lp.add([LogprobEntry(c.decode("utf-8", errors="replace"), c, -float(i), ((c.decode("utf-8", errors="replace"), c,
+                                                                               -float(i)),))
+            for i, c in enumerate(chunks)])
+    return b"".join(chunks).decode("utf-8", errors="replace"), lp
+
+
+def test_text_offsets_of_tokens_that_split_characters() -> None:
+    # a character split over two tokens starts where its first token does; held bytes that the next token
+    # does not continue are one U+FFFD of their own
+    assert _logprobs([b"a", b"\xe4\xb8", b"\x96", b"b", b"\xf0\x9f", b"\x99", b"\x82x"])[1].offsets == [0, 1, 1, 2, 3, 3, 3]
+    assert _logprobs([b"$", b"\x80", b"{", b"lant", b"\xe4", b"\xc3", b"el"])[1].offsets == [0, 1, 2, 3, 7, 8, 9]
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=4) | st.sampled_from([b"a", b" the", "世".encode(), "🙂".encode()]), max_size=12))
+def test_text_offsets_point_at_each_whole_token_in_the_text(chunks: list[bytes]) -> None:
+    text, lp = _logprobs(chunks)
+    assert lp.offsets == sorted(lp.offsets) and all(0 <= o <= len(text) for o in lp.offsets)
+    for o, c, e in zip(lp.offsets, chunks, lp.entries, strict=True):
+        if "\ufffd" not in e.token and c:  # a token of whole characters, which the text then holds at its offset
+            assert text[o : o + len(e.token)] == e.token
+    legacy = lp.render("text")
+    assert legacy["tokens"] == [e.token for e in lp.entries] and legacy["text_offset"] == lp.offsets
+    assert all(top == {e.token: e.logprob} for top, e in zip(legacy["top_logprobs"], lp.entries, strict=True))
+    chat = lp.render("chat", 1, 3)
+    assert [bytes(x["bytes"]) for x in chat["content"]] == chunks[1:3] and chat["refusal"] is None

@@ -220,6 +220,63 @@ def test_strength_zero_is_vanilla_vllm(steer_vllm, vanilla_vllm):
         assert ours == theirs["choices"][0]["text"]
 
 
+SAMPLING_FIELDS = [  # request fields a client of vLLM's server may send; ours must answer them as it does
+    {"logprobs": True, "top_logprobs": 3},
+    {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logprobs": True},
+    {"repetition_penalty": 1.6},
+    {"logit_bias": {"42": 8.0, "60": -100}},
+]
+
+
+def _logprob_numbers(choice: dict) -> list:
+    """A choice's logprobs as numbers (rounded) and token texts, except a token that holds part of a
+    character: we spell it U+FFFD (as decode does), vLLM "" (its detokenizer waits for the character)."""
+    lp = choice["logprobs"]
+    if lp is None:
+        return []
+    if "content" in lp:
+        return [(round(e["logprob"], 3), [round(t["logprob"], 3) for t in e["top_logprobs"]],
+                 None if "\ufffd" in e["token"] or not e["token"] else e["token"]) for e in lp["content"]]
+    return [round(v, 3) for v in lp["token_logprobs"]]
+
+
+@vs_embedded
+@pytest.mark.parametrize("fields", SAMPLING_FIELDS, ids=["logprobs", "penalties", "repetition", "logit-bias"])
+def test_sampling_fields_answer_as_vanilla_vllm_does(steer_vllm, embedded, vanilla_vllm, fields):
+    """Drop-in: logprobs, penalties and logit biases give vLLM's own server's answer and log-probabilities,
+    unsteered, on both backends, chat and raw completions."""
+    for p in PROMPTS[:3]:
+        theirs = _complete(vanilla_vllm, p, **fields)
+        plain = _text(vanilla_vllm, p)
+        for url in (steer_vllm, embedded):
+            ours = _complete(url, p, 0.0, **fields)
+            assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
+            a, b = (c["choices"][0]["message"]["content"].rstrip("\ufffd") for c in (ours, theirs))
+            assert a == b and a  # a trailing incomplete character: U+FFFD here, dropped by vLLM
+            assert _logprob_numbers(ours["choices"][0]) == _logprob_numbers(theirs["choices"][0])
+        if "logprobs" not in fields:
+            assert theirs["choices"][0]["message"]["content"] != plain  # the field changed the answer
+    legacy = {k: v for k, v in fields.items() if k not in ("logprobs", "top_logprobs")} | {"logprobs": 2}
+    body = {"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, **legacy}
+    theirs = httpx.post(f"{vanilla_vllm}/v1/completions", json=body, timeout=120).json()["choices"][0]
+    for url in (steer_vllm, embedded):
+        ours = httpx.post(f"{url}/v1/completions", json=body | {"safety": {"strength": 0}}, timeout=120).json()
+        assert ours["choices"][0]["text"].rstrip("\ufffd") == theirs["text"].rstrip("\ufffd")
+        assert _logprob_numbers(ours["choices"][0]) == _logprob_numbers(theirs)
+        # each whole token sits at its offset in our text (vLLM sums its token strings, where a token that
+        # holds part of a character is "", so its offsets fall behind its own text after one)
+        lp, text = ours["choices"][0]["logprobs"], ours["choices"][0]["text"]
+        spelled = [(o, t) for o, t in zip(lp["text_offset"], lp["tokens"], strict=True) if "\ufffd" not in t]
+        assert spelled and all(text[o : o + len(t)] == t for o, t in spelled)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400(steer_vllm, embedded):
+    for url in (steer_vllm, embedded):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "logit_bias": {"100000": 1}}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
 def test_steering_changes_every_answer_and_compare_returns_the_baseline(steer_vllm):
     for p in PROMPTS:
         base = _text(steer_vllm, p, 0.0)

@@ -153,6 +153,7 @@ class TransformersBackend:
                                model=model, tokenizer=tokenizer, merged=merged, transfers=settings.transfers(),
                                gated_by=settings.gated_by(), combos=combos)
         self.served, self.model, self.tok = served, served.model, served.tokenizer
+        self.vocab_size = int(self.model.config.vocab_size)  # the LM head's rows: logit_bias ids below it
         self.model_name = settings.served_model_name or _model_name(settings)
         ctx = getattr(self.model.config, "max_position_embeddings", settings.max_model_len)
         self.max_model_len = min(settings.max_model_len, int(ctx))
@@ -240,6 +241,10 @@ class TransformersBackend:
             param = "prompt"
         if not ids:
             raise APIError(400, "the prompt is empty after tokenization", param=param)
+        too_big = [t for t, _ in inp.sampling.logit_bias if t >= self.vocab_size]
+        if too_big:
+            raise APIError(400, f"logit_bias token id {too_big[0]} is out of the vocabulary (ids 0..{self.vocab_size - 1})",
+                           param="logit_bias")
         budget = self.max_model_len - len(ids)
         if budget <= 0:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the context is {self.max_model_len}", param=param)

@@ -119,6 +119,7 @@ class VllmBackend(TransformersBackend):
         self.llm = _start_engine(weights, settings, gated=any(v.config.get("gate") for v in activation),
                                  lora=(self._lora_rank, self._lora_modules) if self.adapters else None)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
+        self.vocab_size = self.llm.vllm_config.model_config.get_vocab_size()
         dtype = self.llm.vllm_config.model_config.dtype
         transfer = {v.name: self._matched[v.name] == "transfer" for v in activation}
         shas = {v.name: v.sha256 for v in activation}
@@ -688,7 +689,9 @@ class VllmEngine:
             return VllmSampling(
                 n=1, max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
                 top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None,
-                ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, logprobs=p.logprobs, **kw)
+                ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, logprobs=p.logprobs,
+                presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, **kw)
 
         if plan.gate_pass:  # unsteered, the gating vector's hooks reading the gate; the whole row if speculative
             rid = f"gate-{seq.id}"
