@@ -13,6 +13,10 @@ Modes on the same server are interleaved and repeated; the table reports medians
     .venv/bin/python bench/throughput.py [--concurrency 8] [--max-tokens 64] [--repeats 3]
         [--vectors DIR --default-vector NAME]   # another vector set on the steering server
 
+``--extra-body JSON`` adds a mode ``off+extra``: the ``off`` requests with these request fields too (e.g.
+``'{"logprobs": true, "top_logprobs": 5, "frequency_penalty": 0.5}'``), so their cost reads as the paired
+ratio ``off+extra`` / ``off``.
+
 ``--vectors``/``--default-vector`` serve another vector (e.g. a multi-layer gate) as the one the
 ``off`` and ``k-strengths`` requests use; the default is the shipped set. ``--serve-arg`` passes more
 ``steer serve`` flags to the steering server (e.g. a combination: ``--serve-arg=--gate-with=enchtable=refusal
@@ -57,13 +61,14 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     return wait_healthy(proc, port, timeout=300, what=" ".join(cmd))
 
 
-async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int) -> tuple[int, float]:
+async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int,
+              extra: dict | None = None) -> tuple[int, float]:
     t0 = time.perf_counter()
     ttft = None
     stream = await client.chat.completions.create(
         model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"safety": {"strength": strength}, "ignore_eos": True},
+        extra_body={"safety": {"strength": strength}, "ignore_eos": True, **(extra or {})},
     )
     tokens = 0
     async for chunk in stream:
@@ -74,10 +79,10 @@ async def one(client: AsyncOpenAI, prompt: str, strength: float, max_tokens: int
     return tokens, ttft or 0.0
 
 
-async def load(port: int, strengths: list[float], max_tokens: int) -> dict:
+async def load(port: int, strengths: list[float], max_tokens: int, extra: dict | None = None) -> dict:
     async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600) as client:
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)], s, max_tokens)
+        outs = await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)], s, max_tokens, extra)
                                       for i, s in enumerate(strengths)])
         wall = time.perf_counter() - t0
     tokens = sum(t for t, _ in outs)
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="another steer serve argument for the steering server, repeatable "
                          "(e.g. --serve-arg=--combine=both=refusal+enchtable)")
+    ap.add_argument("--extra-body", type=json.loads, default=None, metavar="JSON",
+                    help="request fields of an added mode off+extra (strength 0 with them)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     ns = ap.parse_args(argv)
     c = ns.concurrency
@@ -109,13 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         servers = [start_server(ns.port, steering),
                    start_server(ns.port + 1, ["--vectors", empty, "--default-strength", "0"])]
         try:
-            modes = {"vanilla": (ns.port + 1, [0.0] * c), "off": (ns.port, [0.0] * c), k_name: (ns.port, distinct)}
-            for port, _ in modes.values():
-                asyncio.run(load(port, [0.0] * 2, 8))  # warm-up
+            modes = {"vanilla": (ns.port + 1, [0.0] * c, None), "off": (ns.port, [0.0] * c, None),
+                     k_name: (ns.port, distinct, None)}
+            if ns.extra_body:
+                modes["off+extra"] = (ns.port, [0.0] * c, ns.extra_body)
+            for port, _, extra in modes.values():
+                asyncio.run(load(port, [0.0] * 2, 8, extra))  # warm-up
             results: dict[str, list[dict]] = {m: [] for m in modes}
             for name in interleaved(list(modes), ns.repeats):
-                port, strengths = modes[name]
-                results[name].append(asyncio.run(load(port, strengths, ns.max_tokens)))
+                port, strengths, extra = modes[name]
+                results[name].append(asyncio.run(load(port, strengths, ns.max_tokens, extra)))
                 print(f"  {name}: {results[name][-1]['tok_per_s']:.1f} tok/s", flush=True)
         finally:
             for srv in servers:
@@ -137,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             a["tok_per_s"] / b["tok_per_s"] for a, b in zip(results[k_name], results["off"], strict=True)),
         "runs": results, "cpu_count": os.cpu_count(),
     }
+    if ns.extra_body:
+        summary["extra_body"] = ns.extra_body
+        summary["paired_ratio_extra_to_off"] = statistics.median(
+            a["tok_per_s"] / b["tok_per_s"] for a, b in zip(results["off+extra"], results["off"], strict=True))
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(summary, indent=1) + "\n")
     print("| mode | median tok/s | median TTFT s | ratio to vanilla |\n|---|---|---|---|")
@@ -144,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {m} | {v:.1f} | {ttft[m]:.2f} | {v / med['vanilla']:.3f} |")
     print(f"paired median ratio {k_name}/vanilla: {summary['paired_ratio_steered_to_vanilla']:.3f}, "
           f"{k_name}/off: {summary['paired_ratio_steered_to_off']:.3f}")
+    if ns.extra_body:
+        print(f"paired median ratio off+extra/off: {summary['paired_ratio_extra_to_off']:.3f}")
     return 0
 
 

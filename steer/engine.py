@@ -382,8 +382,21 @@ class Engine:
 
     # -- tokens and text ---------------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
+        raw = logits
+        adjust = [i for i, s in enumerate(seqs) if s.sampling.adjusts_logits]
+        if adjust:  # penalties and biases: on a copy, so that logprobs stay the model's own
+            logits = logits.clone()
+            for i in adjust:
+                s = seqs[i]
+                try:
+                    logits[i] = adjusted_logits(logits[i], s.sampling, s.prompt_ids, s.generated)
+                except Exception as e:  # noqa: BLE001 - this row fails alone, as in _next_token
+                    self._fail(s, e)
         best = logits.argmax(dim=-1).tolist()  # every greedy row at once (one pass over (B, V))
-        events = [self._next_token(s, row, b) for s, row, b in zip(seqs, logits, best, strict=True)]
+        stats = _logprob_stats(raw, [s.sampling.logprobs for s in seqs])
+        events = [self._next_token(s, row, b, raw_row, st) if s.finish_reason != "error"
+                  else Event(s.id, "", len(s.generated), "error")
+                  for s, row, b, raw_row, st in zip(seqs, logits, best, raw, stats, strict=True)]
         done = [i for i, s in enumerate(self.batch.seqs) if s.finish_reason]
         if done:
             keep = [i for i, s in enumerate(self.batch.seqs) if not s.finish_reason]
@@ -393,23 +406,27 @@ class Engine:
                 self.batch = None
         return events
 
-    def _next_token(self, s: Sequence, logits: torch.Tensor, best: int) -> Event:
-        """Sample, detokenize and check stop conditions for one row; a failure ends this row only."""
+    def _next_token(self, s: Sequence, logits: torch.Tensor, best: int, raw: torch.Tensor,
+                    stats: tuple[float, tuple[tuple[int, float], ...]] | None) -> Event:
+        """Sample, detokenize and check stop conditions for one row; a failure ends this row only.
+        ``logits``: the row's after its penalties and biases; ``raw``: the model's; ``stats``: the row's
+        log-normaliser and most likely tokens where it wants logprobs."""
         try:
-            raw = logits
-            if s.sampling.adjusts_logits:
-                logits = adjusted_logits(logits, s.sampling, s.prompt_ids, s.generated)
-                best = int(logits.argmax())
             tok = best if s.sampling.greedy else _sample(logits, s.sampling, s.rng)
             s.generated.append(tok)
             ev = self._emit(s, tok)
-            if s.sampling.logprobs is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
-                ev = replace(ev, logprobs=(token_logprob(raw, tok, s.sampling.logprobs),))
+            if stats is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
+                lse, top = stats
+                ev = replace(ev, logprobs=(TokenLogprob(tok, float(raw[tok]) - lse, top),))
             return ev
         except Exception as e:  # noqa: BLE001 - isolate the row; the caller reports it
-            log.exception("row %d failed", s.id)
-            s.finish_reason, s.error = "error", f"{type(e).__name__}: {e}"
+            self._fail(s, e)
             return Event(s.id, "", len(s.generated), "error")
+
+    @staticmethod
+    def _fail(s: Sequence, e: Exception) -> None:
+        log.exception("row %d failed", s.id)
+        s.finish_reason, s.error = "error", f"{type(e).__name__}: {e}"
 
     def _emit(self, s: Sequence, tok: int) -> Event:
         if tok in self.eos_ids and not s.sampling.ignore_eos:
@@ -450,19 +467,32 @@ def adjusted_logits(logits: torch.Tensor, p: SamplingParams, prompt: list[int], 
         seen = torch.tensor(sorted({t for t in (*prompt, *generated) if t < vocab}), dtype=torch.long)
         got = out[seen]
         out[seen] = torch.where(got > 0, got / p.repetition_penalty, got * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and generated:
-        counts = torch.bincount(torch.tensor(generated), minlength=vocab)[:vocab].to(out.dtype)
-        out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    if (p.frequency_penalty or p.presence_penalty) and generated:  # O(answer length), not O(vocabulary)
+        ids, counts = torch.tensor(generated).unique(return_counts=True)
+        keep = ids < vocab
+        out[ids[keep]] -= p.frequency_penalty * counts[keep].to(out.dtype) + p.presence_penalty
     return out
 
 
-def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """``token``'s log-probability under (V,) float logits and the ``k`` most likely tokens', before
-    temperature and top_p."""
-    lp = torch.log_softmax(logits, dim=-1)
-    top = torch.topk(lp, k) if k else None
-    pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
-    return TokenLogprob(token, float(lp[token]), pairs)
+def _logprob_stats(logits: torch.Tensor, ks: list[int | None]) -> list[tuple[float, tuple] | None]:
+    """Per row of (B, V) float logits, where ``ks[i]`` is not None: its log-normaliser (logsumexp) and its
+    ``ks[i]`` most likely tokens as (id, log-probability), before temperature and top_p; None elsewhere.
+    One batched pass for all rows that want them; the log-softmax itself is never materialised."""
+    want = [i for i, k in enumerate(ks) if k is not None]
+    out: list[tuple[float, tuple] | None] = [None] * len(ks)
+    if not want:
+        return out
+    rows = logits[want]
+    lse = torch.logsumexp(rows, dim=-1)
+    k_max = max(ks[i] for i in want)
+    top = torch.topk(rows, k_max, dim=-1) if k_max else None
+    for j, i in enumerate(want):
+        pairs = ()
+        if top is not None and ks[i]:
+            pairs = tuple(zip(top.indices[j, : ks[i]].tolist(), (top.values[j, : ks[i]] - lse[j]).tolist(),
+                              strict=True))
+        out[i] = (float(lse[j]), pairs)
+    return out
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

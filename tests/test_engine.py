@@ -444,3 +444,13 @@ def test_a_failing_row_ends_alone(tiny_qwen, tiny_tokenizer, monkeypatch):
     ok = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(p, SamplingParams(max_tokens=6, temperature=0.0))
                                                   for p in (prompts[0], prompts[2])])
     assert [seqs[0].generated, seqs[2].generated] == [s.generated for s in ok]
+
+
+def test_a_row_whose_logit_bias_fails_ends_alone(tiny_qwen, tiny_tokenizer):
+    """A bias the API would have refused (a token id past the vocabulary) fails its row only."""
+    prompts = _prompts(2, len(tiny_tokenizer))
+    bad = Sequence(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((10**6, 1.0),)))
+    good = Sequence(prompts[1], SamplingParams(max_tokens=4, temperature=0.0, logprobs=1))
+    got = _events(Engine(tiny_qwen, tiny_tokenizer), [bad, good])
+    assert bad.finish_reason == "error" and "IndexError" in bad.error and got[bad.id][-1].finish_reason == "error"
+    assert good.finish_reason == "length" and len([lp for ev in got[good.id] for lp in ev.logprobs]) == 4
