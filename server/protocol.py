@@ -154,9 +154,9 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = Field(
         None, ge=-2, le=2, **_NUMBER, description="Subtracted from a token's logit once per time it is in the answer."
     )
-    repetition_penalty: float | None = Field(
-        None, gt=0, le=10, **_NUMBER, description="vLLM extension: divides positive (multiplies negative) logits of "
-        "tokens in the prompt or the answer; 1 = off."
+    repetition_penalty: float | None = Field(  # from 0.01: dividing a logit by a subnormal one overflows
+        None, ge=0.01, le=10, **_NUMBER, description="vLLM extension: divides positive (multiplies negative) logits "
+        "of tokens in the prompt or the answer; 1 = off, 0.01..10."
     )
     logit_bias: dict[str, float] | None = Field(
         None, description=f"Token id (a string) -> bias added to its logit, -100..100; at most {MAX_LOGIT_BIAS} entries."

@@ -679,7 +679,7 @@ BAD_REQUESTS = [
     pytest.param("chat", {"top_p": 0}, 400, "top_p", id="top-p-0"),
     pytest.param("chat", {"top_p": 1.5}, 400, "top_p", id="top-p-1.5"),
     pytest.param("chat", {"n": MAX_N + 1}, 400, "n", id="n-above-max"),
-    pytest.param("chat", {"frequency_penalty": 0.5}, 400, "frequency_penalty", id="unsupported-field"),
+    pytest.param("chat", {"response_format": {"type": "json_object"}}, 400, "response_format", id="unsupported-field"),
     pytest.param("chat", {"model": "gpt-4"}, 404, "model", id="unknown-model"),
     pytest.param(
         "chat", {"messages": msgs("hello world " * 200)}, 400, "messages", id="prompt-beyond-context"

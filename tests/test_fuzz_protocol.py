@@ -216,7 +216,7 @@ _SHARED_BAD: dict[str, list[Any]] = {
     "user": [3, [], {}],
     "presence_penalty": [2.5, -3, "0", float("nan"), [], {"a": 1}],
     "frequency_penalty": [2.01, float("inf"), True],
-    "repetition_penalty": [0, -1, 11, "1", float("nan")],
+    "repetition_penalty": [0, 5e-324, 0.001, -1, 11, "1", float("nan")],
     "logit_bias": [{"x": 1}, {"1": 101}, {"1": "2"}, {"-1": 0}, [1], "x", 1],
 }
 CHAT_BAD = {

@@ -251,6 +251,7 @@ def test_bad_logprobs_name_the_param(body: dict[str, Any], param: str) -> None:
         (chat(frequency_penalty=-3), "frequency_penalty"),
         (chat(frequency_penalty="1"), "frequency_penalty"),
         (chat(repetition_penalty=0), "repetition_penalty"),
+        (chat(repetition_penalty=5e-324), "repetition_penalty"),  # subnormal: logit / it overflows
         (chat(logit_bias={"x": 1}), "logit_bias"),
         (chat(logit_bias={"-1": 1}), "logit_bias"),
         (chat(logit_bias={"5": 101}), "logit_bias"),
