@@ -503,6 +503,16 @@ def test_logprobs_follow_steering_and_the_baseline_is_vanilla(api: Served) -> No
     assert steered[0]["logprob"] != pytest.approx(zero[0]["logprob"], abs=1e-3)  # the first token's context is shared
 
 
+def test_the_eos_that_ends_an_answer_has_no_logprob(api: Served, tiny_tokenizer) -> None:
+    """A logit bias makes the first token the end-of-sequence token: the answer is empty, its one token
+    counted in usage, and it gets no logprobs entry (OpenAI's behaviour), on both backends."""
+    eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    r = chat(api, PROMPTS[1], 0, logprobs=True, logit_bias={str(eos): 100})
+    [choice] = r.choices
+    assert (choice.message.content, choice.finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    assert choice.logprobs.content == []
+
+
 def _rounded(value: Any) -> Any:
     """A JSON value with its floats to 3 decimals (two runs of one request on a batch of another size)."""
     return json.loads(json.dumps(value), parse_float=lambda x: round(float(x), 3))
