@@ -113,7 +113,7 @@ def _decoder(tok: Any, skip: bool) -> tuple[Decode, frozenset[int], Callable[[in
         if tok.clean_up_tokenization_spaces and (type(backend.model).__name__ != "BPE" or forced):
             raise ValueError(_CLEANUP)
         special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
-        fallback = backend.decoder is not None and b'"ByteFallback"' in backend.decoder.__getstate__()
+        fallback = "ByteFallback" in _decoder_kinds(backend)
         return (partial(backend.decode, skip_special_tokens=skip), special if skip else frozenset(),
                 backend.id_to_token, fallback)
     if getattr(tok, "clean_up_tokenization_spaces", False):
@@ -138,7 +138,7 @@ class TokenBytes:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         kinds: set[str] = set()
         if isinstance(backend, tokenizers.Tokenizer):
-            kinds = _decoder_kinds(json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else None)
+            kinds = _decoder_kinds(backend)
             added = backend.get_added_tokens_decoder()
             self._token = backend.id_to_token
         else:
@@ -173,13 +173,14 @@ class TokenBytes:
         return token.replace("\u2581", " ").encode()
 
 
-def _decoder_kinds(spec: dict | None) -> set[str]:
-    """The decoder types of a tokenizer.json decoder (a Sequence's, flattened)."""
-    if not spec:
-        return set()
-    if spec.get("type") == "Sequence":
-        return set().union(*(_decoder_kinds(d) for d in spec.get("decoders", [])))
-    return {spec.get("type", "")}
+def _decoder_kinds(backend: tokenizers.Tokenizer) -> set[str]:
+    """The types of a tokenizers backend's decoder (a Sequence's, flattened)."""
+    def kinds(spec: dict) -> set[str]:
+        if spec.get("type") == "Sequence":
+            return set().union(*(kinds(d) for d in spec.get("decoders", [])))
+        return {spec.get("type", "")}
+
+    return kinds(json.loads(backend.decoder.__getstate__())) if backend.decoder is not None else set()
 
 
 class StopMatcher:

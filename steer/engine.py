@@ -389,7 +389,7 @@ class Engine:
             for i in adjust:
                 s = seqs[i]
                 try:
-                    logits[i] = adjusted_logits(logits[i], s.sampling, s.prompt_ids, s.generated)
+                    _adjust_(logits[i], s.sampling, s.prompt_ids, s.generated)  # in place, in the copy
                 except Exception as e:  # noqa: BLE001 - this row fails alone, as in _next_token
                     self._fail(s, e)
         best = logits.argmax(dim=-1).tolist()  # every greedy row at once (one pass over (B, V))
@@ -458,7 +458,11 @@ def adjusted_logits(logits: torch.Tensor, p: SamplingParams, prompt: list[int], 
     """(V,) float logits after ``p``'s logit biases, then its repetition penalty (tokens of the prompt or
     the answer: a positive logit divided by it, a negative one multiplied), then its frequency and
     presence penalties (tokens of the answer), in vLLM's order and by its definitions. A new tensor."""
-    out = logits.clone()
+    return _adjust_(logits.clone(), p, prompt, generated)
+
+
+def _adjust_(out: torch.Tensor, p: SamplingParams, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """:func:`adjusted_logits` in place on ``out``."""
     vocab = out.shape[-1]
     if p.logit_bias:
         ids, bias = zip(*p.logit_bias, strict=True)
