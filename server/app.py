@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import backends
 from server import protocol as p
 from server import responses as r
-from server.backends.base import Backend, Prepared
+from server.backends.base import Backend, Prepared, RowEvent
 from server.errors import (
     REQUEST_ID,
     REQUEST_ID_HEADER,
@@ -304,12 +305,12 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
             f"{backend.merged_vectors()[asked]:g}): it applies to every request and cannot be chosen per request",
             param="safety.vector",
         )
-    inp, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
-    prepared = await backend.prepare(inp, spec)
+    inputs, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
+    prepared = [await _prepare(backend, inp, spec, k, len(inputs)) for k, inp in enumerate(inputs)]
     meta = r.ResponseMeta.new(kind, backend.model_name)
     vkind = backend.vector_kinds().get(spec.vector)
     safety = r.safety_info(spec, vkind, backend.applied_strength(spec.vector, spec.strength))
-    metrics.prompt_tokens.inc(len(prepared.prompt_ids))
+    metrics.prompt_tokens.inc(sum(len(q.prompt_ids) for q in prepared))
     metrics.steered.labels(spec.vector or "none", strength_bucket(spec.strength)).inc()
     if spec.compare:
         metrics.compare.inc()
@@ -320,10 +321,64 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
     return await _collect(backend, metrics, prepared, meta, safety, endpoint, request)
 
 
-class _Rows:
-    """Accumulates row texts, finish reasons and token counts for steered and baseline rows."""
+async def _prepare(backend: Backend, inp, spec, k: int, count: int) -> Prepared:
+    """Tokenize one prompt of a request; in a batch, an error names the prompt it is about."""
+    try:
+        return await backend.prepare(inp, spec)
+    except APIError as e:
+        if count == 1:
+            raise
+        raise APIError(e.status_code, f"prompt {k}: {e.message}", type=e.type, param=e.param, code=e.code) from None
 
-    def __init__(self, n: int, logprobs: bool = False):
+
+_DONE = object()
+
+
+async def _events(backend: Backend, prepared: list[Prepared]) -> AsyncIterator[RowEvent]:
+    """Every row event of a request. A batch of prompts runs as one request per prompt, all at once,
+    their choices numbered prompt by prompt (prompt k's choice j is k * n + j, as in OpenAI's API);
+    closing this closes every prompt's generator (their rows are freed)."""
+    if len(prepared) == 1:
+        async with aclosing(backend.generate(prepared[0])) as events:
+            async for ev in events:
+                yield ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    n = prepared[0].inp.n
+
+    async def pump(k: int, prep: Prepared) -> None:
+        try:
+            async with aclosing(backend.generate(prep)) as events:
+                async for ev in events:
+                    queue.put_nowait(replace(ev, index=k * n + ev.index))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait(e)
+            return
+        queue.put_nowait(_DONE)
+
+    tasks = [asyncio.ensure_future(pump(k, prep)) for k, prep in enumerate(prepared)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is _DONE:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()  # a no-op on a finished one
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Rows:
+    """Accumulates row texts, finish reasons and token counts for steered and baseline rows. ``echo``: per
+    choice, the prompt text its answer starts with (legacy echo); ``echo_only``: the answer is that alone
+    (max_tokens 0: the one token generated is dropped)."""
+
+    def __init__(self, n: int, logprobs: bool = False, echo: list[str] | None = None, echo_only: bool = False):
         self.text = {(i, b): "" for i in range(n) for b in (False, True)}
         self.finish: dict[tuple[int, bool], str] = {}
         self.tokens = {(i, b): 0 for i in range(n) for b in (False, True)}
@@ -331,18 +386,33 @@ class _Rows:
         self.lowered: dict[int, bool] = {}
         self.logprobs = {(i, b): r.Logprobs() for i in range(n) for b in (False, True)} if logprobs else None
         self.sent = {(i, b): 0 for i in range(n) for b in (False, True)}  # logprobs already streamed
+        self.n, self.echo, self.echo_only, self.started = n, echo, echo_only, set()
 
-    def add(self, ev) -> None:
+    @classmethod
+    def of(cls, prepared: list[Prepared]) -> _Rows:
+        first = prepared[0].inp
+        echo = [q.prompt_text for q in prepared for _ in range(q.inp.n)] if first.echo else None
+        return cls(first.n * len(prepared), first.sampling.logprobs is not None, echo, first.echo_only)
+
+    def add(self, ev) -> str:
+        """Take one event; returns the text it adds to its row (with the echoed prompt, on a row's first)."""
         key = (ev.index, ev.baseline)
-        self.text[key] += ev.text
+        text = "" if self.echo_only else ev.text
+        if key not in self.started:
+            self.started.add(key)
+            text = (self.echo[ev.index] if self.echo else "") + text
+        self.text[key] += text
         self.tokens[key] = ev.n_tokens
         if self.logprobs is not None:
-            self.logprobs[key].add(ev.logprobs)
+            self.logprobs[key].add(ev.prompt_logprobs)
+            if not self.echo_only:
+                self.logprobs[key].add(ev.logprobs)
         if ev.finish_reason:
             self.finish[key] = ev.finish_reason
             if not ev.baseline:
                 self.gate[ev.index] = ev.gate
                 self.lowered[ev.index] = ev.lowered
+        return text
 
     def safety(self, safety: dict, spec, n: int) -> dict:
         """The response's ``safety`` with what steering did to each choice: ``steered`` (a vector acted
@@ -397,10 +467,10 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
     return task.result()
 
 
-async def _gather(backend: Backend, prepared: Prepared, rows: _Rows, t0: float) -> float | None:
+async def _gather(backend: Backend, prepared: list[Prepared], rows: _Rows, t0: float) -> float | None:
     """Every event of a request into ``rows``; returns the time to the first steered token."""
     first = None
-    async with aclosing(backend.generate(prepared)) as events:
+    async with aclosing(_events(backend, prepared)) as events:
         async for ev in events:
             if first is None and not ev.baseline:
                 first = time.perf_counter() - t0
@@ -408,40 +478,41 @@ async def _gather(backend: Backend, prepared: Prepared, rows: _Rows, t0: float) 
     return first
 
 
-async def _collect(backend, metrics, prepared: Prepared, meta, safety, endpoint: str, request: Request):
+async def _collect(backend, metrics, prepared: list[Prepared], meta, safety, endpoint: str, request: Request):
     t0 = time.perf_counter()
-    n, rows = prepared.inp.n, _Rows(prepared.inp.n, prepared.inp.sampling.logprobs is not None)
+    rows = _Rows.of(prepared)
+    n, steering, prompt_tokens = rows.n, prepared[0].steering, sum(len(q.prompt_ids) for q in prepared)
     try:
         first = await _unless_disconnected(request, _gather(backend, prepared, rows, t0))
     except ClientDisconnected:
         log.info("request %s: client disconnected, generation cancelled", current_request_id())
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the metrics count it
-    usage = rows.usage(len(prepared.prompt_ids), n, False)
+    usage = rows.usage(prompt_tokens, n, False)
     baseline = None
-    if prepared.steering.compare:
-        baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
+    if steering.compare:
+        baseline = (rows.choices(n, True), rows.usage(prompt_tokens, n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    return r.completion_response(meta, rows.choices(n, False), usage, rows.safety(safety, prepared.steering, n),
-                                 baseline)
+    return r.completion_response(meta, rows.choices(n, False), usage, rows.safety(safety, steering, n), baseline)
 
 
-async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_usage: bool, endpoint: str,
+async def _stream(backend, metrics, prepared: list[Prepared], meta, safety, include_usage: bool, endpoint: str,
                   include_baseline: bool = False) -> AsyncIterator[str]:
     t0 = time.perf_counter()
-    n, first, started = prepared.inp.n, None, set()
-    rows = _Rows(n, prepared.inp.sampling.logprobs is not None)
+    rows = _Rows.of(prepared)
+    n, first, started = rows.n, None, set()
+    steering, prompt_tokens = prepared[0].steering, sum(len(q.prompt_ids) for q in prepared)
     try:
-        async with aclosing(backend.generate(prepared)) as events:
+        async with aclosing(_events(backend, prepared)) as events:
             async for ev in events:
-                rows.add(ev)
-                if not ev.text and ev.finish_reason is None:
+                text = rows.add(ev)
+                if not text and ev.finish_reason is None:
                     continue
                 finish = ev.finish_reason if ev.finish_reason != "cancelled" else None
                 if ev.baseline:
                     if include_baseline:
                         role = None if (ev.index, True) in started else "assistant"
                         started.add((ev.index, True))
-                        yield r.sse_line(r.baseline_chunk(meta, ev.index, role=role, content=ev.text,
+                        yield r.sse_line(r.baseline_chunk(meta, ev.index, role=role, content=text,
                                                           finish_reason=finish,
                                                           logprobs=rows.unsent_logprobs(meta.kind, (ev.index, True))))
                     continue
@@ -451,22 +522,21 @@ async def _stream(backend, metrics, prepared: Prepared, meta, safety, include_us
                 if meta.kind == "chat":
                     role = None if ev.index in started else "assistant"
                     started.add(ev.index)
-                    chunk = r.chat_chunk(meta, ev.index, role=role, content=ev.text, finish_reason=finish,
+                    chunk = r.chat_chunk(meta, ev.index, role=role, content=text, finish_reason=finish,
                                          logprobs=lp)
                 else:
-                    chunk = r.completion_chunk(meta, ev.index, text=ev.text, finish_reason=finish, logprobs=lp)
+                    chunk = r.completion_chunk(meta, ev.index, text=text, finish_reason=finish, logprobs=lp)
                 yield r.sse_line(chunk)
     except APIError as e:
         yield sse_error_line(e)
         yield r.SSE_DONE
         return
-    usage = rows.usage(len(prepared.prompt_ids), n, False)
+    usage = rows.usage(prompt_tokens, n, False)
     baseline = None
-    if prepared.steering.compare:
-        baseline = (rows.choices(n, True), rows.usage(len(prepared.prompt_ids), n, True))
+    if steering.compare:
+        baseline = (rows.choices(n, True), rows.usage(prompt_tokens, n, True))
     _observe(metrics, endpoint, t0, first, usage.completion_tokens)
-    yield r.sse_line(r.final_chunk(meta, usage if include_usage else None, rows.safety(safety, prepared.steering, n),
-                                   baseline))
+    yield r.sse_line(r.final_chunk(meta, usage if include_usage else None, rows.safety(safety, steering, n), baseline))
     yield r.SSE_DONE
 
 

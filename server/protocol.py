@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
@@ -21,6 +22,7 @@ from steer.types import ChatMessage, GenerationInput, SamplingParams, SteeringSp
 MAX_STOP_SEQUENCES = 4
 MAX_LOGIT_BIAS = 1024  # logit_bias entries at most (each costs a little per token)
 MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions) at most: OpenAI's and vLLM's limit
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (a batch: lm-eval-harness sends them)
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
 # strict=True: "1.5" and true are not numbers; allow_inf_nan=False: Python's json accepts NaN/Infinity.
@@ -120,7 +122,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "function_call": _neutral_choice,
     "response_format": lambda v: v is None or v == {"type": "text"},
     "best_of": lambda v: v is None or v == 1,
-    "echo": lambda v: v is None or v is False,
     "suffix": lambda v: v is None,
 }
 
@@ -136,7 +137,7 @@ class _SamplingRequest(BaseModel):
     """Fields shared by both completion endpoints."""
 
     model: str | None = None
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description="0 only with echo (the prompt alone).")
     temperature: float | None = Field(None, ge=0, le=2, **_NUMBER, description="0 = greedy.")
     top_p: float | None = Field(None, gt=0, le=1, **_NUMBER)
     n: StrictInt | None = Field(None, ge=1)
@@ -244,11 +245,19 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_tokens, "max_tokens"
 
 
+Prompt = str | tuple[int, ...]  # a text prompt, or its token ids
+
+
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: str = Field(description="A non-empty string, or a list holding exactly one string.")
-    echo: Any = None
+    max_tokens: StrictInt | None = Field(None, ge=0, description="0 only with echo (the prompt alone).")
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description=f"A string, a list of token ids, or a batch of up to {MAX_PROMPTS} of either: choice "
+        "p * n + j is prompt p's answer j."
+    )
+    echo: StrictBool | None = Field(None, description="Start each answer with its prompt (with logprobs: and the "
+                                    "prompt tokens' log-probabilities, the first token's null).")
     suffix: Any = None
     logprobs: StrictInt | None = Field(
         None, ge=0, le=MAX_LOGPROBS,
@@ -256,26 +265,51 @@ class CompletionRequest(_SamplingRequest):
     )
     best_of: Any = None
 
-    _check_completion_neutral = field_validator("echo", "suffix", "best_of")(_reject_unsupported)
+    _check_completion_neutral = field_validator("suffix", "best_of")(_reject_unsupported)
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, value: Any) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError(
-                    f"exactly one prompt per request is supported, got {len(value)}; "
-                    "use n for several completions of one prompt, or send separate requests"
-                )
-            value = value[0]
-        if not isinstance(value, str):
-            raise ValueError("prompt must be a string (token-id prompts are not supported)")
+    def _check_prompt(cls, value: Any) -> Any:
+        """The shapes OpenAI and vLLM take, checked here so that an error says what is wrong in words
+        (pydantic's union errors list every branch)."""
+        shapes = "a string, a list of strings, a list of token ids or a list of token-id lists"
+        if isinstance(value, str):
+            return cls._one_prompt(value)
+        if not isinstance(value, list):
+            raise ValueError(f"prompt must be {shapes}")
         if not value:
-            raise ValueError("prompt must not be empty")
-        return _text(value, "prompt")
+            raise ValueError("prompt must not be an empty list")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return cls._one_prompt(value)
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        kinds = {str if isinstance(v, str) else list if isinstance(v, list) else None for v in value}
+        if len(kinds) != 1 or None in kinds:
+            raise ValueError(f"prompt must be {shapes} (not a mix)")
+        return [cls._one_prompt(v) for v in value]
+
+    @staticmethod
+    def _one_prompt(value: Any) -> Any:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("prompt must not be empty")
+            return _text(value, "prompt")
+        if not value:
+            raise ValueError("a token-id prompt must not be empty")
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be non-negative integers, got {_QUOTE.repr(bad)}")
+        return value
+
+    def prompts(self) -> tuple[Prompt, ...]:
+        """The request's prompts, one per batch entry."""
+        v = self.prompt
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            v = [v]
+        return tuple(p if isinstance(p, str) else tuple(p) for p in v)
 
 
 # ---------------------------------------------------------------- conversion to engine types
@@ -286,8 +320,9 @@ def resolve(
     settings: Settings,
     vectors: Mapping[str, str],
     default_vector: str | None,
-) -> tuple[GenerationInput, SteeringSpec]:
-    """Check a request against server policy and convert it to engine types. Raises APIError (400).
+) -> tuple[tuple[GenerationInput, ...], SteeringSpec]:
+    """Check a request against server policy and convert it to engine types: one input per prompt (a
+    chat request and most completions have one). Raises APIError (400).
 
     ``vectors`` maps each loaded vector name to its kind ("activation", "weight", ...).
     """
@@ -298,8 +333,17 @@ def resolve(
     n, param = req.n or 1, req.requested_max_tokens()[1]
     if isinstance(req, ChatCompletionRequest):
         messages = tuple(ChatMessage(role=m.role, content=m.content) for m in req.messages)
-        return GenerationInput(messages=messages, sampling=sampling, n=n, max_tokens_param=param), steering
-    return GenerationInput(prompt=req.prompt, sampling=sampling, n=n, max_tokens_param=param), steering
+        return (GenerationInput(messages=messages, sampling=sampling, n=n, max_tokens_param=param),), steering
+    echo = bool(req.echo)
+    if req.max_tokens == 0:
+        if not echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens")
+        sampling = replace(sampling, max_tokens=1)  # as vLLM: one token is generated and dropped
+    if echo and sampling.logprobs is not None:
+        sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
+    common = {"sampling": sampling, "n": n, "max_tokens_param": param, "echo": echo, "echo_only": req.max_tokens == 0}
+    return tuple(GenerationInput(prompt=p, **common) if isinstance(p, str) else GenerationInput(prompt_ids=p, **common)
+                 for p in req.prompts()), steering
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, settings: Settings) -> SamplingParams:

@@ -60,7 +60,8 @@ class Logprobs:
             "tokens": [e.token for e in part],
             "token_logprobs": [e.logprob for e in part],
             # as vLLM: the most likely tokens and the chosen one (a text shared by two tokens shows once)
-            "top_logprobs": [{t: v for t, _, v in e.top} | {e.token: e.logprob} for e in part],
+            "top_logprobs": [None if e.logprob is None else {t: v for t, _, v in e.top} | {e.token: e.logprob}
+                             for e in part],  # None: a prompt's first token (echo) has no log-probability
             "text_offset": self.offsets[start:stop],
         }
 

@@ -53,6 +53,9 @@ class Sequence:
     rng: torch.Generator | None = None
     error: str | None = None  # what failed, when finish_reason == "error" (for the log, not the client)
     text: _Text | None = None
+    # where sampling.prompt_logprobs is set: each prompt token's after the first, filled by the prefill and
+    # sent with the row's first event (None: not asked for, or sent)
+    prompt_lp: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Event:
     # the tokens this event adds, where the row asked for logprobs (an end-of-sequence token that ends
     # the answer has none: it is not part of the answer, as in OpenAI's API)
     logprobs: tuple[TokenLogprob, ...] = ()
+    # on a row's first event, where it asked for prompt logprobs: those of its prompt tokens after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class _Text:
@@ -192,6 +197,7 @@ class Engine:
         if seq.sampling.seed is not None:
             seq.rng = torch.Generator().manual_seed(seq.sampling.seed)
         seq.text = _Text(self.tok, seq.sampling.stop)
+        seq.prompt_lp = [] if seq.sampling.prompt_logprobs is not None else None
         self.pending.append(seq)
 
     def cancel(self, seq_id: int) -> None:
@@ -293,6 +299,8 @@ class Engine:
         p.col = c1
         if stop < self.runner.num_layers:
             p.outs.append(h)
+        else:
+            self._prompt_logprobs(p, h, c0, c1)
         if c1 < T:
             return []
         if stop < self.runner.num_layers:  # the phase is done: its output feeds the next one
@@ -360,6 +368,29 @@ class Engine:
                 if seq.vector != name and self.runtime.deciding(seq.vector) == name:
                     seq.gate[seq.vector] = float(f)  # a combination's decision: its first gated part's
 
+    def _prompt_logprobs(self, p: _Prefill, h: torch.Tensor, c0: int, c1: int, piece: int = 256) -> None:
+        """For the rows that ask for prompt logprobs: the log-probability of each prompt token whose
+        predicting column (the one before it) is in this chunk of the last phase, under the model the row
+        runs (steered rows: steered, as their prompt is), and the most likely tokens there. The LM head runs
+        ``piece`` positions at a time, so a long chunk never holds more than ``piece`` x vocabulary logits."""
+        width = p.width
+        for i, s in enumerate(p.seqs):
+            k = s.sampling.prompt_logprobs
+            if s.prompt_lp is None or k is None:
+                continue
+            a, b = max(c0, width - len(s.prompt_ids)), min(c1, width - 1)
+            for lo in range(a, b, piece):
+                hi = min(b, lo + piece)
+                logits = self._logits(h[i, lo - c0 : hi - c0])
+                targets = p.ids[i, lo + 1 : hi + 1]
+                lse = torch.logsumexp(logits, dim=-1)
+                chosen = (logits.gather(1, targets[:, None])[:, 0] - lse).tolist()
+                top = torch.topk(logits, k, dim=-1) if k else None
+                tops = (top.values - lse[:, None]).tolist() if top is not None else None
+                for j, (t, lp) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+                    pairs = tuple(zip(top.indices[j].tolist(), tops[j], strict=True)) if top is not None else ()
+                    s.prompt_lp.append(TokenLogprob(t, lp, pairs))
+
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """(B, d) last-position residuals -> (B, V) float logits. Only the last position goes through
         the LM head (151936 x 896 per token on the demo model), as a contiguous 2-D input: a strided 3-D
@@ -415,6 +446,8 @@ class Engine:
             tok = best if s.sampling.greedy else _sample(logits, s.sampling, s.rng)
             s.generated.append(tok)
             ev = self._emit(s, tok)
+            if s.prompt_lp is not None:  # the row's first event: its prompt's logprobs go with it
+                ev, s.prompt_lp = replace(ev, prompt_logprobs=tuple(s.prompt_lp)), None
             if stats is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
                 lse, top = stats
                 ev = replace(ev, logprobs=(TokenLogprob(tok, float(raw[tok]) - lse, top),))

@@ -19,6 +19,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (fixed-length benchmark outputs)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (legacy ``echo``)
     # OpenAI's penalties over the answer's tokens, vLLM's repetition penalty over prompt and answer, and
     # per-token logit biases as (token id, bias); applied in that order after the bias, as vLLM does
     presence_penalty: float = 0.0
@@ -66,10 +67,13 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class GenerationInput:
-    """What a backend is asked to generate: either chat messages or a raw prompt."""
+    """What a backend is asked to generate: chat messages, a raw prompt, or a prompt's token ids."""
 
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    echo: bool = False  # legacy completions: the answer starts with the prompt (and, with logprobs, its tokens')
+    echo_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and dropped)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from (for error messages)

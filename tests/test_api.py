@@ -513,6 +513,121 @@ def test_the_eos_that_ends_an_answer_has_no_logprob(api: Served, tiny_tokenizer)
     assert choice.logprobs.content == []
 
 
+# ---------------------------------------------------------------- prompt batches, token ids, echo
+
+
+def _prompt_reference(tokenizer, ids: list[int]) -> torch.Tensor:
+    """The log-softmax of a plain transformers forward of a fresh copy of the served weights over ``ids``:
+    row j predicts token j + 1."""
+    model = make_model("qwen2", len(tokenizer), heads=2)
+    return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_gives_the_prompt_and_its_logprobs_as_lm_eval_harness_reads_them(api: Served, tiny_tokenizer) -> None:
+    """lm-eval-harness's loglikelihood request: a batch of token-id prompts, echo, logprobs 1, max_tokens 1.
+    Each choice starts with its prompt; its tokens' logprobs are the model's (a plain transformers
+    forward), the first token's null; the harness's sum over the continuation and its greedy check come
+    out of them."""
+    prompts = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    r = api.client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=1,
+                                      temperature=0, extra_body=safety_body(0))
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(map(len, prompts)) and r.usage.completion_tokens == 3
+    for c, ids in zip(r.choices, prompts, strict=True):
+        lp = c.logprobs
+        assert c.text.startswith(tiny_tokenizer.decode(ids)) and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        ref = _prompt_reference(tiny_tokenizer, ids)
+        want = [float(ref[j - 1, ids[j]]) for j in range(1, len(ids))]
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-3)
+        for j in range(1, len(ids)):  # the most likely token and the prompt's own, as lm-eval's greedy check reads
+            best = int(ref[j - 1].argmax())
+            assert max(lp.top_logprobs[j].values()) == pytest.approx(float(ref[j - 1, best]), abs=1e-3)
+            assert lp.tokens[j] in lp.top_logprobs[j]
+        assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(tiny_tokenizer.decode(ids))
+    # a text prompt echoes as sent; max_tokens 0 (with echo) is the prompt alone
+    only = api.client.completions.create(model=MODEL, prompt=PROMPTS[1], echo=True, logprobs=0, max_tokens=0,
+                                         temperature=0, extra_body=safety_body(0))
+    ids = prompts[1]
+    assert only.choices[0].text == PROMPTS[1] and len(only.choices[0].logprobs.tokens) == len(ids)
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(r.choices[1].logprobs.token_logprobs[1:-1],
+                                                                        abs=1e-3)
+
+
+def test_echoed_prompt_logprobs_follow_steering_and_stream(api: Served) -> None:
+    """With compare: the steered choice's prompt logprobs are the steered model's, the baseline's those of
+    strength 0; streamed, the first chunk carries the prompt and its logprobs, and the chunks join to the
+    non-streamed body."""
+    body = {"model": MODEL, "prompt": PROMPTS[4], "echo": True, "logprobs": 2, "max_tokens": MAX_TOKENS,
+            "temperature": 0, "safety": {"strength": WEAK, "compare": True}}
+    whole = api.http.post("/v1/completions", json=body).json()
+    zero = api.http.post("/v1/completions", json=body | {"safety": {"strength": 0}}).json()
+    steered, base = whole["choices"][0], whole["baseline"]["choices"][0]
+    assert steered["text"].startswith(PROMPTS[4]) and base["text"].startswith(PROMPTS[4])
+    assert _rounded(base["logprobs"]) == _rounded(zero["choices"][0]["logprobs"])
+    n_prompt = zero["usage"]["prompt_tokens"]
+    assert steered["logprobs"]["token_logprobs"][1] != pytest.approx(base["logprobs"]["token_logprobs"][1], abs=1e-3)
+    assert steered["logprobs"]["tokens"][:n_prompt] == base["logprobs"]["tokens"][:n_prompt]
+    for c, usage in ((steered, whole["usage"]), (base, whole["baseline"]["usage"])):
+        assert len(c["logprobs"]["tokens"]) == n_prompt + usage["completion_tokens"] - (c["finish_reason"] == "stop")
+    with api.http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        chunks = [json.loads(e) for e in sse_events(r.iter_lines())[:-1]][:-1]
+    parts = [c["choices"][0] for c in chunks if c["choices"]]
+    assert parts[0]["text"].startswith(PROMPTS[4]) and len(parts[0]["logprobs"]["tokens"]) > n_prompt
+    assert "".join(p["text"] for p in parts) == steered["text"]
+    joined = {k: [x for p in parts for x in p["logprobs"][k]] for k in ("tokens", "token_logprobs", "text_offset")}
+    assert _rounded(joined) == _rounded({k: steered["logprobs"][k] for k in joined})
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(api: Served, tiny_tokenizer) -> None:
+    """Several prompts in one request (text or token ids) with n = 2: choice k * n + j is prompt k's
+    answer j, the same as that prompt asked alone, steered per choice, streamed or not."""
+    texts = [PROMPTS[3], PROMPTS[5], PROMPTS[2]]
+    alone = [answer_text(api, t) for t in texts]
+    assert len(set(alone)) == 3
+    body = {"model": MODEL, "prompt": texts, "n": 2, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "safety": {"strength": WEAK}}
+    r = api.http.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    assert [c["text"] for c in r["choices"]] == [a for a in alone for _ in range(2)]
+    assert [c["index"] for c in r["safety"]["choices"]] == list(range(6))
+    assert r["usage"]["prompt_tokens"] == sum(len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
+                                              for t in texts)
+    ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    by_ids = api.http.post("/v1/completions", json=body | {"prompt": ids}).json()
+    assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in r["choices"]]
+    with api.http.stream("POST", "/v1/completions", json=body | {"stream": True}) as s:
+        chunks = [json.loads(e) for e in sse_events(s.iter_lines())[:-1]]
+    streamed = {i: "" for i in range(6)}
+    for c in chunks:
+        for ch in c["choices"]:
+            streamed[ch["index"]] += ch["text"]
+    assert list(streamed.values()) == [c["text"] for c in r["choices"]]
+
+
+def answer_text(api: Served, prompt: str) -> str:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "safety": {"strength": WEAK}}
+    return api.http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"prompt": [[1, 2], [3, 10**9]]}, "prompt", "prompt 1: prompt token id 1000000000 is out of the vocabulary"),
+    ({"prompt": [1, 2, -3]}, "prompt", "non-negative integers"),
+    ({"prompt": [[1, 2], []]}, "prompt", "must not be empty"),
+    ({"prompt": ["a", [1, 2]]}, "prompt", "not a mix"),
+    ({"prompt": ["a"] * 257}, "prompt", "at most 256 prompts"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "0 only with echo"),
+    ({"prompt": "a", "echo": "yes"}, "echo", ""),
+])
+def test_bad_prompts_are_a_400_naming_the_field(api: Served, body: dict, param: str, words: str) -> None:
+    r = api.http.post("/v1/completions", json={"model": MODEL, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+    assert_alive(api)
+
+
 def _rounded(value: Any) -> Any:
     """A JSON value with its floats to 3 decimals (two runs of one request on a batch of another size)."""
     return json.loads(json.dumps(value), parse_float=lambda x: round(float(x), 3))

@@ -137,6 +137,55 @@ def test_logprobs_match_hf_generate(tiny_model, tiny_tokenizer):
             assert [v for _, v in lp.top] == pytest.approx(ref[i].topk(k).values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("budget", [4, 10_000], ids=["chunked-prefill", "one-shot-prefill"])
+def test_prompt_logprobs_match_a_plain_forward(tiny_model, tiny_tokenizer, budget):
+    """Prompt logprobs (legacy echo): for each prompt token after the first, its log-probability and the k
+    most likely under a plain transformers forward, in left-padded groups whatever the chunking; they come
+    once, with the row's first event; a one-token prompt has none; rows without them get None."""
+    prompts = [*_prompts(3, len(tiny_tokenizer)), [7]]
+    ks = [2, None, 0, 3]
+    seqs = [Sequence(p, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=k)) for p, k in zip(prompts, ks,
+                                                                                                       strict=True)]
+    got = _events(Engine(tiny_model, tiny_tokenizer, max_batch_size=4, max_step_tokens=budget), seqs)
+    for s, k in zip(seqs, ks, strict=True):
+        evs = got[s.id]
+        assert all(ev.prompt_logprobs is None for ev in evs[1:])
+        if k is None:
+            assert evs[0].prompt_logprobs is None
+            continue
+        lps = evs[0].prompt_logprobs
+        assert [lp.id for lp in lps] == s.prompt_ids[1:]
+        ref = torch.log_softmax(tiny_model(torch.tensor([s.prompt_ids])).logits[0, :-1].float(), dim=-1)
+        for i, lp in enumerate(lps):
+            assert lp.logprob == pytest.approx(float(ref[i, lp.id]), abs=1e-4)
+            assert [t for t, _ in lp.top] == (ref[i].topk(k).indices.tolist() if k else [])
+            assert [v for _, v in lp.top] == pytest.approx(ref[i].topk(k).values.tolist() if k else [], abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [4, 10_000], ids=["chunked-prefill", "one-shot-prefill"])
+def test_prompt_logprobs_of_a_gated_row_are_the_steered_prompts(tiny_qwen, tiny_tokenizer, budget):
+    """A gated vector's row: where its gate opens, its prompt logprobs are those of the steered forward
+    (the one-pass reference with the gate's decision), whatever the chunking; where it stays closed, the
+    plain model's."""
+    vec = make_vector(tiny_qwen, layers=(2, 3), gate=(2, 0.0), metric="linear")
+    prompts = _prompts(6, len(tiny_tokenizer))
+    vec.config["gate"]["threshold"] = _split_threshold(tiny_qwen, vec, prompts)
+    rt = SteeringRuntime(tiny_qwen, [vec])
+    with rt:
+        seqs = [Sequence(p, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1), "refusal", 1.0)
+                for p in prompts]
+        got = _events(Engine(tiny_qwen, tiny_tokenizer, rt, max_step_tokens=budget), seqs)
+        for s in seqs:
+            rt.rows.reset()
+            rt.rows.strength["refusal"] = torch.tensor([1.0])
+            rt.rows.gate["refusal"] = torch.tensor([s.gate["refusal"]])
+            ref = torch.log_softmax(tiny_qwen(torch.tensor([s.prompt_ids])).logits[0, :-1].float(), dim=-1)
+            want = [float(ref[i, t]) for i, t in enumerate(s.prompt_ids[1:])]
+            assert [lp.logprob for lp in got[s.id][0].prompt_logprobs] == pytest.approx(want, abs=1e-4)
+        rt.rows.reset()
+    assert 0 < sum(s.gate["refusal"] > 0 for s in seqs) < len(seqs)
+
+
 def test_an_eos_that_ends_the_answer_has_no_logprob(tiny_qwen, tiny_tokenizer):
     prompt = _prompts(1, len(tiny_tokenizer))[0]
     full = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(prompt, SamplingParams(max_tokens=8, temperature=0))])[0]

@@ -152,7 +152,7 @@ def request_bodies(
     }
     completion_fields = {
         **shared,
-        "echo": st.sampled_from([None, False]),
+        "echo": st.sampled_from([None, False, True]),
         "suffix": st.none(),
         "logprobs": st.none() | st.integers(0, 20),
         "best_of": st.sampled_from([None, 1]),
@@ -164,9 +164,9 @@ def request_bodies(
     chat = st.fixed_dictionaries(
         {"messages": st.lists(message, min_size=1, max_size=4), **required}, optional=chat_fields
     )
-    completion = st.fixed_dictionaries(
-        {"prompt": prompt | st.lists(prompt, min_size=1, max_size=1), **required}, optional=completion_fields
-    )
+    ids = st.lists(st.integers(0, 255), min_size=1, max_size=8)  # token ids (the tiny vocabulary has more)
+    prompts = prompt | st.lists(prompt, min_size=1, max_size=3) | ids | st.lists(ids, min_size=1, max_size=3)
+    completion = st.fixed_dictionaries({"prompt": prompts, **required}, optional=completion_fields)
     return st.tuples(st.just(ChatCompletionRequest), chat) | st.tuples(st.just(CompletionRequest), completion)
 
 
@@ -238,8 +238,9 @@ CHAT_BAD = {
 }
 COMPLETION_BAD = {
     **_SHARED_BAD,
-    "prompt": ["", [], [""], ["a", "b"], [1, 2], [1], 1, None, {}, True, "\ud800", ["x\udc00"]],
-    "echo": [True, 1, "yes"],
+    "prompt": ["", [], [""], ["a", ""], [[]], [-1], [1, True], [[1], ["a"]], ["a", [1]], [1.5], ["a"] * 257, 1, None,
+               {}, True, "\ud800", ["x\udc00"]],
+    "echo": [1, "yes"],
     "suffix": ["", "end", 1],
     "logprobs": [True, False, 21, -1, "2", 1.5],
     "best_of": [2, 0, "1"],
@@ -329,8 +330,17 @@ def validation_failure(model: Model, body: Any, exc: ValidationError) -> APIErro
     return err
 
 
-def check_resolved(model: Model, body: dict, policy, gen: GenerationInput, spec: SteeringSpec) -> None:
-    """The documented invariants of the engine types ``resolve`` hands to a backend."""
+def check_resolved(model: Model, body: dict, policy, gens: tuple[GenerationInput, ...], spec: SteeringSpec) -> None:
+    """The documented invariants of the engine types ``resolve`` hands to a backend: one input per prompt."""
+    prompts = body.get("prompt")
+    if model is ChatCompletionRequest or isinstance(prompts, str) or isinstance(prompts[0], int):
+        prompts = [prompts]
+    assert isinstance(gens, tuple) and len(gens) == len(prompts)
+    for gen, prompt in zip(gens, prompts, strict=True):
+        check_one(model, body, policy, gen, spec, prompt)
+
+
+def check_one(model: Model, body: dict, policy, gen: GenerationInput, spec: SteeringSpec, prompt: Any) -> None:
     s, vectors, default_vector = policy
     assert isinstance(gen, GenerationInput) and isinstance(spec, SteeringSpec)
     # steering: within policy, a loaded vector whenever it is applied, never silently unsteered
@@ -371,8 +381,14 @@ def check_resolved(model: Model, body: dict, policy, gen: GenerationInput, spec:
         assert gen.prompt is None and gen.messages and len(gen.messages) == len(body["messages"])
         for m in gen.messages:
             assert isinstance(m, ChatMessage) and m.role in ROLES and _text_ok(m.content)
+    elif isinstance(prompt, str):
+        assert gen.messages is None and gen.prompt_ids is None and _text_ok(gen.prompt) and gen.prompt == prompt
     else:
-        assert gen.messages is None and _text_ok(gen.prompt) and gen.prompt
+        assert gen.messages is None and gen.prompt is None and gen.prompt_ids == tuple(prompt) and prompt
+        assert all(type(t) is int and t >= 0 for t in gen.prompt_ids)
+    if model is CompletionRequest:
+        assert gen.echo is bool(body.get("echo")) and not gen.echo_only
+        assert p.prompt_logprobs == (p.logprobs if gen.echo else None)
 
 
 def expected_policy_param(model: Model, body: dict, policy) -> str | None:
@@ -406,12 +422,12 @@ def outcome(model: Model, body: Any, policy) -> tuple[str, str | None]:
     except ValidationError as exc:
         return "invalid", validation_failure(model, body, exc).param
     try:
-        gen, spec = resolve(req, *policy)
+        gens, spec = resolve(req, *policy)
     except APIError as err:
         assert_envelope(err)
         assert err.param in POLICY_PARAMS, err.param
         return "policy", err.param
-    check_resolved(model, body, policy, gen, spec)
+    check_resolved(model, body, policy, gens, spec)
     return "ok", None
 
 
@@ -578,9 +594,9 @@ def stub() -> Iterator[TestClient]:
     policy = (Settings(max_strength=4.0), {"refusal": "activation"}, "refusal")
 
     def echo(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-        gen, spec = resolve(req, *policy)
-        texts = [m.content for m in gen.messages or ()] + [gen.prompt or "", *gen.sampling.stop]
-        return {"texts": texts, "strength": spec.strength, "n": gen.n}
+        gens, spec = resolve(req, *policy)
+        texts = [m.content for g in gens for m in g.messages or ()] + [g.prompt or "" for g in gens]
+        return {"texts": texts + list(gens[0].sampling.stop), "strength": spec.strength, "n": gens[0].n}
 
     @app.post("/v1/chat/completions")
     def chat_endpoint(req: ChatCompletionRequest) -> dict[str, Any]:

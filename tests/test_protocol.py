@@ -57,7 +57,8 @@ def param_of(model: type, body: dict[str, Any]) -> str | None:
 
 
 def resolve_chat(body: dict[str, Any], settings: Settings | None = None, vectors=VECTORS, default="refusal"):
-    return resolve(ChatCompletionRequest.model_validate(body), settings or Settings(), vectors, default)
+    (gen,), spec = resolve(ChatCompletionRequest.model_validate(body), settings or Settings(), vectors, default)
+    return gen, spec
 
 
 def api_error(fn, *args) -> APIError:
@@ -312,9 +313,16 @@ def test_neutral_and_unknown_fields_are_accepted() -> None:
         ({}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": [1, True]}, "prompt"),
+        ({"prompt": [[1], [2, -1]]}, "prompt"),
+        ({"prompt": [[1], []]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"prompt": ["a", [1]]}, "prompt"),
+        ({"prompt": ["a"] * 257}, "prompt"),
+        ({"prompt": {"text": "a"}}, "prompt"),
+        ({"prompt": "x", "echo": 1}, "echo"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "logprobs": True}, "logprobs"),
@@ -326,10 +334,34 @@ def test_bad_completion_requests_name_the_param(body: dict[str, Any], param: str
     assert param_of(CompletionRequest, body) == param
 
 
-def test_several_prompts_message_points_to_n() -> None:
-    with pytest.raises(ValidationError) as info:
-        CompletionRequest.model_validate({"prompt": ["a", "b"]})
-    assert "use n" in validation_error_to_api_error(info.value.errors()).message
+@pytest.mark.parametrize(("prompt", "want"), [
+    ("a", ("a",)),
+    (["a", "b"], ("a", "b")),
+    ([1, 2, 3], ((1, 2, 3),)),
+    ([[1, 2], [3]], ((1, 2), (3,))),
+    (["a"] * 256, ("a",) * 256),
+])
+def test_every_prompt_shape_of_openai_and_vllm_is_one_input_per_prompt(prompt: Any, want: tuple) -> None:
+    """A string, a batch of strings, token ids, a batch of token-id lists: one engine input each, in order,
+    all with the request's sampling; echo with logprobs asks for the prompt's logprobs too."""
+    req = CompletionRequest.model_validate({"prompt": prompt, "echo": True, "logprobs": 2, "n": 2})
+    gens, _ = resolve(req, Settings(), VECTORS, "refusal")
+    assert tuple(g.prompt if g.prompt is not None else g.prompt_ids for g in gens) == want
+    assert {(g.n, g.echo, g.echo_only, g.sampling.logprobs, g.sampling.prompt_logprobs) for g in gens} == {
+        (2, True, False, 2, 2)}
+
+
+def test_max_tokens_zero_is_echo_alone() -> None:
+    """max_tokens 0 is the prompt alone (vLLM's way: one token generated and dropped); without echo a 400."""
+    gens, _ = resolve(CompletionRequest.model_validate({"prompt": "a", "echo": True, "max_tokens": 0}), Settings(),
+                      VECTORS, "refusal")
+    assert gens[0].echo_only and gens[0].sampling.max_tokens == 1 and gens[0].sampling.prompt_logprobs is None
+    with pytest.raises(APIError) as info:
+        resolve(CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0}), Settings(), VECTORS, "refusal")
+    assert info.value.param == "max_tokens" and "0 only with echo" in info.value.message
+    echo_off = resolve(CompletionRequest.model_validate({"prompt": "a", "logprobs": 1}), Settings(), VECTORS,
+                       "refusal")[0][0]
+    assert not echo_off.echo and echo_off.sampling.prompt_logprobs is None
 
 
 # ---------------------------------------------------------------- resolve
@@ -369,7 +401,7 @@ def test_resolve_chat_fields() -> None:
 
 def test_resolve_completion() -> None:
     req = CompletionRequest.model_validate({"prompt": ["Once upon"], "max_tokens": 5, "stop": ["\n", "."]})
-    gen, spec = resolve(req, Settings(default_strength=0.5), VECTORS, "refusal")
+    (gen,), spec = resolve(req, Settings(default_strength=0.5), VECTORS, "refusal")
     assert gen.prompt == "Once upon" and gen.messages is None
     assert gen.sampling.max_tokens == 5 and gen.sampling.stop == ("\n", ".")
     assert spec.strength == 0.5
@@ -510,7 +542,7 @@ def client() -> TestClient:
 
     @app.post("/v1/chat/completions")
     def chat_endpoint(req: ChatCompletionRequest) -> dict[str, Any]:
-        gen, spec = resolve(req, Settings(), VECTORS, "refusal")
+        (gen,), spec = resolve(req, Settings(), VECTORS, "refusal")
         return {"strength": spec.strength, "n": gen.n}
 
     @app.get("/boom")

@@ -197,7 +197,9 @@ def test_bodies_within_the_limits_are_served(api: Served, model_body) -> None:
         return
     assert resp.status_code == 200, resp.text
     safety = body.get("safety") or {}
-    n = body.get("n") or 1
+    prompts = body.get("prompt")  # a batch: n choices per prompt
+    batch = len(prompts) if isinstance(prompts, list) and not isinstance(prompts[0], int) else 1
+    n = (body.get("n") or 1) * batch
     if body.get("stream"):
         events = [e.removeprefix("data: ") for e in resp.text.split("\n\n") if e]
         assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), events[-3:]

@@ -270,6 +270,65 @@ def test_sampling_fields_answer_as_vanilla_vllm_does(steer_vllm, embedded, vanil
         assert spelled and all(text[o : o + len(t)] == t for o, t in spelled)
 
 
+COMPLETION_SHAPES = [  # /v1/completions request shapes researchers' tools send (lm-eval-harness: the first)
+    {"prompt": "IDS", "echo": True, "logprobs": 1, "max_tokens": 1},
+    {"prompt": PROMPTS[:3], "echo": True, "logprobs": 2},  # (vLLM refuses n > 1 when greedy)
+    {"prompt": PROMPTS[1], "echo": True, "logprobs": 0, "max_tokens": 0},
+    {"prompt": "IDS", "stream": True},
+]
+
+
+def _completion_texts_and_logprobs(url: str, body: dict) -> list[tuple]:
+    """Each choice's index, text and legacy logprobs (tokens, rounded logprobs, top alternatives' count),
+    streamed chunks joined per index."""
+    if not body.get("stream"):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+    else:
+        joined: dict[int, dict] = {}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line.removeprefix("data: "))["choices"]:
+                        joined.setdefault(c["index"], {"index": c["index"], "text": "", "logprobs": None})
+                        joined[c["index"]]["text"] += c["text"]
+        choices = list(joined.values())
+    out = []
+    for c in sorted(choices, key=lambda c: c["index"]):
+        lp = c["logprobs"]
+        # a token holding part of a character: U+FFFD here, "" in vLLM (or, where it ends one, vLLM's
+        # detokenizer gives the whole character)
+        tokens = None if lp is None else [None if "\ufffd" in t or not t else t for t in lp["tokens"]]
+        numbers = None if lp is None else (tokens, [None if v is None else round(v, 3) for v in lp["token_logprobs"]],
+                                           [None if t is None else len(t) for t in lp["top_logprobs"]])
+        out.append((c["index"], c["text"].rstrip("\ufffd"), numbers))  # an incomplete last character: dropped by vLLM
+    return out
+
+
+@vs_embedded
+@pytest.mark.parametrize("shape", COMPLETION_SHAPES, ids=["lm-eval-loglikelihood", "batch-echo", "echo-only",
+                                                          "token-ids-streamed"])
+def test_completion_batches_and_echo_answer_as_vanilla_vllm_does(steer_vllm, embedded, vanilla_vllm, vllm_model,
+                                                                 tiny_tokenizer, shape):
+    """Drop-in for scoring tools: batches of text or token-id prompts, echo (with max_tokens 0: the prompt
+    alone) and prompt logprobs give vLLM's own server's choices, texts and log-probabilities, on both
+    backends."""
+    ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    body = {"max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, **shape}
+    if body["prompt"] == "IDS":
+        body["prompt"] = ids
+    theirs = _completion_texts_and_logprobs(vanilla_vllm, body)
+    prompts = len(body["prompt"]) if isinstance(body["prompt"], list) else 1
+    assert len(theirs) == prompts * body.get("n", 1)
+    for url in (steer_vllm, embedded):
+        ours = _completion_texts_and_logprobs(url, body | {"safety": {"strength": 0}})
+        assert [(i, t, lp and lp[1:]) for i, t, lp in ours] == [(i, t, lp and lp[1:]) for i, t, lp in theirs]
+        for (*_, a), (*_, b) in zip(ours, theirs, strict=True):  # token texts, where both spell whole characters
+            assert (a is None) == (b is None)
+            assert a is None or all(x == y for x, y in zip(a[0], b[0], strict=True) if x and y)
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_a_400(steer_vllm, embedded):
     for url in (steer_vllm, embedded):
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],

@@ -13,11 +13,12 @@ from steer.types import GenerationInput, SteeringSpec
 class LogprobEntry:
     """One generated token's log-probability as the API shows it: its text, its UTF-8 bytes (a token may
     hold part of a character; its text then has U+FFFD where the bytes are incomplete) and the most
-    likely tokens at its position as (text, bytes, log-probability), most likely first."""
+    likely tokens at its position as (text, bytes, log-probability), most likely first. A prompt's first
+    token (legacy ``echo``) has no log-probability: None."""
 
     token: str
     bytes: bytes
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, bytes, float], ...] = ()
 
 
@@ -35,6 +36,8 @@ class RowEvent:
     gate: bool | None = None
     lowered: bool = False  # a two-sided gate judged the prompt benign and lowered refusal on this row
     logprobs: tuple[LogprobEntry, ...] = ()  # the tokens this event adds, where the request asked for logprobs
+    # on a row's first event, where the request asked for the prompt's (legacy echo): one per prompt token
+    prompt_logprobs: tuple[LogprobEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Prepared:
     prompt_ids: tuple[int, ...]
     inp: GenerationInput
     steering: SteeringSpec
+    prompt_text: str = ""  # the prompt as text (a token-id prompt's decoded), for the legacy echo
 
 
 class Backend(Protocol):

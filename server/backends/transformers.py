@@ -236,6 +236,12 @@ class TransformersBackend:
                 raise APIError(400, f"messages cannot be rendered with the chat template: {e}", param="messages") from None
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
             param = "messages"
+        elif inp.prompt_ids is not None:
+            ids, param = list(inp.prompt_ids), "prompt"
+            limit = max(self.vocab_size, len(self.tok))  # as vLLM: the model's or the tokenizer's, the larger
+            bad = next((t for t in ids if not 0 <= t < limit), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token id {bad} is out of the vocabulary (ids 0..{limit - 1})", param=param)
         else:
             ids = self.tok(inp.prompt, add_special_tokens=False)["input_ids"]
             param = "prompt"
@@ -258,7 +264,10 @@ class TransformersBackend:
                 f"context length {self.max_model_len}",
                 param=name,
             )
-        return Prepared(tuple(ids), inp, steering)
+        echo = ""
+        if inp.echo:  # a text prompt as sent; token ids decoded, as vLLM echoes them
+            echo = inp.prompt if inp.prompt is not None else self.tok.decode(ids)
+        return Prepared(tuple(ids), inp, steering, echo)
 
     async def generate(self, req: Prepared) -> AsyncIterator[RowEvent]:
         job = self._job(req)
@@ -281,7 +290,8 @@ class TransformersBackend:
                     gate = gate_label(_row_gate(seqs[item.seq_id], b))
                 yield RowEvent(i, b, item.text, item.n_tokens, item.finish_reason,
                                None if gate is None else gate == "open", gate == "lowered",
-                               tuple(map(self._logprob_entry, item.logprobs)))
+                               tuple(map(self._logprob_entry, item.logprobs)),
+                               self._prompt_entries(req, item.prompt_logprobs) if item.prompt_logprobs is not None else ())
         finally:
             self._inflight.discard(id(job))
             if job.remaining:  # consumer left early or a row failed: free the other rows
@@ -298,6 +308,13 @@ class TransformersBackend:
             return raw.decode("utf-8", errors="replace"), raw
 
         return LogprobEntry(*shown(lp.id), lp.logprob, tuple((*shown(t), v) for t, v in lp.top))
+
+    def _prompt_entries(self, req: Prepared, logprobs) -> tuple[LogprobEntry, ...]:
+        """A row's prompt logprobs (its tokens after the first) with the first token before them, which has
+        none."""
+        raw = self._token_bytes(req.prompt_ids[0])
+        first = LogprobEntry(raw.decode("utf-8", errors="replace"), raw, None)
+        return (first, *map(self._logprob_entry, logprobs))
 
     def _job(self, req: Prepared) -> _Job:
         rows = []

@@ -670,7 +670,10 @@ class VllmEngine:
             if out.finished:
                 reason = o.finish_reason if o.finish_reason in ("stop", "length") else "cancelled"
                 self._finish(out.request_id)
-            events.append(Event(row.seq.id, o.text, row.n_tokens, reason, _logprobs(o, row.seq.sampling)))
+            prompt_lp = None
+            if row.seq.sampling.prompt_logprobs is not None and out.prompt_logprobs:  # all of them, at the first
+                prompt_lp = _prompt_logprobs(out.prompt_logprobs, row.seq.prompt_ids, row.seq.sampling.prompt_logprobs)
+            events.append(Event(row.seq.id, o.text, row.n_tokens, reason, _logprobs(o, row.seq.sampling), prompt_lp))
         self.pending[:0] = decided
         return events
 
@@ -691,7 +694,8 @@ class VllmEngine:
                 top_p=1.0 if p.greedy else p.top_p, seed=p.seed, stop=list(p.stop) or None,
                 ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA, logprobs=p.logprobs,
                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, **kw)
+                repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
+                prompt_logprobs=p.prompt_logprobs, **kw)
 
         if plan.gate_pass:  # unsteered, the gating vector's hooks reading the gate; the whole row if speculative
             rid = f"gate-{seq.id}"
@@ -719,7 +723,9 @@ class VllmEngine:
                 steer["gate"] = plan.gate
         gated = steer is not None and plan.gate is None and self.hooks.gated(steer["vector"])
         # a gated request's gate position must be computed, never read from the cache
-        params = sampling(extra_args={"steer": steer} if steer else None, skip_reading_prefix_cache=gated)
+        # prompt logprobs are computed in the prefill: a cached prefix would have none
+        params = sampling(extra_args={"steer": steer} if steer else None,
+                          skip_reading_prefix_cache=gated or p.prompt_logprobs is not None)
         prompt = {"prompt_token_ids": list(seq.prompt_ids)}
         if steer:  # its KV holds steered activations: never shared with other settings
             prompt["cache_salt"] = (f"steer:{steer['vector']}:{self.hooks.sha(steer['vector'])}:{steer['strength']!r}"
@@ -792,6 +798,16 @@ def _logprobs(o, p: SamplingParams) -> tuple[TokenLogprob, ...]:
     out = []
     for tok, step in zip(ids, o.logprobs, strict=False):
         top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= p.logprobs)
+        out.append(TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top)))
+    return tuple(out)
+
+
+def _prompt_logprobs(steps, prompt_ids, k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's prompt logprobs (None for the first token, then per token its own and the ``k`` most likely,
+    with ranks) as the embedded engine gives them: the tokens after the first."""
+    out = []
+    for tok, step in zip(prompt_ids[1:], steps[1:], strict=True):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
         out.append(TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top)))
     return tuple(out)
 
