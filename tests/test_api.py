@@ -935,16 +935,18 @@ def test_metrics_endpoint(api: Served) -> None:
 
 
 @pytest.mark.parametrize(
-    ("strength", "read_first_chunk"),
+    ("strength", "read_first_chunk", "batch"),
     [
-        pytest.param(0.0, True, id="after-first-chunk"),
+        pytest.param(0.0, True, False, id="after-first-chunk"),
         # strength 2 makes the tiny model emit only invalid UTF-8, which the engine holds back until the
         # end: the client disconnects having received nothing but the headers
-        pytest.param(STRONG, False, id="before-any-chunk"),
+        pytest.param(STRONG, False, False, id="before-any-chunk"),
+        # a batch of three prompts on /v1/completions: all six rows leave
+        pytest.param(0.0, True, True, id="batch-of-prompts"),
     ],
 )
 def test_client_disconnect_mid_stream_frees_the_slot(
-    api: Served, monkeypatch: pytest.MonkeyPatch, strength: float, read_first_chunk: bool
+    api: Served, monkeypatch: pytest.MonkeyPatch, strength: float, read_first_chunk: bool, batch: bool
 ) -> None:
     # In process, slow each engine step a little, so that running to completion (240 steps) would take
     # >= 1.2 s and cannot be mistaken for a prompt cancellation on a fast machine. Either way the count of
@@ -968,7 +970,11 @@ def test_client_disconnect_mid_stream_frees_the_slot(
         "stream": True,
         "safety": {"strength": strength, "compare": True},
     }
-    with api.http.stream("POST", _CHAT, json=body) as r:
+    path = _CHAT
+    if batch:
+        del body["messages"]
+        path, body["prompt"], body["max_tokens"] = "/v1/completions", ["hi", "hello", "hey there"], 250
+    with api.http.stream("POST", path, json=body) as r:
         assert r.status_code == 200
         assert wait(lambda: api.running_rows() > 0), "the request never reached the engine"
         if read_first_chunk:
