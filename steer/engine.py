@@ -65,7 +65,7 @@ class Event:
     n_tokens: int  # tokens generated so far
     finish_reason: str | None  # "stop" | "length" | "cancelled" | "error" | None while running
     # the tokens this event adds, where the row asked for logprobs (an end-of-sequence token that ends
-    # the answer has none: it is not part of the answer, as in OpenAI's API)
+    # the answer included, as vLLM gives it, though its text is not in the answer)
     logprobs: tuple[TokenLogprob, ...] = ()
     # on a row's first event, where it asked for prompt logprobs: those of its prompt tokens after the first
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
@@ -448,7 +448,7 @@ class Engine:
             ev = self._emit(s, tok)
             if s.prompt_lp is not None:  # the row's first event: its prompt's logprobs go with it
                 ev, s.prompt_lp = replace(ev, prompt_logprobs=tuple(s.prompt_lp)), None
-            if stats is not None and not (tok in self.eos_ids and not s.sampling.ignore_eos):
+            if stats is not None:  # an end-of-sequence token too (vLLM lists it; lm-eval counts on the entry)
                 lse, top = stats
                 ev = replace(ev, logprobs=(TokenLogprob(tok, float(raw[tok]) - lse, top),))
             return ev

@@ -503,14 +503,15 @@ def test_logprobs_follow_steering_and_the_baseline_is_vanilla(api: Served) -> No
     assert steered[0]["logprob"] != pytest.approx(zero[0]["logprob"], abs=1e-3)  # the first token's context is shared
 
 
-def test_the_eos_that_ends_an_answer_has_no_logprob(api: Served, tiny_tokenizer) -> None:
+def test_the_eos_that_ends_an_answer_has_its_logprob(api: Served, tiny_tokenizer) -> None:
     """A logit bias makes the first token the end-of-sequence token: the answer is empty, its one token
-    counted in usage, and it gets no logprobs entry (OpenAI's behaviour), on both backends."""
+    counted in usage and listed in logprobs with its text (vLLM's behaviour), on both backends."""
     eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     r = chat(api, PROMPTS[1], 0, logprobs=True, logit_bias={str(eos): 100})
     [choice] = r.choices
     assert (choice.message.content, choice.finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
-    assert choice.logprobs.content == []
+    [entry] = choice.logprobs.content
+    assert (entry.token, bytes(entry.bytes), entry.logprob < 0) == ("<|im_end|>", b"<|im_end|>", True)
 
 
 # ---------------------------------------------------------------- prompt batches, token ids, echo
@@ -569,7 +570,7 @@ def test_echoed_prompt_logprobs_follow_steering_and_stream(api: Served) -> None:
     assert steered["logprobs"]["token_logprobs"][1] != pytest.approx(base["logprobs"]["token_logprobs"][1], abs=1e-3)
     assert steered["logprobs"]["tokens"][:n_prompt] == base["logprobs"]["tokens"][:n_prompt]
     for c, usage in ((steered, whole["usage"]), (base, whole["baseline"]["usage"])):
-        assert len(c["logprobs"]["tokens"]) == n_prompt + usage["completion_tokens"] - (c["finish_reason"] == "stop")
+        assert len(c["logprobs"]["tokens"]) == n_prompt + usage["completion_tokens"]  # an ending EOS listed too
     with api.http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
         chunks = [json.loads(e) for e in sse_events(r.iter_lines())[:-1]][:-1]
     parts = [c["choices"][0] for c in chunks if c["choices"]]

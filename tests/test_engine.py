@@ -186,7 +186,9 @@ def test_prompt_logprobs_of_a_gated_row_are_the_steered_prompts(tiny_qwen, tiny_
     assert 0 < sum(s.gate["refusal"] > 0 for s in seqs) < len(seqs)
 
 
-def test_an_eos_that_ends_the_answer_has_no_logprob(tiny_qwen, tiny_tokenizer):
+def test_an_eos_that_ends_the_answer_has_its_logprob(tiny_qwen, tiny_tokenizer):
+    """As vLLM: the end-of-sequence token that ends an answer is listed last (lm-eval-harness's loglikelihood
+    reads every entry but the last as the prompt's), though its text is not in the answer."""
     prompt = _prompts(1, len(tiny_tokenizer))[0]
     full = _run(Engine(tiny_qwen, tiny_tokenizer), [Sequence(prompt, SamplingParams(max_tokens=8, temperature=0))])[0]
     eng = Engine(tiny_qwen, tiny_tokenizer)
@@ -195,7 +197,7 @@ def test_an_eos_that_ends_the_answer_has_no_logprob(tiny_qwen, tiny_tokenizer):
     seq = Sequence(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1))
     got = _events(eng, [seq])[seq.id]
     assert seq.finish_reason == "stop" and len(seq.generated) == ends
-    assert [lp.id for ev in got for lp in ev.logprobs] == full.generated[: ends - 1]
+    assert [lp.id for ev in got for lp in ev.logprobs] == full.generated[:ends]
     kept = Sequence(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))
     got = _events(eng, [kept])[kept.id]
     assert [lp.id for ev in got for lp in ev.logprobs] == full.generated  # ignore_eos: an ordinary token

@@ -329,6 +329,30 @@ def test_completion_batches_and_echo_answer_as_vanilla_vllm_does(steer_vllm, emb
             assert a is None or all(x == y for x, y in zip(a[0], b[0], strict=True) if x and y)
 
 
+@vs_embedded
+def test_an_answer_ended_by_eos_lists_it_as_vanilla_vllm_does(steer_vllm, embedded, vanilla_vllm, tiny_tokenizer):
+    """The end-of-sequence token that ends an answer is the last logprobs entry on vLLM's own server (and
+    lm-eval-harness's loglikelihood drops the last entry as the generated one): ours list it the same, chat
+    and legacy completions with echo."""
+    eos = str(tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    bodies = [("/v1/completions", {"prompt": [5, 6, 7], "echo": True, "logprobs": 1}),
+              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})]
+    for path, body in bodies:
+        body |= {"max_tokens": 3, "temperature": 0, "logit_bias": {eos: 100}}
+        theirs = httpx.post(f"{vanilla_vllm}{path}", json=body, timeout=120).json()["choices"][0]
+        for url in (steer_vllm, embedded):
+            ours = httpx.post(f"{url}{path}", json=body | {"safety": {"strength": 0}}, timeout=120).json()["choices"][0]
+            assert ours["finish_reason"] == theirs["finish_reason"] == "stop"
+            lp, want = ours["logprobs"], theirs["logprobs"]
+            if "content" in want:
+                assert [(e["token"], e["bytes"], round(e["logprob"], 3)) for e in lp["content"]] == [
+                    (e["token"], e["bytes"], round(e["logprob"], 3)) for e in want["content"]]
+            else:
+                assert lp["tokens"] == want["tokens"] and lp["tokens"][-1] == "<|im_end|>"
+                assert [v and round(v, 3) for v in lp["token_logprobs"]] == [v and round(v, 3)
+                                                                           for v in want["token_logprobs"]]
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_a_400(steer_vllm, embedded):
     for url in (steer_vllm, embedded):
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],

@@ -788,13 +788,11 @@ class VllmEngine:
 
 def _logprobs(o, p: SamplingParams) -> tuple[TokenLogprob, ...]:
     """A completion output's new tokens' logprobs as the embedded engine gives them: vLLM's raw
-    log-probabilities (its default ``logprobs_mode``), the ``p.logprobs`` most likely by rank, and none
-    for an end-of-sequence token that ends the answer (``stop_reason`` None on a "stop" finish)."""
+    log-probabilities (its default ``logprobs_mode``) and the ``p.logprobs`` most likely by rank, an
+    end-of-sequence token that ends the answer included (as vLLM's own server lists it)."""
     if p.logprobs is None or not o.logprobs:
         return ()
     ids = list(o.token_ids)
-    if o.finish_reason == "stop" and o.stop_reason is None and not p.ignore_eos and ids:
-        ids = ids[:-1]
     out = []
     for tok, step in zip(ids, o.logprobs, strict=False):
         top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= p.logprobs)
