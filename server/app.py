@@ -307,6 +307,7 @@ async def _complete(backend: Backend, settings: Settings, metrics: Metrics, req,
         )
     inputs, spec = p.resolve(req, settings, backend.vector_kinds(), backend.default_vector())
     prepared = [await _prepare(backend, inp, spec, k, len(inputs)) for k, inp in enumerate(inputs)]
+    prepared[1:] = [replace(q, follows=True) for q in prepared[1:]]  # the queue cap counts a batch once
     meta = r.ResponseMeta.new(kind, backend.model_name)
     vkind = backend.vector_kinds().get(spec.vector)
     safety = r.safety_info(spec, vkind, backend.applied_strength(spec.vector, spec.strength))
@@ -356,6 +357,7 @@ async def _events(backend: Backend, prepared: list[Prepared]) -> AsyncIterator[R
             return
         queue.put_nowait(_DONE)
 
+    # in order: the first prompt's job is admitted (or refused) before the others, which follow it
     tasks = [asyncio.ensure_future(pump(k, prep)) for k, prep in enumerate(prepared)]
     try:
         left = len(tasks)

@@ -137,7 +137,7 @@ class _SamplingRequest(BaseModel):
     """Fields shared by both completion endpoints."""
 
     model: str | None = None
-    max_tokens: StrictInt | None = Field(None, ge=1, description="0 only with echo (the prompt alone).")
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, **_NUMBER, description="0 = greedy.")
     top_p: float | None = Field(None, gt=0, le=1, **_NUMBER)
     n: StrictInt | None = Field(None, ge=1)

@@ -229,6 +229,17 @@ def test_a_full_queue_is_429_with_retry_after(one_slot: Served, monkeypatch: pyt
     assert_alive(one_slot)
 
 
+def test_a_batch_of_prompts_counts_once_against_the_queue(one_slot: Served) -> None:
+    """Four prompts in one request on a server with one slot and room for one waiting request: the batch is
+    one request, admitted whole, not refused at its second prompt."""
+    r = one_slot.http.post("/v1/completions", json={"model": MODEL, "prompt": ["a b", "c d", "e f", "g h"],
+                                                   "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert wait(lambda: metric_value(metrics_text(one_slot), "steer_queued_requests") == 0)
+    assert_alive(one_slot)
+
+
 def test_a_request_the_worker_has_just_taken_still_counts_against_the_queue(
     one_slot: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,6 +48,8 @@ class Prepared:
     inp: GenerationInput
     steering: SteeringSpec
     prompt_text: str = ""  # the prompt as text (a token-id prompt's decoded), for the legacy echo
+    # a later prompt of a batch whose first prompt was admitted: the queue cap counts the request once
+    follows: bool = False
 
 
 class Backend(Protocol):

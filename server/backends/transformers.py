@@ -273,7 +273,7 @@ class TransformersBackend:
         job = self._job(req)
         by_id = {s.id: (i, b) for i, b, s in job.rows}
         seqs = {s.id: s for _, _, s in job.rows}
-        self._submit(job)
+        self._submit(job, req.follows)
         self._inflight.add(id(job))
         try:
             while job.remaining:
@@ -326,13 +326,14 @@ class TransformersBackend:
         return _Job(rows, asyncio.get_running_loop(), asyncio.Queue(), current_request_id(),
                     {s.id for _, _, s in rows})
 
-    def _submit(self, job: _Job) -> None:
-        """Queue a job for the worker, or refuse it: 503 unless serving, 429 when the queue is full."""
+    def _submit(self, job: _Job, follows: bool = False) -> None:
+        """Queue a job for the worker, or refuse it: 503 unless serving, 429 when the queue is full (not for
+        a later prompt of an admitted batch, ``follows``: a batch larger than the cap must still run)."""
         with self._lock:
             if not self.healthy():
                 raise self._unavailable(job.request_id)
             waiting = self._unseen + self._queued
-            if waiting >= self.settings.max_queued_requests:
+            if waiting >= self.settings.max_queued_requests and not follows:
                 raise APIError(429, f"the server is at capacity ({waiting} requests waiting); retry shortly",
                                type=SERVER_ERROR, code="queue_full", headers={"Retry-After": "1"})
             self._unseen += 1
