@@ -238,6 +238,8 @@ CHAT_BAD = {
 }
 COMPLETION_BAD = {
     **_SHARED_BAD,
+    # 0 is the prompt alone with echo, a policy 400 without it (tests/test_protocol.py covers both)
+    "max_tokens": [v for v in _BAD_INT if not (type(v) is int and v == 0)],
     "prompt": ["", [], [""], ["a", ""], [[]], [-1], [1, True], [[1], ["a"]], ["a", [1]], [1.5], ["a"] * 257, 1, None,
                {}, True, "\ud800", ["x\udc00"]],
     "echo": [1, "yes"],
