@@ -383,13 +383,10 @@ class Engine:
                 hi = min(b, lo + piece)
                 logits = self._logits(h[i, lo - c0 : hi - c0])
                 targets = p.ids[i, lo + 1 : hi + 1]
-                lse = torch.logsumexp(logits, dim=-1)
-                chosen = (logits.gather(1, targets[:, None])[:, 0] - lse).tolist()
-                top = torch.topk(logits, k, dim=-1) if k else None
-                tops = (top.values - lse[:, None]).tolist() if top is not None else None
-                for j, (t, lp) in enumerate(zip(targets.tolist(), chosen, strict=True)):
-                    pairs = tuple(zip(top.indices[j].tolist(), tops[j], strict=True)) if top is not None else ()
-                    s.prompt_lp.append(TokenLogprob(t, lp, pairs))
+                chosen = logits.gather(1, targets[:, None])[:, 0].tolist()
+                stats = _logprob_stats(logits, [k] * len(chosen))  # as a generated token's
+                for t, c, (lse, top) in zip(targets.tolist(), chosen, stats, strict=True):
+                    s.prompt_lp.append(TokenLogprob(t, c - lse, top))
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """(B, d) last-position residuals -> (B, V) float logits. Only the last position goes through

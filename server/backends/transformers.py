@@ -301,20 +301,19 @@ class TransformersBackend:
     def _token_bytes(self) -> TokenBytes:
         return TokenBytes(self.tok)
 
+    def _shown(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and bytes as logprobs show them."""
+        raw = self._token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), raw
+
     def _logprob_entry(self, lp) -> LogprobEntry:
         """A steer.types.TokenLogprob (token ids) as the API shows it (token texts and bytes)."""
-        def shown(token_id: int) -> tuple[str, bytes]:
-            raw = self._token_bytes(token_id)
-            return raw.decode("utf-8", errors="replace"), raw
-
-        return LogprobEntry(*shown(lp.id), lp.logprob, tuple((*shown(t), v) for t, v in lp.top))
+        return LogprobEntry(*self._shown(lp.id), lp.logprob, tuple((*self._shown(t), v) for t, v in lp.top))
 
     def _prompt_entries(self, req: Prepared, logprobs) -> tuple[LogprobEntry, ...]:
         """A row's prompt logprobs (its tokens after the first) with the first token before them, which has
         none."""
-        raw = self._token_bytes(req.prompt_ids[0])
-        first = LogprobEntry(raw.decode("utf-8", errors="replace"), raw, None)
-        return (first, *map(self._logprob_entry, logprobs))
+        return (LogprobEntry(*self._shown(req.prompt_ids[0]), None), *map(self._logprob_entry, logprobs))
 
     def _job(self, req: Prepared) -> _Job:
         rows = []

@@ -792,22 +792,19 @@ def _logprobs(o, p: SamplingParams) -> tuple[TokenLogprob, ...]:
     end-of-sequence token that ends the answer included (as vLLM's own server lists it)."""
     if p.logprobs is None or not o.logprobs:
         return ()
-    ids = list(o.token_ids)
-    out = []
-    for tok, step in zip(ids, o.logprobs, strict=False):
-        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= p.logprobs)
-        out.append(TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top)))
-    return tuple(out)
+    return tuple(_token_logprob(tok, step, p.logprobs) for tok, step in zip(o.token_ids, o.logprobs, strict=False))
 
 
 def _prompt_logprobs(steps, prompt_ids, k: int) -> tuple[TokenLogprob, ...]:
     """vLLM's prompt logprobs (None for the first token, then per token its own and the ``k`` most likely,
     with ranks) as the embedded engine gives them: the tokens after the first."""
-    out = []
-    for tok, step in zip(prompt_ids[1:], steps[1:], strict=True):
-        top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
-        out.append(TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top)))
-    return tuple(out)
+    return tuple(_token_logprob(tok, step, k) for tok, step in zip(prompt_ids[1:], steps[1:], strict=True))
+
+
+def _token_logprob(tok: int, step: dict, k: int) -> TokenLogprob:
+    """One position of vLLM's logprobs ({token id: Logprob with rank}): ``tok``'s and the ``k`` most likely."""
+    top = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
+    return TokenLogprob(tok, float(step[tok].logprob), tuple((t, float(v)) for _, t, v in top))
 
 
 @dataclass
