@@ -58,7 +58,7 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
             raise CLIError("--layers: --refit-gate keeps the source vector's steered layers")
         print(run_refit_gate(cfg, ns.refit_gate, command=_command(ns)))
         return
-    if ns.gate_fpr:
+    if ns.gate_fpr is not None:
         raise CLIError("--gate-fpr: only with --refit-gate (steer extract chooses its threshold on the dev split "
                        "together with the coefficient)")
     if ns.gate_layers:
@@ -128,16 +128,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--refit-gate", default=None, metavar="VECTOR.json",
                     help="keep this gated activation vector's direction and coefficient, refit its gate on --model "
                          "(e.g. the fine-tune it will guard: a fine-tune moves the residual stream the gate reads)")
-    ex.add_argument("--gate-templates", action="store_true",
+    ex.add_argument("--gate-templates", action=argparse.BooleanOptionalAction, default=None,
                     help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
                          "template families, and choose its threshold with benign requests inside dev-family templates "
-                         "(held-out families never used; see steer/templates.py). Default: off, the shipped recipe")
+                         "(held-out families never used; see steer/templates.py). Default: off for a new vector; with "
+                         "--refit-gate, as the source vector was made (the shipped one: on)")
     ex.add_argument("--gate-layers", default=None, metavar="L-M|L,..",
                     help="with --refit-gate: a multi-layer gate reading the residual at each of these layers (e.g. 9-13; "
-                         "the last decides and must not follow the first steered layer). Default: the source's one layer")
-    ex.add_argument("--gate-fpr", type=float, default=0.0, metavar="F",
+                         "the last decides and must not follow the first steered layer). Default: the source's gate layers")
+    ex.add_argument("--gate-fpr", type=float, default=None, metavar="F",
                     help="with --refit-gate: set the gate's threshold so that at most this fraction of the dev benign "
-                         "prompts fire it (default 0: none). Higher buys recall on milder harmful requests")
+                         "prompts fire it (default: the source's, 0 for a vector steer extract made). Higher buys "
+                         "recall on milder harmful requests")
     ex.add_argument("--lower", type=float, default=0.0, metavar="C",
                     help="two-sided gate: rows scoring below a lower threshold (--lower-margin below every harmful "
                          "prompt the gate was fitted or tuned on) get the direction subtracted at C times an open "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -87,9 +87,13 @@ class ExtractConfig:
     gate_layer: int | None = None
     limit: int | None = None
     seed: int = SPLIT_SEED
-    gate_templates: bool = False  # fit and tune the gate with templated requests too (steer.templates)
-    gate_fpr: float = 0.0  # --refit-gate: fraction of the dev benign prompts the threshold may let fire
-    gate_layers: str | None = None  # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13"
+    # fit and tune the gate with templated requests too (steer.templates); None: off for steer extract, the
+    # source vector's choice for --refit-gate
+    gate_templates: bool | None = None
+    # --refit-gate: fraction of the dev benign prompts the threshold may let fire (None: the source's, else 0)
+    gate_fpr: float | None = None
+    # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13" (None, without gate_layer: the source's)
+    gate_layers: str | None = None
     lower: float = 0.0  # --lower: two-sided gate, the strength refusal is lowered with on confident-benign rows
     lower_margin: float = 0.5  # --lower-margin: the lower threshold's distance below every known harmful score
     lower_span: str = "prompt"  # --lower-span: where lowered rows are steered, "prompt" or "all" (steer.hooks.Gate)
@@ -420,7 +424,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     from steer.demo import ensure_demo_model
 
     t0 = time.time()
-    if not 0.0 <= cfg.gate_fpr < 1.0:
+    if cfg.gate_fpr is not None and not 0.0 <= cfg.gate_fpr < 1.0:
         raise VectorError(f"--gate-fpr {cfg.gate_fpr}: must be in [0, 1) (the fraction of dev benign prompts the "
                           "gate may fire on)")
     if cfg.gate_layers is not None and cfg.gate_layer is not None:
@@ -430,9 +434,16 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     gcfg = src.config.get("gate")
     if src.kind != "activation" or not gcfg:
         raise VectorError(f"--refit-gate {source}: {src.name!r} is not a gated activation vector")
+    cfg, inherited = refit_settings(cfg, src)
+    if inherited:
+        print("steer extract: refitting the gate as the source made it: "
+              + ", ".join(f"{k} {v}" for k, v in inherited.items())
+              + " (give --gate-layers, --gate-templates/--no-gate-templates or --gate-fpr to change)",
+              file=sys.stderr, flush=True)
     first = min(src.layer_directions())
     if layers is None:
-        layers = [cfg.gate_layer if cfg.gate_layer is not None else int(gcfg["layer"])]
+        layers = ([cfg.gate_layer] if cfg.gate_layer is not None
+                  else [int(x) for x in gcfg.get("layers", [gcfg["layer"]])])
     if not 1 <= layers[0] or layers[-1] > first:
         raise VectorError(f"gate layer(s) {_layer_text(layers)}: must be in 1..{first} (the first steered layer)")
     model, tok = load_model(cfg.model or ensure_demo_model())
@@ -472,9 +483,35 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 1),
     }
+    if inherited:
+        prov["inherited_from_source"] = inherited
     if templated is not None:
         prov["gate_templates"] = templated
     return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
+
+
+def refit_settings(cfg: ExtractConfig, src: SafetyVector) -> tuple[ExtractConfig, dict]:
+    """``cfg`` with the gate settings it leaves open (None) taken from the source vector ``src``, so that a
+    refit makes the same kind of gate on another model: its layers (``gate.layers``, a multi-layer gate),
+    whether it was fitted with templated requests (``provenance.gate_templates``) and the dev benign fire
+    budget its threshold was set at (``provenance.dev.allowed_dev_benign_fires``; a gate made by steer extract
+    has none: 0). Returns the config and what was inherited (empty where the source's settings are the
+    plain ones: one layer, no templates, budget 0)."""
+    gcfg = src.config.get("gate") or {}
+    inherited: dict = {}
+    if cfg.gate_layers is None and cfg.gate_layer is None and len(gcfg.get("layers", ())) > 1:
+        inherited["gate_layers"] = _layer_text([int(x) for x in gcfg["layers"]])
+    if cfg.gate_templates is None:
+        tpl = "gate_templates" in src.provenance
+        cfg = replace(cfg, gate_templates=tpl)
+        if tpl:
+            inherited["gate_templates"] = True
+    if cfg.gate_fpr is None:
+        fpr = float((src.provenance.get("dev") or {}).get("allowed_dev_benign_fires", 0.0))
+        cfg = replace(cfg, gate_fpr=fpr)
+        if fpr:
+            inherited["gate_fpr"] = fpr
+    return cfg, inherited
 
 
 def parse_layers(text: str) -> list[int]:

@@ -84,6 +84,7 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     prov = json.loads(manifest.read_text())["provenance"]
     assert prov["direction_from"]["vector"] == "tiny" and prov["direction_from"]["tensors_sha256"] == src.sha256
     assert 0.0 <= prov["dev"]["dev_harmful_gate_fires"] <= 1.0 and prov["dev"]["dev_benign_gate_fires"] == 0.0
+    assert "inherited_from_source" not in prov  # a steer extract gate: one layer, no templates, budget 0
     SteeringRuntime(model, [vec])  # made for the fine-tune
     aligned, _ = load_model(src_dir, dtype=torch.float32)
     with pytest.raises(VectorError, match="--transfer tiny_ft"):
@@ -109,6 +110,14 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     assert mvec.config["gate"]["layers"] == [1, 2] and mvec.config["gate"]["layer"] == 2
     assert mvec.tensors["gate.direction"].shape == (2 * model.config.hidden_size,)
     assert SteeringRuntime(model, [mvec]).steerers["multi"].gate.layers == (1, 2)
+    # a refit with nothing given makes the source's kind of gate: its layers and its dev benign fire budget
+    for src_vec, given, want in ((multi, {}, {"gate_layers": "1,2"}), (loose, {}, {"gate_fpr": 0.5}),
+                                 (multi, {"gate_layer": 1}, {}), (loose, {"gate_fpr": 0.0}, {})):
+        again = json.loads(run_refit_gate(ExtractConfig(model=str(src_dir), out=str(tmp_path / "again"), name="again",
+                                                        limit=3, **given), src_vec, command="").read_text())
+        assert again["provenance"].get("inherited_from_source", {}) == want
+        assert again["config"]["gate"].get("layers") == ([1, 2] if "gate_layers" in want else None)
+        assert again["provenance"]["dev"]["allowed_dev_benign_fires"] == want.get("gate_fpr", 0.0)
     with pytest.raises(VectorError, match=r"must be in 1\.\.2"):
         run_refit_gate(ExtractConfig(model=str(ft_dir), out=str(tmp_path / "w"), name="w", limit=3, gate_layers="2-3"),
                        source, command="")
@@ -274,11 +283,20 @@ def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_pa
     rprov = json.loads(refit.read_text())["provenance"]
     assert sorted(rprov["gate_templates"]["sets"]) == sorted(names) and set(names) <= set(rprov["datasets"])
     assert probes == [sizes] and thresholds == [sum(len(read[k]) for k in (*BENIGN_DEV, "dev_tpl_itw_benign"))]
-    # off (the default): no templated set is read and nothing is recorded
+    # not given: as the source was made (with templates here), and recorded as inherited
+    for log in (read, probes, thresholds):
+        log.clear()
+    inherit = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "inherit"), name="i", limit=3),
+                             manifest, command="")
+    iprov = json.loads(inherit.read_text())["provenance"]
+    assert sorted(iprov["gate_templates"]["sets"]) == sorted(names) and probes == [sizes]
+    assert iprov["inherited_from_source"] == {"gate_templates": True}
+    # --no-gate-templates: no templated set is read and nothing is recorded
     read.clear()
-    plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3),
-                           manifest, command="")
-    assert "gate_templates" not in json.loads(plain.read_text())["provenance"] and set(read).isdisjoint(names)
+    plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3,
+                                         gate_templates=False), manifest, command="")
+    pprov = json.loads(plain.read_text())["provenance"]
+    assert "gate_templates" not in pprov and "inherited_from_source" not in pprov and set(read).isdisjoint(names)
 
 
 def test_lower_floor_is_the_highest_code_score_and_needs_room_below_the_lower_threshold():
