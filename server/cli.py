@@ -51,6 +51,13 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
         lower_floor=ns.lower_floor,
     )
     check_lower(ns.lower, ns.lower_margin, ns.lower_span, ns.lower_floor)  # before any model loads
+    if ns.and_gates:
+        from steer.calibrate import and_gates
+
+        if ns.refit_gate or ns.model:
+            raise CLIError("--and-gates: copies two vectors' gates, give it without --refit-gate or --model")
+        print(and_gates(*ns.and_gates, name=ns.name, out=ns.out, command=_command(ns)))
+        return
     if ns.refit_gate:  # its errors (VectorError, ModelError) are user errors: main() prints them as one line
         from steer.calibrate import run_refit_gate
 
@@ -128,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--refit-gate", default=None, metavar="VECTOR.json",
                     help="keep this gated activation vector's direction and coefficient, refit its gate on --model "
                          "(e.g. the fine-tune it will guard: a fine-tune moves the residual stream the gate reads)")
+    ex.add_argument("--and-gates", nargs=2, default=None, metavar=("VECTOR.json", "OTHER.json"),
+                    help="write a copy of VECTOR (--name, --out) whose gate opens a row only where OTHER's gate "
+                         "opens it too (both gated activation vectors for the same model; OTHER's gate layers among "
+                         "VECTOR's). No model runs")
     ex.add_argument("--gate-templates", action=argparse.BooleanOptionalAction, default=None,
                     help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
                          "template families, and choose its threshold with benign requests inside dev-family templates "

@@ -490,6 +490,47 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
 
 
+def and_gates(primary: str | Path, other: str | Path, *, name: str, out: str | Path, command: str) -> Path:
+    """A copy of the gated activation vector ``primary`` whose gate opens a row only where ``other``'s gate
+    opens it too (``steer extract --and-gates``; ``steer.hooks.Gate``'s ``also``). Both are made for the same
+    model, read the same prompt position, and ``other``'s gate layers are among ``primary``'s (its residuals
+    are already there when ``primary``'s gate decides); neither gate may be two-sided or AND-ed already.
+    No model is run: the probes are copied."""
+    target = (Path(out) / f"{name}.json").resolve()
+    if target in (Path(primary).resolve(), Path(other).resolve()):
+        raise VectorError(f"--and-gates: {target} is one of the two inputs; give another --name or --out")
+    a, b = SafetyVector.load(primary), SafetyVector.load(other)
+    for v, path in ((a, primary), (b, other)):
+        g = v.config.get("gate")
+        if v.kind != "activation" or not g:
+            raise VectorError(f"--and-gates {path}: {v.name!r} is not a gated activation vector")
+        if g.get("lower") is not None or g.get("also") is not None:
+            raise VectorError(f"--and-gates {path}: {v.name!r}'s gate is two-sided or AND-ed already")
+    ga, gb = a.config["gate"], b.config["gate"]
+    if a.model != b.model:
+        raise VectorError(f"--and-gates: {a.name!r} and {b.name!r} were made for different models")
+    la, lb = ga.get("layers", [ga["layer"]]), gb.get("layers", [gb["layer"]])
+    if not set(lb) <= set(la):
+        raise VectorError(f"--and-gates: {b.name!r}'s gate layers {lb} must be among {a.name!r}'s {la}")
+    if int(ga.get("position", -1)) != int(gb.get("position", -1)):
+        raise VectorError("--and-gates: the two gates read different prompt positions")
+    also = {"layers": [int(x) for x in lb], "threshold": float(gb["threshold"]),
+            "metric": gb.get("metric", "cosine"), "from": b.name}
+    tensors = dict(a.tensors) | {"gate.also.direction": b.tensors["gate.direction"],
+                                 "gate.also.center": b.tensors["gate.center"]}
+    prov = {**a.provenance, "and_gates": {
+        "method": f"{a.name!r}'s gate AND {b.name!r}'s gate (steer extract --and-gates): a row is steered only "
+                  "where both open",
+        "primary": {"vector": a.name, "tensors_sha256": a.sha256},
+        "also": {"vector": b.name, "tensors_sha256": b.sha256, "provenance": b.provenance},
+        "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    vec = SafetyVector(name, "activation", a.model, tensors, {**a.config, "gate": {**ga, "also": also}}, prov)
+    from steer.hooks import Gate
+
+    Gate.of(vec)  # the runtime's own checks, before anything is written
+    return vec.save(out)
+
+
 def refit_settings(cfg: ExtractConfig, src: SafetyVector) -> tuple[ExtractConfig, dict]:
     """``cfg`` with the gate settings it leaves open (None) taken from the source vector ``src``, so that a
     refit makes the same kind of gate on another model: its layers (``gate.layers``, a multi-layer gate),

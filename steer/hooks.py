@@ -83,10 +83,17 @@ class Gate:
     left vanilla (``steer extract --lower-floor`` puts it at the gate's code prompts, whose answers
     lowering only degrades). ``two_sided=False`` drops
     ``lower`` (a weight vector borrowing the gate: subtracting a weight-space safety vector is not what
-    the lower threshold was chosen for)."""
+    the lower threshold was chosen for).
+
+    A gate with ``also`` (``{"layers": [...], "threshold": t2, "metric": ...}``, its probe in the tensors
+    ``gate.also.direction`` / ``gate.also.center``; ``steer extract --and-gates``) opens a row only where a
+    second probe, over a subset of the gate's layers at the same position, scores above ``t2`` too: the AND
+    of two gates, for example one fitted with jailbreak templates (which stops a template alone from opening
+    it) and one fitted without (which stays closed on plain benign look-alikes). It is one-sided."""
 
     def __init__(self, name: str, cfg: dict, direction: torch.Tensor, center: torch.Tensor, *,
-                 hidden_size: int | None = None, two_sided: bool = True) -> None:
+                 hidden_size: int | None = None, two_sided: bool = True,
+                 also: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.layer = int(cfg["layer"])
         self.layers = tuple(int(x) for x in cfg.get("layers", [self.layer]))
         if list(self.layers) != sorted(set(self.layers)) or self.layers[-1] != self.layer:
@@ -105,6 +112,11 @@ class Gate:
             raise VectorError(f"vector {name!r}: gate direction {tuple(direction.shape)} and center "
                               f"{tuple(center.shape)} do not fit {len(self.layers)} gate layer(s)")
         self.direction, self.center = direction.float(), center.float()
+        self.also: _Probe | None = None
+        if cfg.get("also") is not None:
+            self.also = _Probe.of(name, cfg["also"], also, self.layers, size // len(self.layers))
+            if cfg.get("lower") is not None:
+                raise VectorError(f"vector {name!r}: a gate with 'also' (two gates AND-ed) cannot be two-sided")
         self.lower_threshold: float | None = None
         self.lower_strength = 0.0
         self.lower_span = "all"
@@ -136,8 +148,15 @@ class Gate:
         cfg = vector.config.get("gate")
         if not cfg:
             return None
+        also = None
+        if cfg.get("also") is not None:
+            try:
+                also = (vector.tensors["gate.also.direction"], vector.tensors["gate.also.center"])
+            except KeyError:
+                raise VectorError(f"vector {vector.name!r}: its gate has 'also' but its tensors lack "
+                                  "gate.also.direction / gate.also.center") from None
         return cls(vector.name, cfg, vector.tensors["gate.direction"], vector.tensors["gate.center"],
-                   hidden_size=vector.model.hidden_size, two_sided=two_sided)
+                   hidden_size=vector.model.hidden_size, two_sided=two_sided, also=also)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """(B, k*d) residuals at the gate position (k gate layers, concatenated in order) -> (B,) scores."""
@@ -154,6 +173,8 @@ class Gate:
         two-sided gate -lower_strength where the score is below the lower threshold (and above its floor)."""
         s = self.scores(h)
         d = (s > self.threshold).float()
+        if self.also is not None:
+            d = d * (self.also.scores(h) > self.also.threshold).float()
         if self.lower_threshold is not None:
             low = s < self.lower_threshold
             if self.lower_floor is not None:
@@ -196,6 +217,44 @@ class Gate:
             return hook
 
         return [layers[ly].register_forward_pre_hook(hook_for(ly), with_kwargs=True) for ly in self.layers]
+
+
+class _Probe:
+    """A gate's second probe (``Gate.also``): a threshold on a score of the gate's residuals at some of its
+    layers (``layers``, a subset of the gate's, in order)."""
+
+    def __init__(self, direction: torch.Tensor, center: torch.Tensor, threshold: float, metric: str,
+                 index: torch.Tensor) -> None:
+        self.direction, self.center, self.threshold, self.metric = direction.float(), center.float(), threshold, metric
+        self.index = index  # the columns of the gate's concatenated residuals this probe reads
+
+    @classmethod
+    def of(cls, name: str, cfg: dict, tensors: tuple[torch.Tensor, torch.Tensor] | None, gate_layers: tuple,
+           d: int) -> _Probe:
+        try:
+            layers = [int(x) for x in cfg["layers"]]
+            threshold, metric = float(cfg["threshold"]), cfg.get("metric", "linear")
+        except (TypeError, KeyError, ValueError):
+            raise VectorError(f"vector {name!r}: gate 'also' must be {{\"layers\": [...], \"threshold\": number}}, "
+                              f"got {cfg!r}") from None
+        if not layers or layers != sorted(set(layers)) or not set(layers) <= set(gate_layers):
+            raise VectorError(f"vector {name!r}: gate 'also' layers {layers} must be increasing and among the gate's "
+                              f"layers {list(gate_layers)}")
+        if not math.isfinite(threshold) or metric not in ("cosine", "linear"):
+            raise VectorError(f"vector {name!r}: gate 'also' needs a finite threshold and metric linear or cosine")
+        if tensors is None:
+            raise VectorError(f"vector {name!r}: gate 'also' has no probe tensors")
+        direction, center = tensors
+        if direction.shape != (len(layers) * d,) or center.shape != direction.shape:
+            raise VectorError(f"vector {name!r}: gate 'also' direction {tuple(direction.shape)} and center "
+                              f"{tuple(center.shape)} do not fit {len(layers)} layer(s) of size {d}")
+        index = torch.cat([torch.arange(gate_layers.index(ly) * d, (gate_layers.index(ly) + 1) * d) for ly in layers])
+        return cls(direction, center, threshold, metric, index)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float().index_select(-1, self.index) - self.center
+        s = x @ self.direction
+        return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
 
 class Steerer(Protocol):

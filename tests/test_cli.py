@@ -38,6 +38,8 @@ def _steer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["extract", "--lower", "0.5", "--lower-margin", "-1"], "--lower-margin -1: must be >= 0"),
         (["extract", "--lower", "0.5", "--lower-span", "decode"], "--lower-span 'decode': must be one of all, prompt"),
         (["extract", "--lower-floor"], "--lower-floor: only with --lower C"),
+        (["extract", "--and-gates", "a.json", "b.json", "--refit-gate", "v.json"], "--and-gates: copies two vectors'"),
+        (["extract", "--and-gates", "/nonexistent/a.json", "b.json"], "cannot read vector manifest"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tiny_dir):

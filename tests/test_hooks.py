@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_vector
 
+from steer.calibrate import and_gates
 from steer.hooks import Gate, SteeringRuntime
-from steer.vectors import VectorError
+from steer.vectors import SafetyVector, VectorError
 
 
 def _ids(n_rows: int, length: int = 10, vocab: int = 300, seed: int = 0) -> torch.Tensor:
@@ -133,6 +136,65 @@ def test_multi_layer_gate_reads_every_gate_layer_concatenated(tiny_qwen, metric)
     assert torch.equal(fired, (scores > thr).float()) and 0 < int(fired.sum()) < 8
     for i in range(8):
         assert torch.equal(steered[i], plain.logits[i]) == (fired[i] == 0), f"row {i}"
+
+
+def test_and_gates_open_only_rows_both_gates_open(tiny_qwen, tmp_path):
+    """``steer extract --and-gates A B``: A's vector whose gate opens a row only where B's gate (over a subset
+    of A's layers) opens it too; steered rows get A's push, the rest stay vanilla (one-pass forward)."""
+    ids = _ids(12, seed=11)
+    plain = tiny_qwen(input_ids=ids, output_hidden_states=True)
+    feats = torch.cat([plain.hidden_states[1][:, -1], plain.hidden_states[2][:, -1]], dim=-1)
+    a = make_vector(tiny_qwen, name="a", layers=(2,), gate=(2, 0.0), gate_layers=(1, 2), metric="linear", seed=4)
+    b = make_vector(tiny_qwen, name="b", layers=(2,), gate=(2, 0.0), metric="linear", seed=9)
+    ga, gb = Gate.of(a), Gate.of(b)
+    sa, sb = ga.scores(feats), gb.scores(plain.hidden_states[2][:, -1])
+    a.config["gate"]["threshold"], b.config["gate"]["threshold"] = float(sa.median()), float(sb.median())
+    want = ((sa > sa.median()) & (sb > sb.median())).float()
+    assert 0 < int(want.sum()) < min(int((sa > sa.median()).sum()), int((sb > sb.median()).sum()))  # differs
+    path = and_gates(a.save(tmp_path / "a"), b.save(tmp_path / "b"), name="ab", out=tmp_path / "ab", command="t")
+    ab = SafetyVector.load(path)
+    assert ab.config["gate"]["also"]["layers"] == [2] and ab.config["gate"]["also"]["from"] == "b"
+    assert ab.provenance["and_gates"]["also"]["vector"] == "b"
+    rt_a, rt_ab = SteeringRuntime(tiny_qwen, [a]), SteeringRuntime(tiny_qwen, [ab])
+    with rt_a:
+        only_a = _forward(tiny_qwen, rt_a, ids, [2.0] * 12, name="a").logits
+    with rt_ab:
+        steered = _forward(tiny_qwen, rt_ab, ids, [2.0] * 12, name="ab").logits
+        fired = rt_ab.rows.gate["ab"]
+    assert torch.equal(fired, want)
+    for i in range(12):
+        assert torch.equal(steered[i], only_a[i] if want[i] else plain.logits[i]), f"row {i}"
+
+
+def test_and_gates_bad_inputs_are_refused(tiny_qwen, tmp_path):
+    a = make_vector(tiny_qwen, name="a", layers=(2,), gate=(2, 0.0), metric="linear")
+    b1 = make_vector(tiny_qwen, name="b1", layers=(2,), gate=(1, 0.0), metric="linear")
+    two = make_vector(tiny_qwen, name="two", layers=(2,), gate=(2, 0.0), lower=(-1.0, 0.5))
+    other = make_vector(tiny_qwen, name="other", layers=(2,), gate=(2, 0.0))
+    other.model = dataclasses.replace(other.model, weights_sha256="0" * 64)  # made for other weights
+    ungated = make_vector(tiny_qwen, name="u", layers=(2,))
+    pa = a.save(tmp_path / "a")
+    for bad, match in ((b1, "must be among"), (two, "two-sided or AND-ed"), (other, "different models"),
+                       (ungated, "not a gated activation vector")):
+        with pytest.raises(VectorError, match=match):
+            and_gates(pa, bad.save(tmp_path / bad.name), name="x", out=tmp_path / "x", command="")
+    with pytest.raises(VectorError, match="one of the two inputs"):
+        and_gates(pa, pa, name="a", out=tmp_path / "a", command="")
+    assert not (tmp_path / "x").exists()
+    d = tiny_qwen.config.hidden_size
+    also = {"layers": [2], "threshold": 0.0}
+    with pytest.raises(VectorError, match="cannot be two-sided"):
+        Gate("v", {"layer": 2, "threshold": 0.5, "also": also, "lower": {"threshold": -1.0, "strength": 0.5}},
+             torch.ones(d), torch.zeros(d), hidden_size=d, also=(torch.ones(d), torch.zeros(d)))
+    with pytest.raises(VectorError, match="must be increasing and among"):
+        Gate("v", {"layer": 2, "threshold": 0.5, "also": {"layers": [1], "threshold": 0.0}},
+             torch.ones(d), torch.zeros(d), hidden_size=d, also=(torch.ones(d), torch.zeros(d)))
+    with pytest.raises(VectorError, match="do not fit"):
+        Gate("v", {"layer": 2, "threshold": 0.5, "also": also}, torch.ones(d), torch.zeros(d), hidden_size=d,
+             also=(torch.ones(2 * d), torch.zeros(2 * d)))
+    a.config["gate"]["also"] = also  # no probe tensors
+    with pytest.raises(VectorError, match="lack gate.also"):
+        Gate.of(a)
 
 
 @pytest.mark.parametrize("gate_layers", [None, (1, 2)])

@@ -31,6 +31,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from steer.hooks import Gate
 from steer.models import fingerprint, fingerprint_checkpoint
+from steer.vectors import SafetyVector
 
 PROMPTS = ["How do I build a bomb?", "hello world", "the quick brown fox jumps over the lazy dog", "def add(a, b):"]
 OPEN, CLOSED = "How do I build a bomb?", "the quick brown fox jumps over the lazy dog"  # the gated vector's prompts
@@ -122,6 +123,14 @@ def vllm_model(tmp_path_factory, tiny_tokenizer):
     assert full[0] > full[1] and float(hs[0][1] @ d2) < float(hs[1][1] @ d2)
     two.config["gate"]["threshold"] = (full[0] + full[1]) / 2
     two.save(vdir)
+    # gated2 AND the layer-1 probe of "gated" (steer extract --and-gates): as is it opens on OPEN only, so
+    # gated_and_open decides as gated2 does; negated, it opens on CLOSED only, so gated_and_shut opens on neither
+    for name, sign in (("gated_and_open", 1.0), ("gated_and_shut", -1.0)):
+        also = {"layers": [GATE_LAYER], "threshold": sign * probe.config["gate"]["threshold"], "metric": "cosine"}
+        SafetyVector(name, "activation", two.model,
+                     {**two.tensors, "gate.also.direction": sign * probe.tensors["gate.direction"],
+                      "gate.also.center": probe.tensors["gate.center"]},
+                     {**two.config, "gate": {**two.config["gate"], "also": also}}, {"method": "test"}).save(vdir)
     make_weight_vector(model, name="w", scale=2.0).save(vdir)  # per request: LoRA adapters on vLLM
     # served behind the gate of ``gated`` (GATED_ARGS) and combined with it: no delta below the gate layer,
     # where the two backends apply a gated delta differently (see test_gated_weight_vector_and_combination_...)
@@ -435,6 +444,22 @@ def test_multi_layer_gate_reads_each_of_its_layers(server, request):
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda p: _text(url, p, 2.0, "gated2"), [OPEN, CLOSED]))
     assert both == [opened["choices"][0]["message"]["content"], closed["choices"][0]["message"]["content"]]
+
+
+@pytest.mark.parametrize("server", ["steer_vllm", "embedded"])
+def test_and_gates_open_only_where_both_gates_open(server, request):
+    """A gate AND-ed with a second probe (``steer extract --and-gates``), on both backends: where the second
+    probe opens too, the row is steered as by the first gate alone; where it does not, the row is vanilla."""
+    url = request.getfixturevalue(server)
+    alone = _text(url, OPEN, 2.0, "gated2")
+    for name, opens in (("gated_and_open", True), ("gated_and_shut", False)):
+        opened = _complete(url, OPEN, 2.0, name, safety={"compare": True})
+        closed = _complete(url, CLOSED, 2.0, name, safety={"compare": True})
+        assert opened["safety"]["choices"] == [{"index": 0, "steered": opens, "gate": opens, "lowered": False}]
+        assert closed["safety"]["choices"] == [{"index": 0, "steered": False, "gate": False, "lowered": False}]
+        text, base = opened["choices"][0]["message"]["content"], opened["baseline"]["choices"][0]["message"]["content"]
+        assert text == (alone if opens else base) and (text != base) == opens
+        assert closed["choices"][0]["message"]["content"] == closed["baseline"]["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize("server", ["steer_vllm", "embedded"])
