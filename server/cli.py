@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="also fit the gate on harmful and benign requests inside jailbreak templates of the fitting "
                          "template families, and choose its threshold with benign requests inside dev-family templates "
                          "(held-out families never used; see steer/templates.py). Default: off for a new vector; with "
-                         "--refit-gate, as the source vector was made (the shipped one: on)")
+                         "--refit-gate, as the source vector was made")
     ex.add_argument("--gate-layers", default=None, metavar="L-M|L,..",
                     help="with --refit-gate: a multi-layer gate reading the residual at each of these layers (e.g. 9-13; "
                          "the last decides and must not follow the first steered layer). Default: the source's gate layers")

@@ -434,6 +434,9 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     gcfg = src.config.get("gate")
     if src.kind != "activation" or not gcfg:
         raise VectorError(f"--refit-gate {source}: {src.name!r} is not a gated activation vector")
+    if gcfg.get("also") is not None:
+        raise VectorError(f"--refit-gate {source}: {src.name!r}'s gate is two gates AND-ed (--and-gates); refit "
+                          "each of them and AND the two again")
     cfg, inherited = refit_settings(cfg, src)
     if inherited:
         print("steer extract: refitting the gate as the source made it: "

@@ -233,7 +233,7 @@ class _Probe:
            d: int) -> _Probe:
         try:
             layers = [int(x) for x in cfg["layers"]]
-            threshold, metric = float(cfg["threshold"]), cfg.get("metric", "linear")
+            threshold, metric = float(cfg["threshold"]), cfg.get("metric", "cosine")  # as Gate's
         except (TypeError, KeyError, ValueError):
             raise VectorError(f"vector {name!r}: gate 'also' must be {{\"layers\": [...], \"threshold\": number}}, "
                               f"got {cfg!r}") from None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_vector
 
-from steer.calibrate import and_gates
+from steer.calibrate import ExtractConfig, and_gates, run_refit_gate
 from steer.hooks import Gate, SteeringRuntime
 from steer.vectors import SafetyVector, VectorError
 
@@ -195,6 +195,9 @@ def test_and_gates_bad_inputs_are_refused(tiny_qwen, tmp_path):
     a.config["gate"]["also"] = also  # no probe tensors
     with pytest.raises(VectorError, match="lack gate.also"):
         Gate.of(a)
+    a.tensors |= {"gate.also.direction": torch.ones(d), "gate.also.center": torch.zeros(d)}
+    with pytest.raises(VectorError, match="two gates AND-ed"):  # a refit would drop the second gate
+        run_refit_gate(ExtractConfig(limit=1), a.save(tmp_path / "and"), command="")
 
 
 @pytest.mark.parametrize("gate_layers", [None, (1, 2)])
