@@ -502,23 +502,26 @@ def and_gates(primary: str | Path, other: str | Path, *, name: str, out: str | P
     target = (Path(out) / f"{name}.json").resolve()
     if target in (Path(primary).resolve(), Path(other).resolve()):
         raise VectorError(f"--and-gates: {target} is one of the two inputs; give another --name or --out")
+    from steer.hooks import Gate
+
     a, b = SafetyVector.load(primary), SafetyVector.load(other)
+    gates = []
     for v, path in ((a, primary), (b, other)):
-        g = v.config.get("gate")
-        if v.kind != "activation" or not g:
+        g = Gate.of(v) if v.kind == "activation" else None  # the runtime's reading of each gate
+        if g is None:
             raise VectorError(f"--and-gates {path}: {v.name!r} is not a gated activation vector")
-        if g.get("lower") is not None or g.get("also") is not None:
+        if g.lower_threshold is not None or g.also is not None:
             raise VectorError(f"--and-gates {path}: {v.name!r}'s gate is two-sided or AND-ed already")
-    ga, gb = a.config["gate"], b.config["gate"]
+        gates.append(g)
+    ga, gb = gates
     if a.model != b.model:
         raise VectorError(f"--and-gates: {a.name!r} and {b.name!r} were made for different models")
-    la, lb = ga.get("layers", [ga["layer"]]), gb.get("layers", [gb["layer"]])
-    if not set(lb) <= set(la):
-        raise VectorError(f"--and-gates: {b.name!r}'s gate layers {lb} must be among {a.name!r}'s {la}")
-    if int(ga.get("position", -1)) != int(gb.get("position", -1)):
+    if not set(gb.layers) <= set(ga.layers):
+        raise VectorError(f"--and-gates: {b.name!r}'s gate layers {list(gb.layers)} must be among {a.name!r}'s "
+                          f"{list(ga.layers)}")
+    if ga.position != gb.position:
         raise VectorError("--and-gates: the two gates read different prompt positions")
-    also = {"layers": [int(x) for x in lb], "threshold": float(gb["threshold"]),
-            "metric": gb.get("metric", "cosine"), "from": b.name}
+    also = {"layers": list(gb.layers), "threshold": gb.threshold, "metric": gb.metric, "from": b.name}
     tensors = dict(a.tensors) | {"gate.also.direction": b.tensors["gate.direction"],
                                  "gate.also.center": b.tensors["gate.center"]}
     prov = {**a.provenance, "and_gates": {
@@ -527,9 +530,8 @@ def and_gates(primary: str | Path, other: str | Path, *, name: str, out: str | P
         "primary": {"vector": a.name, "tensors_sha256": a.sha256},
         "also": {"vector": b.name, "tensors_sha256": b.sha256, "provenance": b.provenance},
         "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    vec = SafetyVector(name, "activation", a.model, tensors, {**a.config, "gate": {**ga, "also": also}}, prov)
-    from steer.hooks import Gate
-
+    vec = SafetyVector(name, "activation", a.model, tensors, {**a.config, "gate": {**a.config["gate"], "also": also}},
+                       prov)
     Gate.of(vec)  # the runtime's own checks, before anything is written
     return vec.save(out)
 

@@ -160,9 +160,7 @@ class Gate:
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """(B, k*d) residuals at the gate position (k gate layers, concatenated in order) -> (B,) scores."""
-        x = h.float() - self.center
-        s = x @ self.direction
-        return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
+        return _probe_scores(h, self.direction, self.center, self.metric)
 
     def fired(self, h: torch.Tensor) -> torch.Tensor:
         """(B, k*d) residuals at the gate position -> (B,) 1.0 where the gate opens, else 0.0."""
@@ -252,9 +250,15 @@ class _Probe:
         return cls(direction, center, threshold, metric, index)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.float().index_select(-1, self.index) - self.center
-        s = x @ self.direction
-        return s if self.metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
+        """The gate's (B, k*d) residuals -> (B,) scores of this probe, over its layers' columns."""
+        return _probe_scores(h.index_select(-1, self.index), self.direction, self.center, self.metric)
+
+
+def _probe_scores(h: torch.Tensor, direction: torch.Tensor, center: torch.Tensor, metric: str) -> torch.Tensor:
+    """A probe's scores of (B, n) residuals: the linear logit, or the cosine, of h - center with direction."""
+    x = h.float() - center
+    s = x @ direction
+    return s if metric == "linear" else s / x.norm(dim=-1).clamp_min(1e-6)
 
 
 class Steerer(Protocol):
