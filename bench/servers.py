@@ -38,8 +38,11 @@ what they do and do not emulate) and the kernels steer chose (its /health).
 Load: C concurrent streaming chat requests (C = each of --concurrency), T tokens each with EOS ignored
 (``ignore_eos`` for steer and vLLM; for transformers serve, which has no such field, a
 ``generation_config`` with min_new_tokens = max_new_tokens = T), greedy, the real ``openai`` async client.
-The prompts (bench/throughput.py) alternate benign and harmful requests, so a gated vector's gate
-opens on about half of the rows; the run records each steering server's gate counts (its /metrics).
+The prompts (bench/throughput.py) alternate benign and harmful requests. The shipped gate opens on one
+of the four harmful ones (the phishing email; lock-picking, poison and website flooding score under its
+threshold: 3 of 30 steered rows in bench/results/servers_avx2_real.json), so most rows are gated and
+left vanilla, as most of a real mix would be; the run records each steering server's gate counts (its
+/metrics). The ungated server (steer-vllm-ungated) is the every-row-steered bound.
 Every (server, mode) runs once per repeat, the order rotated; ratios are paired per repeat. Peak RSS is
 the VmHWM of each server's process tree after the run (vLLM's engine core is a child process; the sum
 of per-process peaks is an upper bound of the tree's peak). Writes bench/results/servers.json.
