@@ -246,3 +246,14 @@ def test_bad_inputs_are_one_line(args, message, tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("steer: error: ") and message in last, err
+
+
+@pytest.mark.parametrize("kind, device, want", [("avx512", "cpu", torch.bfloat16), ("avx2", "cpu", torch.float32),
+                                               ("avx2", "cuda", torch.bfloat16), ("avx2", "cuda:1", torch.bfloat16)])
+def test_answers_are_generated_in_the_hosts_fast_dtype(kind, device, want, force_host):
+    """The ablated model answers in bf16 where the host has bf16 kernels (a GPU, oneDNN bf16), in float32 on an
+    AVX2-only CPU, where batched bf16 matmuls have no fast kernel."""
+    from steer.distill.answers import answer_dtype
+
+    force_host(kind)
+    assert answer_dtype(device) is want

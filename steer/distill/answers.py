@@ -179,13 +179,24 @@ def greedy_answers(model, tok, prompts: tuple[str, ...], max_tokens: int) -> lis
     return out
 
 
+def answer_dtype(device: str) -> torch.dtype:
+    """The dtype the ablated model answers in: bf16 on a GPU and on CPUs with oneDNN bf16 kernels; float32
+    on the rest (AVX2-only hosts), where a batched bf16 matmul has no fast kernel (measured on the demo
+    model, 48 prompts: 5 min 54 s of answers in bf16, 2 min 14 s in float32; bench/RESULTS.md)."""
+    from steer import hardware
+
+    if device.startswith("cuda") or hardware.detect().onednn_bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
 def generated_pairs(model_dir: Path, fp, prompts: tuple[str, ...], prompt_record: dict, *, answer_tokens: int,
                     vector_path: str | Path | None, explicit_vector: bool, device: str, cache: Path) -> Pairs:
     """Answers by the refusal-ablated model, cached; refusals the judge still flags are dropped."""
     from steer.judge import is_refusal
     from steer.models import load_model
 
-    dtype = torch.bfloat16
+    dtype = answer_dtype(device)
     model, tok = load_model(model_dir, dtype=dtype)
     model.to(device)
     r, direction = refusal_direction(model, tok, fp, vector_path, explicit=explicit_vector)
