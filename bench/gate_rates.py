@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                          "ci95": wilson(opened, len(seqs))})
             print(f"  {name}: gate open on {opened}/{len(seqs)}", flush=True)
     out = {"command": "python bench/gate_rates.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "vector": vec.name, "limit": ns.limit, "rows": rows}
+           "vector": vec.name, "limit": ns.limit, "kernels": served.kernels, "host": served.host, "rows": rows}
     Path(ns.out).write_text(json.dumps(out, indent=1) + "\n")
     print("| suite | kind | n | gate open | 95% CI |\n|---|---|---|---|---|")
     for r in rows:
