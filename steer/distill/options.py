@@ -9,8 +9,9 @@ CPU_NOTE = (
     "CPU defaults (demo model, 2 AVX-512 cores, measured): 48 prompts (about 42 compliant answers after the "
     "refusal filter) x 4 epochs, batch 2 x grad-accum 4 = about 24 optimizer steps; fp32 fwd+bwd costs about "
     "2.2 s per ~150-token example, answer generation about 1-2 minutes, so about 10 minutes in all on an idle "
-    "machine (up to 2x that on a busy one); on 2 AVX2-only cores about 10 minutes (answers in float32 there, 2; training 7). On a GPU every prompt is used (bf16 autocast). Paper scale (~250 "
-    "steps of 16): --prompt-splits gate_donotanswer,gate_past_tense,gate_future_tense,dev_harmful "
+    "machine (up to 2x that on a busy one); on 2 AVX2-only cores about 10 minutes (answers, in float32 there, "
+    "2; training 7). On a GPU every prompt is used (bf16 autocast). Paper scale (~250 steps of 16): "
+    "--prompt-splits gate_donotanswer,gate_past_tense,gate_future_tense,dev_harmful "
     "--batch-size 4 --grad-accum 2 (440 prompts x 4 epochs = 220 steps of 8), or --answers with more pairs."
 )
 
