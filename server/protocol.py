@@ -386,6 +386,13 @@ def steering_spec(
             f"got {strength:g}",
             param="safety.strength",
         )
+    if safety.compare and settings.min_strength > 0:  # the baseline is strength 0: outside this policy
+        raise APIError(
+            400,
+            "safety.compare returns the unsteered baseline (strength 0), which this server does not serve: "
+            f"its minimum safety strength is {settings.min_strength:g}",
+            param="safety.compare",
+        )
     vector = _resolve_vector(safety.vector, strength, vectors, default_vector)
     return SteeringSpec(strength=strength, vector=vector, compare=safety.compare)
 

@@ -257,6 +257,40 @@ def test_compare_with_sampling_uses_the_same_seeds(api: Served) -> None:
     ]
 
 
+@pytest.fixture(scope="module")
+def strict(tiny_tokenizer) -> Iterator[Served]:
+    """A server whose operator forbids the unsteered model: --min-strength 0.5 (in process; the request
+    policy is the same code on both backends, ``server.protocol.resolve``)."""
+    model = make_model("qwen2", len(tiny_tokenizer), heads=2)
+    settings = Settings(served_model_name=MODEL, min_strength=0.5, default_strength=1.0, max_strength=2.0)
+    yield from serve(settings, model, tiny_tokenizer, [make_vector(model, coefficient=1.0)])
+
+
+def test_compare_cannot_fetch_the_unsteered_answer_below_the_policy(strict: Served) -> None:
+    """compare's baseline is strength 0; where the operator's minimum strength is above 0 a client must
+    not get the vanilla answer through it, on either endpoint, streamed or not. Nothing is generated."""
+    url = strict.srv.base_url + "/v1"
+    tokens = strict.metrics.completion_tokens._value.get
+    for kw in ({}, {"stream": True}):
+        with pytest.raises(openai.BadRequestError) as info:
+            r = chat(strict, PROMPTS[0], 1.0, safety={"compare": True}, **kw)
+            list(r) if kw else None
+        err = info.value.response.json()["error"]
+        assert err["param"] == "safety.compare" and "minimum safety strength is 0.5" in err["message"]
+        with pytest.raises(openai.BadRequestError) as info:
+            strict.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                             extra_body={"safety": {"compare": True}}, **kw)
+        assert info.value.response.json()["error"]["param"] == "safety.compare"
+    with pytest.raises(openai.BadRequestError) as info:  # nor directly
+        chat(strict, PROMPTS[0], 0)
+    assert info.value.response.json()["error"]["param"] == "safety.strength"
+    assert tokens() == 0 and strict.metrics.compare._value.get() == 0  # refused before any generation
+    assert httpx.get(url + "/safety/vectors").json()["policy"]["min_strength"] == 0.5  # what a client can read first
+    r = chat(strict, PROMPTS[0], 1.0)  # within the policy: served, steered, no baseline
+    assert ext(r, "safety")["strength"] == 1.0 and ext(r, "baseline") is None
+    assert r.choices[0].message.content and tokens() == MAX_TOKENS
+
+
 # ---------------------------------------------------------------- chat: streaming
 
 

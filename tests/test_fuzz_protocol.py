@@ -358,6 +358,7 @@ def check_one(model: Model, body: dict, policy, gen: GenerationInput, spec: Stee
     if safety.get("vector") is not None:
         assert spec.vector == safety["vector"]
     assert spec.compare is bool(safety.get("compare", False))
+    assert not spec.compare or s.min_strength == 0  # a compare baseline is strength 0: only where policy allows it
     # sampling
     p = gen.sampling
     assert type(gen.n) is int and 1 <= gen.n <= s.max_n
@@ -408,6 +409,8 @@ def expected_policy_param(model: Model, body: dict, policy) -> str | None:
     strength = s.default_strength if safety.get("strength") is None else safety["strength"]
     if not s.min_strength <= strength <= s.max_strength:
         return "safety.strength"
+    if safety.get("compare") and s.min_strength > 0:  # the baseline (strength 0) is outside the policy
+        return "safety.compare"
     if safety.get("vector") is not None:
         return None if safety["vector"] in vectors else "safety.vector"
     if strength == 0:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from api_utils import API_KEY, DEFAULT_STRENGTH, MAX_STRENGTH, MODEL, Served, chat, serve, wait
-from conftest import make_model
+from conftest import make_model, make_vector
 
 from server.app import playground_html
 from server.cli import _parser
@@ -270,6 +270,34 @@ def test_sweep_fills_one_card_per_strength(tab: Tab, api: Served) -> None:
     bad = cards.nth(3)  # outside the policy: that card shows the API's refusal, the others are unaffected
     assert bad.get_attribute("data-state") == "error"
     assert "safety.strength must be between 0 and 4, got 9" in bad.locator(".err").inner_text()
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_tokenizer) -> Iterator[Served]:
+    """A server whose operator forbids the unsteered model (min strength 0.5): it refuses compare."""
+    model = make_model("qwen2", len(tiny_tokenizer), heads=2)
+    settings = Settings(served_model_name=MODEL, min_strength=0.5, default_strength=1.0, max_strength=2.0)
+    yield from serve(settings, model, tiny_tokenizer, [make_vector(model, coefficient=1.0)])
+
+
+def test_compare_is_off_where_the_policy_serves_no_baseline(browser_context, strict: Served) -> None:
+    t = Tab(browser_context, strict)
+    page = t.page
+    t.wait_for("body[data-ready=true]")
+    box = page.locator("#compare")
+    assert box.is_disabled() and not box.is_checked()
+    assert "minimum strength is 0.5" in page.locator("#compare-hint").inner_text()
+    assert page.locator("#sweep-strengths").input_value() == "0.5, 1, 1.5, 2"  # the sweep starts at the policy too
+    page.locator("#prompt").fill("hello world")
+    page.locator("#max-tokens").fill(str(MAX_TOKENS))
+    page.locator("#send").click()  # served: the page does not ask for the baseline the API would refuse
+    t.wait_idle()
+    assert t.alert() == "", t.alert()
+    steered = t.card("#steered")
+    assert steered["state"] == "done" and steered["echo"]["safety.strength"] == "1"
+    assert steered["text"] == chat(strict, "hello world", 1.0, max_tokens=MAX_TOKENS).choices[0].message.content
+    assert t.card("#baseline")["chunks"] == 0
+    page.close()
 
 
 def test_keyboard_only_send(tab: Tab, api: Served) -> None:

@@ -434,6 +434,20 @@ def test_strength_range_error_states_the_range() -> None:
     assert "0.5" in err.message and "2" in err.message and err.type == "invalid_request_error"
 
 
+def test_compare_is_refused_where_the_policy_forbids_strength_0() -> None:
+    """The compare baseline is the unsteered model: a server whose operator set --min-strength above 0
+    must not hand it out through the compare toggle (a client could read the unsafe answer beside the
+    safe one)."""
+    strict = Settings(min_strength=0.5, max_strength=2.0)
+    for safety in ({"compare": True}, {"compare": True, "strength": 1.0}, {"compare": True, "vector": "refusal"}):
+        err = api_error(resolve_chat, chat(safety=safety), strict)
+        assert err.param == "safety.compare" and "0.5" in err.message and "unsteered" in err.message
+    _, spec = resolve_chat(chat(safety={"compare": False, "strength": 1.0}), strict)
+    assert spec == SteeringSpec(strength=1.0, vector="refusal", compare=False)
+    _, spec = resolve_chat(chat(safety={"compare": True}))  # the default policy (min 0) allows it
+    assert spec.compare is True
+
+
 def test_unknown_vector_lists_the_loaded_ones() -> None:
     err = api_error(resolve_chat, chat(safety={"vector": "refusl"}))
     assert "enchtable" in err.message and "refusal" in err.message
