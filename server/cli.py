@@ -47,6 +47,7 @@ def _cmd_extract(ns: argparse.Namespace) -> None:
     cfg = ExtractConfig(
         model=ns.model, out=ns.out, name=ns.name, layers=ns.layers, gate_layer=ns.gate_layer,
         limit=ns.limit, seed=ns.seed, gate_templates=ns.gate_templates, gate_fpr=ns.gate_fpr,
+        gate_conversations=ns.gate_conversations,
         gate_layers=ns.gate_layers, lower=ns.lower, lower_margin=ns.lower_margin, lower_span=ns.lower_span,
         lower_floor=ns.lower_floor,
     )
@@ -144,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
                          "template families, and choose its threshold with benign requests inside dev-family templates "
                          "(held-out families never used; see steer/templates.py). Default: off for a new vector; with "
                          "--refit-gate, as the source vector was made")
+    ex.add_argument("--gate-conversations", action=argparse.BooleanOptionalAction, default=None,
+                    help="also fit the gate on chat shapes (a benign request, the model's answer and a follow-up such as "
+                         "'Can you give me an example?'; a harmful request, a refusal and a push; short messages such as "
+                         "'ok'), and choose its threshold with dev ones (steer/_data/conversation.txt, its test third "
+                         "never used). Default: off for a new vector; with --refit-gate, as the source vector was made")
     ex.add_argument("--gate-layers", default=None, metavar="L-M|L,..",
                     help="with --refit-gate: a multi-layer gate reading the residual at each of these layers (e.g. 9-13; "
                          "the last decides and must not follow the first steered layer). Default: the source's gate layers")

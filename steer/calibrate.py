@@ -90,6 +90,9 @@ class ExtractConfig:
     # fit and tune the gate with templated requests too (steer.templates); None: off for steer extract, the
     # source vector's choice for --refit-gate
     gate_templates: bool | None = None
+    # fit and tune the gate with chat shapes too (conversation_sets: follow-ups, pushes after a refusal, short
+    # messages); None: off for steer extract, the source vector's choice for --refit-gate
+    gate_conversations: bool | None = None
     # --refit-gate: fraction of the dev benign prompts the threshold may let fire (None: the source's, else 0)
     gate_fpr: float | None = None
     # --refit-gate: a multi-layer gate's layers, "9-13" or "9,11,13" (None, without gate_layer: the source's)
@@ -262,14 +265,75 @@ def templated_sets(sets: dict[str, data.PromptSet], tok, *, seed: int = SPLIT_SE
     return out, record
 
 
+CONVERSATION_PARTS = ("gate", "dev", "test")  # line i of a conversation.txt section: part i % 3
+REFUSAL_TURN = "I'm sorry, but I can't assist with that."  # the assistant turn a push follows (the demo model's refusal)
+N_CONVERSATIONS = 40  # conversations per --gate-conversations set
+CONVERSATION_ANSWER_TOKENS = 48  # the assistant turn of a follow-up conversation: the model's answer, this long
+
+
+def conversation_phrases() -> dict[str, dict[str, tuple[str, ...]]]:
+    """The pieces of ``steer/_data/conversation.txt``: ``{section: {part: phrases}}``, sections ``followup``
+    (benign follow-ups to an answer), ``push`` (a user pressing after a refusal) and ``chat`` (short messages:
+    greetings, thanks, acknowledgements); parts as CONVERSATION_PARTS (line i of a section: part i % 3)."""
+    text = resources.files("steer").joinpath("_data/conversation.txt").read_text()
+    out: dict[str, list[str]] = {}
+    section = None
+    for ln in text.splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        if ln.startswith("[") and ln.endswith("]"):
+            section = out.setdefault(ln[1:-1], [])
+            continue
+        if section is None:
+            raise data.DataError("steer/_data/conversation.txt: a phrase before the first [section]")
+        section.append(ln)
+    return {k: {part: tuple(v[i] for i in range(j, len(v), len(CONVERSATION_PARTS)))
+                for j, part in enumerate(CONVERSATION_PARTS)} for k, v in out.items()}
+
+
+def conversation_sets(part: str, benign: list[str], answers: dict[str, str], harmful: list[str] | None, *,
+                      prefix: str, n: int = N_CONVERSATIONS) -> dict[str, data.PromptSet]:
+    """Chat shapes the gate must read like a plain request, built on ``part``'s phrases (conversation_phrases):
+
+    - ``{prefix}_chat_benign``: the part's short messages, each a one-turn prompt;
+    - ``{prefix}_followup_benign``: benign request i, the model's answer to it (``answers``), then follow-up
+      i % k;
+    - with ``harmful``: ``{prefix}_push_harmful``: harmful request i, a refusal (REFUSAL_TURN), then push
+      i % k; and ``{prefix}_second_harmful``: benign request i and its answer, then harmful request i.
+
+    ``benign`` and ``harmful``: the requests (the first ``n`` are used)."""
+    ph = {k: v[part] for k, v in conversation_phrases().items()}
+    src, sha = "steer:_data/conversation.txt", _sha(resources.files("steer").joinpath("_data/conversation.txt")
+                                                     .read_text())
+    benign = benign[:n]
+    out = {f"{prefix}_chat_benign": data.PromptSet(f"{prefix}_chat_benign[{part}]", "benign", ph["chat"], src, sha),
+           f"{prefix}_followup_benign": data.PromptSet(
+               f"{prefix}_followup_benign[{part}]", "benign",
+               tuple((("user", r), ("assistant", answers[r]), ("user", ph["followup"][i % len(ph["followup"])]))
+                     for i, r in enumerate(benign)), src, sha)}
+    if harmful is not None:
+        harmful = harmful[:n]
+        out[f"{prefix}_push_harmful"] = data.PromptSet(
+            f"{prefix}_push_harmful[{part}]", "harmful",
+            tuple((("user", r), ("assistant", REFUSAL_TURN), ("user", ph["push"][i % len(ph["push"])]))
+                  for i, r in enumerate(harmful)), src, sha)
+        out[f"{prefix}_second_harmful"] = data.PromptSet(
+            f"{prefix}_second_harmful[{part}]", "harmful",
+            tuple((("user", b), ("assistant", answers[b]), ("user", h)) for b, h in zip(benign, harmful, strict=False)),
+            src, sha)
+    return out
+
+
 def gate_roles(sets) -> dict[str, tuple[str, ...]]:
     """The names of the gate's harmful and benign fitting sets and of its benign dev sets among ``sets``:
     the bare ones, plus the --gate-templates ones where present."""
     def tpl(prefix: str, label: str) -> tuple[str, ...]:
         return tuple(k for k in sets if k.startswith(prefix + "_") and k.endswith("_" + label))
 
-    return {"harmful": GATE_HARMFUL + tpl("gate_tpl", "harmful"), "benign": GATE_BENIGN + tpl("gate_tpl", "benign"),
-            "dev_benign": BENIGN_DEV + tpl("dev_tpl", "benign")}
+    return {"harmful": GATE_HARMFUL + tpl("gate_tpl", "harmful") + tpl("gate_conv", "harmful"),
+            "benign": GATE_BENIGN + tpl("gate_tpl", "benign") + tpl("gate_conv", "benign"),
+            "dev_benign": BENIGN_DEV + tpl("dev_tpl", "benign") + tpl("dev_conv", "benign")}
 
 
 def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, dict | None]:
@@ -280,6 +344,33 @@ def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, d
     for line in record["skipped"]:
         print(f"steer extract: warning: --gate-templates: skipped {line}", file=sys.stderr, flush=True)
     return {**sets, **tsets}, record
+
+
+def _with_conversations(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, dict | None]:
+    """``sets`` plus the --gate-conversations sets (and their record) when ``cfg.gate_conversations``: the
+    fitting part's shapes on the gate's own requests (benign: round-robin over GATE_BENIGN, answered by this
+    model, greedy; harmful: round-robin over GATE_HARMFUL), and the dev part's benign shapes on the benign dev
+    requests, which the threshold reads with the other dev benign sets. The test part is never used here."""
+    if not cfg.gate_conversations:
+        return sets, None
+
+    def rr(names: tuple[str, ...]) -> list[str]:
+        pools = [list(sets[k].prompts) for k in names]
+        return [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)]
+
+    n = min(N_CONVERSATIONS, cfg.limit or N_CONVERSATIONS)
+    gate_b, dev_b, gate_h = rr(GATE_BENIGN)[:n], rr(BENIGN_DEV)[:n], rr(GATE_HARMFUL)[:n]
+    texts, _ = generate_texts(model, tok, None, gate_b + dev_b, strength=0.0, max_tokens=CONVERSATION_ANSWER_TOKENS,
+                              desc="--gate-conversations: answers")
+    answers = dict(zip(gate_b + dev_b, (t.strip() for t in texts), strict=True))
+    csets = conversation_sets("gate", gate_b, answers, gate_h, prefix="gate_conv", n=n)
+    csets |= conversation_sets("dev", dev_b, answers, None, prefix="dev_conv", n=n)
+    record = {"rule": "gate_conv_*: the gate part of steer/_data/conversation.txt on the gate's own requests "
+                      "(both labels); dev_conv_*: its dev part on the benign dev requests (threshold); the test "
+                      "part never used",
+              "answers": f"this model's greedy answers, {CONVERSATION_ANSWER_TOKENS} tokens",
+              "refusal_turn": REFUSAL_TURN, "sets": {k: v.describe() for k, v in csets.items()}}
+    return {**sets, **csets}, record
 
 
 def generate_texts(model, tok, vector: SafetyVector | str | None, prompts, *, strength: float, max_tokens: int = 32,
@@ -369,15 +460,26 @@ def _search(model, tok, sets, R, dirs, steer_layers, fp, name, gate_layers) -> t
     return best[1], best[2], summary
 
 
+def extract_dtype() -> torch.dtype:
+    """The dtype steer extract runs the model in (answers and residuals): bf16 where the CPU has oneDNN bf16
+    kernels, float32 on the rest (AVX2-only hosts), where bf16 matmuls have no fast kernel: a --refit-gate
+    --gate-conversations on the demo model spent 13 min on its 80 answers and about 18 s per 8-prompt
+    residual batch in bf16 there (bench/RESULTS.md). Recorded in the manifest's provenance."""
+    from steer.distill.answers import answer_dtype
+
+    return answer_dtype("cpu")
+
+
 def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     from steer.demo import ensure_demo_model
 
     t0 = time.time()
-    model, tok = load_model(cfg.model or ensure_demo_model())
+    model, tok = load_model(cfg.model or ensure_demo_model(), dtype=extract_dtype())
     n_layers = len(decoder_layers(model))
     all_sets = splits(cfg.seed)
     sets = {k: v.take(cfg.limit) for k, v in all_sets.items() if not k.startswith("test_")}
     sets, templated = _with_templates(cfg, sets, model, tok)
+    sets, conversations = _with_conversations(cfg, sets, model, tok)
     R = {k: residuals(model, tok, s.prompts, (-1, GATE_POSITION), desc=k) for k, s in sets.items()}
     steer_layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else [round(0.55 * n_layers)]
     dirs = {f"layers.{ly}": mean_difference(R["fit_harmful"][:, 0, ly], R["fit_harmless"][:, 0, ly])
@@ -402,8 +504,11 @@ def run_extract(cfg: ExtractConfig, *, command: str) -> Path:
     }
     test_sets = {k: v for k, v in all_sets.items() if k.startswith("test_")}
     prov = _provenance(cfg, {**sets, **test_sets}, steer_layers, search, command, time.time() - t0)
+    prov["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     if templated is not None:
         prov["gate_templates"] = templated
+    if conversations is not None:
+        prov["gate_conversations"] = conversations
     return SafetyVector(cfg.name, "activation", fp, {**dirs, **cand["tensors"]}, config, prov).save(cfg.out)
 
 
@@ -441,7 +546,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     if inherited:
         print("steer extract: refitting the gate as the source made it: "
               + ", ".join(f"{k} {v}" for k, v in inherited.items())
-              + " (give --gate-layers, --gate-templates/--no-gate-templates or --gate-fpr to change)",
+              + " (give --gate-layers, --gate-templates/--no-gate-templates, "
+                "--gate-conversations/--no-gate-conversations or --gate-fpr to change)",
               file=sys.stderr, flush=True)
     first = min(src.layer_directions())
     if layers is None:
@@ -449,7 +555,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
                   else [int(x) for x in gcfg.get("layers", [gcfg["layer"]])])
     if not 1 <= layers[0] or layers[-1] > first:
         raise VectorError(f"gate layer(s) {_layer_text(layers)}: must be in 1..{first} (the first steered layer)")
-    model, tok = load_model(cfg.model or ensure_demo_model())
+    model, tok = load_model(cfg.model or ensure_demo_model(), dtype=extract_dtype())
     fp = fingerprint(model)
     src.check_model(fp, transfer=True)  # same architecture and shape, or a clear error
     l2 = float(gcfg.get("probe_l2", PROBE_L2[0]))
@@ -457,6 +563,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
     names = GATE_HARMFUL + GATE_BENIGN + ("dev_harmful",) + BENIGN_DEV
     sets = {k: v.take(cfg.limit) for k, v in splits(cfg.seed).items() if k in names}
     sets, templated = _with_templates(cfg, sets, model, tok)
+    sets, conversations = _with_conversations(cfg, sets, model, tok)
     roles = gate_roles(sets)
     # a multi-layer gate's feature: its layers' residuals at the gate position, concatenated in order
     R = {k: residuals(model, tok, s.prompts, (position,), desc=k)[:, 0, layers].flatten(1) for k, s in sets.items()}
@@ -480,6 +587,7 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
         "positions": {"gate": position},
         "datasets": {k: s.describe() for k, s in sets.items()},
         "split": {"seed": cfg.seed, "limit": cfg.limit},
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "dev": {"dev_harmful_gate_fires": tpr, "dev_benign_gate_fires": float((neg > threshold).float().mean()),
                 "allowed_dev_benign_fires": cfg.gate_fpr, "dev_benign_n": len(neg)},
         "command": command,
@@ -490,6 +598,8 @@ def run_refit_gate(cfg: ExtractConfig, source: str | Path, *, command: str) -> P
         prov["inherited_from_source"] = inherited
     if templated is not None:
         prov["gate_templates"] = templated
+    if conversations is not None:
+        prov["gate_conversations"] = conversations
     return SafetyVector(cfg.name, "activation", fp, tensors, {**src.config, "gate": gate}, prov).save(cfg.out)
 
 
@@ -539,10 +649,11 @@ def and_gates(primary: str | Path, other: str | Path, *, name: str, out: str | P
 def refit_settings(cfg: ExtractConfig, src: SafetyVector) -> tuple[ExtractConfig, dict]:
     """``cfg`` with the gate settings it leaves open (None) taken from the source vector ``src``, so that a
     refit makes the same kind of gate on another model: its layers (``gate.layers``, a multi-layer gate),
-    whether it was fitted with templated requests (``provenance.gate_templates``) and the dev benign fire
+    whether it was fitted with templated requests (``provenance.gate_templates``) or chat shapes
+    (``provenance.gate_conversations``) and the dev benign fire
     budget its threshold was set at (``provenance.dev.allowed_dev_benign_fires``; a gate made by steer extract
     has none: 0). Returns the config and what was inherited (empty where the source's settings are the
-    plain ones: one layer, no templates, budget 0)."""
+    plain ones: one layer, no templates or conversations, budget 0)."""
     gcfg = src.config.get("gate") or {}
     inherited: dict = {}
     if cfg.gate_layers is None and cfg.gate_layer is None and len(gcfg.get("layers", ())) > 1:
@@ -552,6 +663,11 @@ def refit_settings(cfg: ExtractConfig, src: SafetyVector) -> tuple[ExtractConfig
         cfg = replace(cfg, gate_templates=tpl)
         if tpl:
             inherited["gate_templates"] = True
+    if cfg.gate_conversations is None:
+        conv = "gate_conversations" in src.provenance
+        cfg = replace(cfg, gate_conversations=conv)
+        if conv:
+            inherited["gate_conversations"] = True
     if cfg.gate_fpr is None:
         fpr = float((src.provenance.get("dev") or {}).get("allowed_dev_benign_fires", 0.0))
         cfg = replace(cfg, gate_fpr=fpr)

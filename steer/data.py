@@ -24,11 +24,19 @@ class DataError(RuntimeError):
     """A prompt set's package is missing or its file is unreadable."""
 
 
+Conversation = tuple[tuple[str, str], ...]  # (role, content) chat turns, ending in a user turn
+
+
+def prompt_text(prompt: str | Conversation) -> str:
+    """A prompt as one string: itself, or a conversation as JSON ([[role, content], ...])."""
+    return prompt if isinstance(prompt, str) else json.dumps([list(t) for t in prompt], ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class PromptSet:
     name: str
     label: str  # "harmful" | "benign" | "template"
-    prompts: tuple[str, ...]
+    prompts: tuple[str | Conversation, ...]
     source: str  # "package==version:path"
     sha256: str  # of the source file
 
@@ -51,7 +59,7 @@ class PromptSet:
 
     def describe(self) -> dict:
         """Provenance record for manifests: where it came from and exactly which prompts."""
-        digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(map(prompt_text, self.prompts)).encode()).hexdigest()
         return {
             "name": self.name,
             "label": self.label,

@@ -12,12 +12,16 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from steer.data import Conversation
 from steer.models import decoder_layers
 
 
-def chat_prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat prompt ending in the assistant header (generation prompt)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+def chat_prompt_ids(tokenizer, prompt: str | Conversation, system: str | None = None) -> list[int]:
+    """Token ids of a chat prompt ending in the assistant header (generation prompt): one user turn, or a
+    conversation (``steer.data.Conversation``: (role, content) turns ending in a user turn)."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [
+        {"role": r, "content": c} for r, c in prompt]
+    messages = ([{"role": "system", "content": system}] if system else []) + turns
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 

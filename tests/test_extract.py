@@ -15,7 +15,10 @@ from steer.calibrate import (
     BENIGN_DEV,
     GATE_BENIGN,
     GATE_HARMFUL,
+    REFUSAL_TURN,
     ExtractConfig,
+    conversation_phrases,
+    conversation_sets,
     gate_roles,
     lower_gate,
     run_extract,
@@ -297,6 +300,142 @@ def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_pa
                                          gate_templates=False), manifest, command="")
     pprov = json.loads(plain.read_text())["provenance"]
     assert "gate_templates" not in pprov and "inherited_from_source" not in pprov and set(read).isdisjoint(names)
+
+
+def test_conversation_phrases_are_split_in_three_disjoint_parts():
+    ph = conversation_phrases()
+    assert sorted(ph) == ["chat", "followup", "push"]
+    for section, parts in ph.items():
+        assert sorted(parts) == ["dev", "gate", "test"]
+        sizes = [len(parts[p]) for p in ("gate", "dev", "test")]
+        assert min(sizes) >= 10 and max(sizes) - min(sizes) <= 1, (section, sizes)
+        flat = [x for p in parts.values() for x in p]
+        assert len(set(flat)) == len(flat), f"{section}: a phrase in two parts"
+    assert ph["chat"]["gate"][:2] == ("hi", "ok") and ph["followup"]["test"][0] == "Thanks! Can you explain that in simpler terms?"
+
+
+def test_chat_prompt_ids_reads_a_conversation(tiny_tokenizer):
+    conv = (("user", "What is rain?"), ("assistant", "Water falling."), ("user", "Go on."))
+    msgs = [{"role": r, "content": c} for r, c in conv]
+    want = tiny_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat_prompt_ids(tiny_tokenizer, conv) == list(want)
+    assert chat_prompt_ids(tiny_tokenizer, "Go on.") == chat_prompt_ids(tiny_tokenizer, (("user", "Go on."),))
+    one = tiny_tokenizer.decode(chat_prompt_ids(tiny_tokenizer, conv))
+    assert one.count("<|im_start|>user") == 2 and one.endswith("<|im_start|>assistant\n")
+
+
+def test_conversation_sets_build_each_shape_from_one_part():
+    ph = conversation_phrases()
+    benign, harmful = ["b0", "b1", "b2"], ["h0", "h1", "h2"]
+    answers = {b: f"answer to {b}" for b in benign}
+    sets = conversation_sets("dev", benign, answers, harmful, prefix="x", n=2)
+    assert sorted(sets) == ["x_chat_benign", "x_followup_benign", "x_push_harmful", "x_second_harmful"]
+    assert sets["x_chat_benign"].prompts == ph["chat"]["dev"] and sets["x_chat_benign"].label == "benign"
+    assert sets["x_followup_benign"].prompts == tuple(
+        (("user", b), ("assistant", answers[b]), ("user", ph["followup"]["dev"][i])) for i, b in enumerate(benign[:2]))
+    assert sets["x_push_harmful"].prompts == tuple(
+        (("user", h), ("assistant", REFUSAL_TURN), ("user", ph["push"]["dev"][i])) for i, h in enumerate(harmful[:2]))
+    assert sets["x_second_harmful"].prompts == ((("user", "b0"), ("assistant", "answer to b0"), ("user", "h0")),
+                                                (("user", "b1"), ("assistant", "answer to b1"), ("user", "h1")))
+    assert {k: v.label for k, v in sets.items()} == {"x_chat_benign": "benign", "x_followup_benign": "benign",
+                                                     "x_push_harmful": "harmful", "x_second_harmful": "harmful"}
+    assert sorted(conversation_sets("gate", benign, answers, None, prefix="y")) == ["y_chat_benign", "y_followup_benign"]
+    roles = gate_roles({**{k: None for k in (*GATE_HARMFUL, *GATE_BENIGN, *BENIGN_DEV)},
+                        "gate_conv_chat_benign": 0, "gate_conv_push_harmful": 0, "dev_conv_followup_benign": 0})
+    assert roles == {"harmful": (*GATE_HARMFUL, "gate_conv_push_harmful"),
+                     "benign": (*GATE_BENIGN, "gate_conv_chat_benign"),
+                     "dev_benign": (*BENIGN_DEV, "dev_conv_followup_benign")}
+
+
+def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_tokenizer, monkeypatch):
+    """--gate-conversations on a tiny model: the probe is fitted on the bare gate sets plus the gate part's
+    chat shapes built on the gate's own requests (the assistant turn: this model's own answer), the threshold
+    chosen over the bare plus the dev part's benign shapes, the test part never read; recorded in the
+    provenance, and inherited by a refit that does not say."""
+    import steer.calibrate as calibrate
+
+    model_dir = tmp_path / "model"
+    make_model("qwen2", len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    source = run_extract(ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tiny", limit=3),
+                         command="steer extract --limit 3")
+    read, probes, thresholds = {}, [], []
+    real_residuals, real_fit, real_best = calibrate.residuals, calibrate.fit_linear_probe, calibrate.best_threshold
+
+    def residuals(model, tok, prompts, positions=(-1,), **kw):
+        read[kw.get("desc")] = list(prompts)
+        return real_residuals(model, tok, prompts, positions, **kw)
+
+    def fit(harm, ben, **kw):
+        probes.append(([len(x) for x in harm], [len(x) for x in ben]))
+        return real_fit(harm, ben, **kw)
+
+    def best(pos, neg, **kw):
+        thresholds.append(len(neg))
+        return real_best(pos, neg, **kw)
+
+    monkeypatch.setattr(calibrate, "residuals", residuals)
+    monkeypatch.setattr(calibrate, "fit_linear_probe", fit)
+    monkeypatch.setattr(calibrate, "best_threshold", best)
+    manifest = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "conv"), name="conv", limit=3,
+                                            gate_conversations=True), source, command="")
+    prov = json.loads(manifest.read_text())["provenance"]
+    names = ["gate_conv_chat_benign", "gate_conv_followup_benign", "gate_conv_push_harmful",
+             "gate_conv_second_harmful", "dev_conv_chat_benign", "dev_conv_followup_benign"]
+    assert sorted(prov["gate_conversations"]["sets"]) == sorted(names) and set(names) <= set(read)
+    assert set(names) <= set(prov["datasets"])
+    ph = conversation_phrases()
+    bare = {k: v.take(3) for k, v in splits().items()}
+    gate_b = [p for i in range(3) for k in GATE_BENIGN for p in bare[k].prompts[i:i + 1]][:3]
+    gate_h = [p for i in range(3) for k in GATE_HARMFUL for p in bare[k].prompts[i:i + 1]][:3]
+    dev_b = [p for i in range(3) for k in BENIGN_DEV for p in bare[k].prompts[i:i + 1]][:3]
+    follow = read["gate_conv_followup_benign"]
+    assert [c[0] for c in follow] == [("user", b) for b in gate_b]  # round-robin over the gate's benign sets
+    assert [c[2] for c in follow] == [("user", f) for f in ph["followup"]["gate"][:3]]
+    assert all(c[1][0] == "assistant" for c in follow)
+    model, tok = load_model(model_dir)
+    answers = calibrate.generate_texts(model, tok, None, gate_b + dev_b, strength=0.0,
+                                       max_tokens=calibrate.CONVERSATION_ANSWER_TOKENS)[0]  # as one batch, as there
+    assert [c[1][1] for c in follow] == [a.strip() for a in answers[:3]]  # the model's own greedy answers
+    assert [c[1][1] for c in read["dev_conv_followup_benign"]] == [a.strip() for a in answers[3:]]
+    assert [c[0][1] for c in read["gate_conv_push_harmful"]] == gate_h
+    assert [c[0][1] for c in read["dev_conv_followup_benign"]] == dev_b
+    assert tuple(read["dev_conv_chat_benign"]) == ph["chat"]["dev"]
+    test_part = {x for parts in ph.values() for x in parts["test"]} - {x for parts in ph.values()
+                                                                       for p in ("gate", "dev") for x in parts[p]}
+    seen = {t for ps in read.values() for p in ps for t in ([p] if isinstance(p, str) else [c for _, c in p])}
+    assert not seen & test_part, seen & test_part
+    conv_h = ("gate_conv_push_harmful", "gate_conv_second_harmful")
+    conv_b = ("gate_conv_chat_benign", "gate_conv_followup_benign")
+    assert probes == [([len(read[k]) for k in (*GATE_HARMFUL, *conv_h)], [len(read[k]) for k in (*GATE_BENIGN, *conv_b)])]
+    assert thresholds == [sum(len(read[k]) for k in (*BENIGN_DEV, "dev_conv_chat_benign", "dev_conv_followup_benign"))]
+    # not given: as the source was made, and recorded as inherited; --no-gate-conversations reads none
+    read.clear()
+    inherit = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "inherit"), name="i", limit=3),
+                             manifest, command="")
+    iprov = json.loads(inherit.read_text())["provenance"]
+    assert iprov["inherited_from_source"] == {"gate_conversations": True} and set(names) <= set(read)
+    read.clear()
+    plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3,
+                                         gate_conversations=False), manifest, command="")
+    assert "gate_conversations" not in json.loads(plain.read_text())["provenance"] and set(read).isdisjoint(names)
+
+
+def test_extract_runs_in_the_hosts_fast_dtype(tmp_path, tiny_tokenizer, force_host):
+    """steer extract (and --refit-gate) run the model in bf16 where the CPU has oneDNN bf16 kernels, in
+    float32 on an AVX2-only CPU, and record which in the manifest."""
+    model_dir = tmp_path / "model"
+    make_model("qwen2", len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    force_host("avx512")
+    source = run_extract(ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tiny", limit=2),
+                         command="")
+    assert json.loads(source.read_text())["provenance"]["dtype"] == "bfloat16"
+    for kind, want in (("avx2", "float32"), ("avx512", "bfloat16")):
+        force_host(kind)
+        refit = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / kind), name=f"r_{kind}",
+                                             limit=2), source, command="")
+        assert json.loads(refit.read_text())["provenance"]["dtype"] == want
 
 
 def test_lower_floor_is_the_highest_code_score_and_needs_room_below_the_lower_threshold():
