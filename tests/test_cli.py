@@ -89,4 +89,5 @@ def test_gate_templates_that_fit_no_context_is_one_line(tmp_path, tiny_tokenizer
         "steer: error: --gate-templates: no gate-family jailbreak template fits a harmful request in the model's "
         "40 tokens")
     assert not (tmp_path / "v").exists()
-    assert "--gate-templates" in _steer("extract", "--help").stdout
+    help_text = _steer("extract", "--help").stdout
+    assert "--gate-templates" in help_text and "--gate-conversations" in help_text
