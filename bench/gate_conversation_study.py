@@ -37,6 +37,7 @@ from steer.calibrate import (
     conversation_sets,
     extract_dtype,
     generate_texts,
+    round_robin,
     splits,
 )
 from steer.demo import ensure_demo_model
@@ -46,11 +47,6 @@ from steer.vectors import SafetyVector
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = list(range(9, 14))
-
-
-def rr(sets: dict, names: tuple[str, ...], n: int) -> list[str]:
-    pools = [list(sets[k].prompts) for k in names]
-    return [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:n]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(ensure_demo_model(), dtype=extract_dtype())
     sp = splits()
     sets = {k: v for k, v in sp.items() if not k.startswith("test_")}
-    gate_b, dev_b, gate_h = rr(sets, GATE_BENIGN, 40), rr(sets, BENIGN_DEV, 40), rr(sets, GATE_HARMFUL, 40)
+    gate_b, dev_b, gate_h = (round_robin(sets, names, 40) for names in (GATE_BENIGN, BENIGN_DEV, GATE_HARMFUL))
     test_b, test_h = list(sp["test_benign"].prompts[:ns.limit]), list(sp["test_harmful"].prompts[:ns.limit])
     texts, _ = generate_texts(model, tok, None, gate_b + dev_b + test_b, strength=0.0, max_tokens=48, desc="answers")
     answers = dict(zip(gate_b + dev_b + test_b, (t.strip() for t in texts), strict=True))

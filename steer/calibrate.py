@@ -327,7 +327,7 @@ def conversation_sets(part: str, benign: list[str], answers: dict[str, str], har
 
 def gate_roles(sets) -> dict[str, tuple[str, ...]]:
     """The names of the gate's harmful and benign fitting sets and of its benign dev sets among ``sets``:
-    the bare ones, plus the --gate-templates ones where present."""
+    the bare ones, plus the --gate-templates and --gate-conversations ones where present."""
     def tpl(prefix: str, label: str) -> tuple[str, ...]:
         return tuple(k for k in sets if k.startswith(prefix + "_") and k.endswith("_" + label))
 
@@ -346,6 +346,12 @@ def _with_templates(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, d
     return {**sets, **tsets}, record
 
 
+def round_robin(sets: dict[str, data.PromptSet], names: tuple[str, ...], n: int) -> list:
+    """The first ``n`` prompts taken in turn from the sets ``names`` (one of each, then the next of each, ...)."""
+    pools = [list(sets[k].prompts) for k in names]
+    return [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:n]
+
+
 def _with_conversations(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dict, dict | None]:
     """``sets`` plus the --gate-conversations sets (and their record) when ``cfg.gate_conversations``: the
     fitting part's shapes on the gate's own requests (benign: round-robin over GATE_BENIGN, answered by this
@@ -353,13 +359,8 @@ def _with_conversations(cfg: ExtractConfig, sets: dict, model, tok) -> tuple[dic
     requests, which the threshold reads with the other dev benign sets. The test part is never used here."""
     if not cfg.gate_conversations:
         return sets, None
-
-    def rr(names: tuple[str, ...]) -> list[str]:
-        pools = [list(sets[k].prompts) for k in names]
-        return [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)]
-
     n = min(N_CONVERSATIONS, cfg.limit or N_CONVERSATIONS)
-    gate_b, dev_b, gate_h = rr(GATE_BENIGN)[:n], rr(BENIGN_DEV)[:n], rr(GATE_HARMFUL)[:n]
+    gate_b, dev_b, gate_h = (round_robin(sets, names, n) for names in (GATE_BENIGN, BENIGN_DEV, GATE_HARMFUL))
     texts, _ = generate_texts(model, tok, None, gate_b + dev_b, strength=0.0, max_tokens=CONVERSATION_ANSWER_TOKENS,
                               desc="--gate-conversations: answers")
     answers = dict(zip(gate_b + dev_b, (t.strip() for t in texts), strict=True))

@@ -393,7 +393,7 @@ def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_t
     assert [c[0] for c in follow] == [("user", b) for b in gate_b]  # round-robin over the gate's benign sets
     assert [c[2] for c in follow] == [("user", f) for f in ph["followup"]["gate"][:3]]
     assert all(c[1][0] == "assistant" for c in follow)
-    model, tok = load_model(model_dir)
+    model, tok = load_model(model_dir, dtype=calibrate.extract_dtype())  # as steer extract loads it here
     answers = calibrate.generate_texts(model, tok, None, gate_b + dev_b, strength=0.0,
                                        max_tokens=calibrate.CONVERSATION_ANSWER_TOKENS)[0]  # as one batch, as there
     assert [c[1][1] for c in follow] == [a.strip() for a in answers[:3]]  # the model's own greedy answers
@@ -419,6 +419,13 @@ def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_t
     plain = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "plain"), name="p", limit=3,
                                          gate_conversations=False), manifest, command="")
     assert "gate_conversations" not in json.loads(plain.read_text())["provenance"] and set(read).isdisjoint(names)
+    # a new vector (steer extract --gate-conversations): the same sets reach its probe and threshold search
+    read.clear()
+    new = run_extract(ExtractConfig(model=str(model_dir), out=str(tmp_path / "new"), name="n", limit=3,
+                                    gate_conversations=True), command="")
+    nprov = json.loads(new.read_text())["provenance"]
+    assert sorted(nprov["gate_conversations"]["sets"]) == sorted(names) and set(names) <= set(read)
+    assert probes[-1] == probes[0]  # the same groups, in the gate_roles order
 
 
 def test_extract_runs_in_the_hosts_fast_dtype(tmp_path, tiny_tokenizer, force_host):
