@@ -19,6 +19,7 @@ from steer.calibrate import (
     ExtractConfig,
     conversation_phrases,
     conversation_sets,
+    extract_dtype,
     gate_roles,
     lower_gate,
     run_extract,
@@ -136,8 +137,8 @@ def test_refit_gate_keeps_the_direction_and_fits_the_gate_on_the_fine_tune(tmp_p
     gate = Gate.of(lv)
     sets = {k: v.take(3) for k, v in splits().items()}
     harmful = [p for k in (*gate_roles(sets)["harmful"], "dev_harmful") for p in sets[k].prompts]
-    bf16, tok = load_model(ft_dir)  # as steer extract loads it
-    feats = residuals(bf16, tok, harmful, (gate.position,))[:, 0, gate.layer]
+    ft, tok = load_model(ft_dir, dtype=extract_dtype())  # as steer extract loads it on this host
+    feats = residuals(ft, tok, harmful, (gate.position,))[:, 0, gate.layer]
     want = min(float(gate.scores(feats).min()), g["threshold"]) - 0.25
     assert abs(g["lower"]["threshold"] - want) < 1e-3
     assert float(gate.decide(feats).min()) >= 0
