@@ -229,17 +229,13 @@ def test_templated_sets_use_gate_families_for_fitting_and_dev_families_for_the_t
         templated_sets(sets, tiny_tokenizer, limit=3, max_tokens=40)
 
 
-def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_path, tiny_tokenizer, monkeypatch):
-    """End to end on a tiny model: the probe is fitted on the bare gate sets plus the gate-family templated
-    ones (one group each), the threshold chosen over the bare plus dev-family templated benign dev sets;
-    no prompt of a held-out template family is ever read; the provenance records it all. --refit-gate too."""
+@pytest.fixture()
+def fit_recorder(monkeypatch) -> tuple[dict, list, list]:
+    """(read, probes, thresholds), filled as steer extract runs: the prompts of each residual pass by its
+    description, each probe's (harmful, benign) group sizes, and the number of benign dev scores each
+    threshold is chosen over. The real functions still do the work."""
     import steer.calibrate as calibrate
 
-    model_dir = tmp_path / "model"
-    model = make_model("qwen2", len(tiny_tokenizer))
-    model.config.max_position_embeddings = 1024  # RoPE needs no table: room for the shorter templates
-    model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     read, probes, thresholds = {}, [], []
     real_residuals, real_fit, real_best = calibrate.residuals, calibrate.fit_linear_probe, calibrate.best_threshold
 
@@ -258,6 +254,19 @@ def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_pa
     monkeypatch.setattr(calibrate, "residuals", residuals)
     monkeypatch.setattr(calibrate, "fit_linear_probe", fit)
     monkeypatch.setattr(calibrate, "best_threshold", best)
+    return read, probes, thresholds
+
+
+def test_extract_gate_templates_fits_and_tunes_the_gate_on_templated_sets(tmp_path, tiny_tokenizer, fit_recorder):
+    """End to end on a tiny model: the probe is fitted on the bare gate sets plus the gate-family templated
+    ones (one group each), the threshold chosen over the bare plus dev-family templated benign dev sets;
+    no prompt of a held-out template family is ever read; the provenance records it all. --refit-gate too."""
+    model_dir = tmp_path / "model"
+    model = make_model("qwen2", len(tiny_tokenizer))
+    model.config.max_position_embeddings = 1024  # RoPE needs no table: room for the shorter templates
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    read, probes, thresholds = fit_recorder
     cfg = ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tpl", limit=3, gate_templates=True)
     manifest = run_extract(cfg, command="steer extract --gate-templates --limit 3")
     prov = json.loads(manifest.read_text())["provenance"]
@@ -348,7 +357,7 @@ def test_conversation_sets_build_each_shape_from_one_part():
                      "dev_benign": (*BENIGN_DEV, "dev_conv_followup_benign")}
 
 
-def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_tokenizer, monkeypatch):
+def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_tokenizer, fit_recorder):
     """--gate-conversations on a tiny model: the probe is fitted on the bare gate sets plus the gate part's
     chat shapes built on the gate's own requests (the assistant turn: this model's own answer), the threshold
     chosen over the bare plus the dev part's benign shapes, the test part never read; recorded in the
@@ -360,24 +369,9 @@ def test_refit_gate_conversations_fits_and_tunes_on_chat_shapes(tmp_path, tiny_t
     tiny_tokenizer.save_pretrained(model_dir)
     source = run_extract(ExtractConfig(model=str(model_dir), out=str(tmp_path / "vec"), name="tiny", limit=3),
                          command="steer extract --limit 3")
-    read, probes, thresholds = {}, [], []
-    real_residuals, real_fit, real_best = calibrate.residuals, calibrate.fit_linear_probe, calibrate.best_threshold
-
-    def residuals(model, tok, prompts, positions=(-1,), **kw):
-        read[kw.get("desc")] = list(prompts)
-        return real_residuals(model, tok, prompts, positions, **kw)
-
-    def fit(harm, ben, **kw):
-        probes.append(([len(x) for x in harm], [len(x) for x in ben]))
-        return real_fit(harm, ben, **kw)
-
-    def best(pos, neg, **kw):
-        thresholds.append(len(neg))
-        return real_best(pos, neg, **kw)
-
-    monkeypatch.setattr(calibrate, "residuals", residuals)
-    monkeypatch.setattr(calibrate, "fit_linear_probe", fit)
-    monkeypatch.setattr(calibrate, "best_threshold", best)
+    read, probes, thresholds = fit_recorder
+    for log in (read, probes, thresholds):  # only the refit below counts
+        log.clear()
     manifest = run_refit_gate(ExtractConfig(model=str(model_dir), out=str(tmp_path / "conv"), name="conv", limit=3,
                                             gate_conversations=True), source, command="")
     prov = json.loads(manifest.read_text())["provenance"]
